@@ -1,0 +1,271 @@
+"""Sliding-window causal attention over [previous block; block], with rotary positions.
+
+Axis letters: b batch, n new tokens of a call, f frame positions, k blocks, m queries per block,
+j keys per block, h heads, d head width, e model width, s state slots.
+
+Every call works on a *frame*: one empty block, then the layer's cache (the previous complete block
+and the current partial block, L < 2W tokens, starting on a block boundary), then the n new tokens,
+padded to whole blocks. Blocks are aligned to positions in the document, so feeding a stream in
+any chunk sizes gives the same blocks and the same windows. A query at frame position f attends
+to keys f-W < f' <= f that belong to its document; that window always lies inside its own block
+and the one before, so full blocks are processed together as a batch of (W queries x 2W keys)
+attentions, the banded computation of the official code, at a cost linear in length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BlockRecurrentConfig
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, flash: bool,
+           dropout: float = 0.0) -> Tensor:
+    """Softmax attention. q (..., h, m, d), k/v (..., h, j, d), mask broadcastable to
+    (..., h, m, j) with True = may attend. The plain path is the reference for the fused one."""
+    if flash:
+        lead = q.shape[:-3]
+        flat = lambda t: t.reshape(-1, *t.shape[-3:])  # fused kernels want 4-D inputs
+        if mask is not None:
+            mask = flat(mask.expand(*lead, *mask.shape[-3:]))
+        out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask,
+                                             dropout_p=dropout, scale=scale)
+        return out.view(*lead, *out.shape[-3:])
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, dropout)
+    return probs @ v
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) in the frame of one window: keys of blocks
+    t-1 and t sit at positions 0..2W-1 and the queries of block t at W..2W-1. Only differences
+    matter, so small window-local positions keep the angles exact for documents of any length."""
+
+    def __init__(self, dim_head: int, block_width: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, dim_head, 2).float() / dim_head)
+        angles = torch.outer(torch.arange(2 * block_width).float(), inv_freq)  # (2W, d/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (2W, d)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        """x (..., m, h, d) at window positions start .. start+m-1."""
+        m = x.shape[-3]
+        cos = self.cos[start:start + m, None].to(x.dtype)  # (m, 1, d)
+        sin = self.sin[start:start + m, None].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class Part:
+    """A run of query blocks k_first .. k_first+count-1 (frame block numbers), each with queries at
+    offsets q_off .. q_off+q_len-1 inside its block and keys from the start of the block before."""
+    k_first: int
+    count: int
+    q_off: int
+    q_len: int
+    window_mask: Tensor  # (b|1, count, 1, q_len, W+q_off+q_len)
+    compressed_mask: Tensor | None = None  # (b|1, count, 1, 1, W)
+
+
+class WindowPlan:
+    """Where a call's new tokens fall in the frame, and the masks every layer shares.
+
+    `lengths` (b,) counts the tokens of each row's current document seen before this call; a row
+    whose document started inside the cache (or at this call) must not read keys before it."""
+
+    def __init__(self, config: BlockRecurrentConfig, cache_len: int, n: int, lengths: Tensor):
+        W = config.block_width
+        self.W, self.L, self.n = W, cache_len, n
+        self.a, self.e = W + cache_len, W + cache_len + n  # frame positions of the new tokens
+        self.num_blocks = math.ceil(self.e / W)  # frame blocks, the empty block 0 included
+        self.frame_len = self.num_blocks * W
+        # First frame position of each row's document; the empty block 0 is never valid.
+        self.doc_start = (self.a - lengths).clamp(min=W)  # (b,)
+        self.compressed_start = self.a - lengths  # compressed blocks may predate the cache
+        self.all_valid = bool((self.doc_start == W).all())
+        self.compress = config.use_compressed_mem
+        self.compress_factor = config.compressed_mem_factor
+        # The next cache starts at the last complete block (W <= its length < 2W) or, before the
+        # first complete block of a document, at frame position W.
+        self.first_cached_block = max(1, self.e // W - 1)
+        self.parts = self._split(config)
+
+    def _split(self, config) -> list[Part]:
+        """Queries [a, e) as a partial head block, a run of full blocks, and a partial tail."""
+        W, a, e = self.W, self.a, self.e
+        parts, pos = [], a
+        while pos < e:
+            k, off = divmod(pos, W)
+            if off == 0 and e - pos >= W:
+                count = (e - pos) // W
+                parts.append(self._part(k, count, 0, W))
+                pos += count * W
+            else:
+                q_len = min(e, (k + 1) * W) - pos
+                parts.append(self._part(k, 1, off, q_len))
+                pos += q_len
+        return parts
+
+    def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
+        W, dev = self.W, self.doc_start.device
+        ks = torch.arange(k_first, k_first + count, device=dev)
+        q = torch.arange(q_off, q_off + q_len, device=dev)  # offset in the block
+        j = torch.arange(W + q_off + q_len, device=dev)  # key offset from the previous block
+        band = (j[None, :] <= q[:, None] + W) & (j[None, :] > q[:, None])  # (m, j)
+        if self.all_valid and k_first >= 2:
+            mask = band[None, None, None]
+        else:
+            key_pos = (ks[:, None] - 1) * W + j[None, :]  # (k, j) frame positions
+            valid = key_pos[None] >= self.doc_start[:, None, None]  # (b, k, j)
+            mask = band[None, None, None] & valid[:, :, None, None, :]
+        cmask = None
+        if self.compress:
+            # Block k reads the compressed blocks k-1-c .. k-2, i.e. the c blocks before its window.
+            c = self.compress_factor
+            src = ks[:, None] - 1 - c + torch.arange(c, device=dev)[None, :]  # (k, c) frame blocks
+            ok = (src[None] * W >= self.compressed_start[:, None, None]) & (src[None] >= 1 - c)
+            cmask = ok[..., None].expand(*ok.shape, W // c).reshape(ok.shape[0], count, 1, 1, W)
+        return Part(k_first, count, q_off, q_len, mask, cmask)
+
+    def state_key_mask(self, k: int) -> Tensor:
+        """(b, 1, 1, 2W) validity of the token keys of blocks k-1 and k, read by the state."""
+        pos = (k - 1) * self.W + torch.arange(2 * self.W, device=self.doc_start.device)
+        return (pos[None] >= self.doc_start[:, None])[:, None, None, :]
+
+    # --- frames and caches -------------------------------------------------------------------
+    def frame(self, cached: Tensor | None, new: Tensor) -> Tensor:
+        """(b, f, h, d): zeros for block 0, the cache, the new tokens, zeros to a whole block."""
+        b, _, h, d = new.shape
+        pieces = [new.new_zeros(b, self.W, h, d)]
+        if cached is not None and cached.shape[1] > 0:
+            pieces.append(cached.to(new.dtype))
+        pieces.append(new)
+        pad = self.frame_len - self.e
+        if pad:
+            pieces.append(new.new_zeros(b, pad, h, d))
+        return torch.cat(pieces, dim=1)
+
+    def next_cache(self, frame: Tensor) -> Tensor:
+        """What the next call needs: the last complete block and the partial one after it."""
+        return frame[:, self.first_cached_block * self.W:self.e]
+
+
+class CompressedMemory(nn.Module):
+    """Older blocks compressed c:1 by a strided convolution (Compressive Transformer, Rae et al.
+    2019): each block of W keys/values becomes W/c slots, and each query block also reads the c
+    compressed blocks just before its window, extending its reach by c*W tokens at the cost of W
+    extra keys. Compressed keys carry no rotation (window position 0, the oldest)."""
+
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        c, inner = config.compressed_mem_factor, config.inner_dim
+        self.c, self.heads = c, config.heads
+        self.conv_k = nn.Conv1d(inner, inner, c, stride=c)
+        self.conv_v = nn.Conv1d(inner, inner, c, stride=c)
+
+    def _compress(self, conv: nn.Conv1d, frame: Tensor) -> Tensor:
+        b, f, h, d = frame.shape
+        x = frame.reshape(b, f, h * d).transpose(1, 2)  # (b, h*d, f)
+        return conv(x.to(conv.weight.dtype)).transpose(1, 2).reshape(b, f // self.c, h, d)
+
+    def extend(self, k_frame: Tensor, v_frame: Tensor, cached: tuple[Tensor, Tensor] | None,
+               plan: WindowPlan):
+        """All compressed blocks of the frame, indexed so that frame block i is at i + c:
+        one never-valid block, the c cached blocks (frame blocks 1-c .. 0), then blocks 1 ...
+        Returns ((k, v) each (b, blocks, W/c, h, d), the cache for the next call)."""
+        W, c = plan.W, self.c
+        b, f, h, d = k_frame.shape
+        out = []
+        for conv, frame, i in ((self.conv_k, k_frame, 0), (self.conv_v, v_frame, 1)):
+            fresh = self._compress(conv, frame[:, W:]).view(b, -1, W // c, h, d).to(frame.dtype)
+            old = (cached[i].to(frame.dtype).view(b, c, W // c, h, d) if cached is not None
+                   else frame.new_zeros(b, c, W // c, h, d))
+            out.append(torch.cat([frame.new_zeros(b, 1, W // c, h, d), old, fresh], dim=1))
+        # The next call's cache: the c blocks before its first cached block.
+        first = plan.first_cached_block + c  # index of that block in `out`
+        nxt = tuple(t[:, first - c:first].reshape(b, W, h, d) for t in out)
+        return (out[0], out[1]), nxt
+
+    @staticmethod
+    def gather(comp: Tensor, part: Part, c: int) -> Tensor:
+        """(b, count, W, h, d): for each block of the part, the c compressed blocks it reads."""
+        start = part.k_first  # frame block k reads compressed indices k-1 .. k+c-2 (+c offset)
+        windows = [comp[:, start - 1 + i:start - 1 + i + part.count] for i in range(c)]
+        return torch.cat(windows, dim=2)
+
+
+def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPlan,
+                     rotary: Rotary, *, scale: float, flash: bool, dropout: float = 0.0,
+                     compressed: tuple[Tensor, Tensor] | None = None, c: int = 1) -> Tensor:
+    """Sliding-window attention of the new queries q (b, n, h, d) over the frame's keys and
+    values (b, f, h, d), plus compressed memory if given. Returns (b, n, h, d)."""
+    W, b = plan.W, q.shape[0]
+    outs, done = [], 0
+    for part in plan.parts:
+        m, kc = part.q_len, part.count
+        qp = q[:, done:done + kc * m].view(b, kc, m, *q.shape[2:])  # (b, k, m, h, d)
+        done += kc * m
+        k0 = (part.k_first - 1) * W  # keys from the start of the previous block
+        if kc == 1:
+            kp = k_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)  # (b, 1, j, h, d)
+            vp = v_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)
+        else:  # full blocks: keys of block k-1 and block k side by side
+            kb = k_frame.view(b, -1, W, *k_frame.shape[2:])
+            vb = v_frame.view(b, -1, W, *v_frame.shape[2:])
+            sl = lambda t, s: t[:, part.k_first - 1 + s:part.k_first - 1 + s + kc]
+            kp = torch.cat([sl(kb, 0), sl(kb, 1)], dim=2)  # (b, k, 2W, h, d)
+            vp = torch.cat([sl(vb, 0), sl(vb, 1)], dim=2)
+        qp = rotary(qp, W + part.q_off)
+        kp = rotary(kp, 0)
+        mask = part.window_mask
+        if compressed is not None:
+            ck = CompressedMemory.gather(compressed[0], part, c)
+            cv = CompressedMemory.gather(compressed[1], part, c)
+            kp, vp = torch.cat([ck, kp], dim=2), torch.cat([cv, vp], dim=2)
+            lead = torch.broadcast_shapes(mask.shape[:2], part.compressed_mask.shape[:2])
+            mask = torch.cat([part.compressed_mask.expand(*lead, 1, m, W),
+                              mask.expand(*lead, *mask.shape[2:])], dim=-1)
+        t = lambda x: x.transpose(2, 3)  # (b, k, h, ., d)
+        out = attend(t(qp), t(kp), t(vp), mask, scale, flash, dropout)
+        outs.append(t(out).reshape(b, kc * m, *q.shape[2:]))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+class WindowAttention(nn.Module):
+    """The attention of an ordinary layer: pre-normed input -> q, k, v -> window attention -> out."""
+
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        h, d = config.heads, config.dim_head
+        self.heads, self.dim_head = h, d
+        self.flash, self.dropout = config.use_flash_attn, config.dropout
+        self.qkv = nn.Linear(config.dim, 3 * h * d, bias=False)
+        self.out = nn.Linear(h * d, config.dim, bias=False)
+        self.rotary = Rotary(d, config.block_width, config.rotary_base)
+        self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
+
+    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan):
+        """x (b, n, e); cache = (keys, values, compressed or None) from the last call."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.dim_head).unbind(2)
+        k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
+        compressed, next_comp = None, None
+        if self.compressor is not None:
+            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan)
+        y = window_attention(q, k_frame, v_frame, plan, self.rotary, scale=self.dim_head ** -0.5,
+                             flash=self.flash, dropout=self.dropout if self.training else 0.0,
+                             compressed=compressed, c=self.compressor.c if self.compressor else 1)
+        y = self.out(y.reshape(b, n, -1))
+        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp)

@@ -1,0 +1,164 @@
+"""The recurrent cell of the Block-Recurrent Transformer (Hutchins et al. 2022, section 3).
+
+Axis letters: b batch, n new tokens, k blocks, s state slots, h heads, d head width, e model width.
+
+One layer with two directions over the block t (W tokens) and the state (S vectors):
+- vertical (tokens): self-attention over the sliding window, plus cross-attention to the
+  *incoming* state s_t; both results concatenated and projected, then the usual MLP.
+- horizontal (state): self-attention among the state vectors, plus cross-attention to the token
+  keys/values of blocks t-1 and t; projected to a candidate z and gated into s_{t+1}.
+Keys/values are shared: token K/V serve token self-attention and the state's cross-attention,
+state K/V serve state self-attention and the tokens' cross-attention; four query projections.
+
+Because the state update reads only the layer's *input* tokens (their keys and values), the
+states of all blocks of a call are computed first by a loop over blocks (S x S and S x 2W
+attention per block), and then every block's tokens are processed in parallel. The loop is the
+only sequential work in the model.
+
+Attention here L2-normalises queries and keys per head and multiplies by a learned per-head scale,
+as the official code does; the scale starts at sqrt(d) so that scores have unit spread at
+initialisation, like ordinary dot-product attention, instead of being nearly uniform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import CompressedMemory, Rotary, WindowPlan, attend, window_attention
+from .config import BlockRecurrentConfig
+
+
+class FixedGate(nn.Module):
+    """s' = s * g + z * (1 - g), g = sigmoid(b) a learned per-channel constant (Rec:fixed)."""
+
+    def __init__(self, config: BlockRecurrentConfig, input_dim: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(config.dim))
+
+    def forward(self, state: Tensor, z: Tensor, h: Tensor) -> Tensor:
+        g = torch.sigmoid(self.bias)
+        return state * g + z * (1 - g)
+
+
+class LSTMGate(nn.Module):
+    """s' = s * f + z * i with f = sigmoid(W_f h + b_f + 1), i = sigmoid(W_i h + b_i - 1) (Rec:lstm).
+    The +1/-1 offsets bias the cell towards remembering at initialisation."""
+
+    def __init__(self, config: BlockRecurrentConfig, input_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, 2 * config.dim)
+
+    def forward(self, state: Tensor, z: Tensor, h: Tensor) -> Tensor:
+        f, i = self.proj(h).chunk(2, dim=-1)
+        return state * torch.sigmoid(f + 1) + z * torch.sigmoid(i - 1)
+
+
+GATES = {"fixed": FixedGate, "lstm": LSTMGate}
+
+
+def mlp(config: BlockRecurrentConfig) -> nn.Sequential:
+    hidden = int(config.mlp_mult * config.dim)
+    return nn.Sequential(nn.Linear(config.dim, hidden, bias=False), nn.GELU(),
+                         nn.Linear(hidden, config.dim, bias=False))
+
+
+def normed(x: Tensor, scale: Tensor) -> Tensor:
+    """L2-normalise over the head width and multiply by a per-head scale. x (..., h, d)."""
+    return F.normalize(x, dim=-1) * scale[:, None].to(x.dtype)
+
+
+class RecurrentCell(nn.Module):
+    def __init__(self, config: BlockRecurrentConfig):
+        super().__init__()
+        h, d, e, s = config.heads, config.dim_head, config.dim, config.num_state_vectors
+        self.heads, self.dim_head = h, d
+        self.flash, self.dropout = config.use_flash_attn, config.dropout
+        self.variant = config.variant
+        # Token side (vertical): K_e, V_e, Q_e (self), Q2_e (cross to state).
+        self.token_proj = nn.Linear(e, 4 * h * d, bias=False)
+        self.token_out = nn.Linear(2 * h * d, e, bias=False)
+        # State side (horizontal): K_s, V_s, Q_s (self), Q2_s (cross to tokens).
+        self.state_norm = nn.LayerNorm(e)
+        self.state_proj = nn.Linear(e, 4 * h * d, bias=False)
+        self.state_out = nn.Linear(2 * h * d, e, bias=False)
+        self.state_ids = nn.Parameter(torch.empty(s, e))  # learned "position" of each slot
+        self.initial_state = nn.Parameter(torch.empty(s, e))  # the state at document start
+        # Per-head scales for token self, token cross, state self, state cross attention.
+        self.scales = nn.Parameter(torch.full((4, h), math.sqrt(d)))
+        self.gate = GATES[config.gate](config, 2 * h * d)
+        if config.variant == "dual":  # a state MLP with its own gate after the attention gate
+            self.mlp_norm = nn.LayerNorm(e)
+            self.state_mlp = mlp(config)
+            self.mlp_gate = GATES[config.gate](config, e)
+        self.rotary = Rotary(d, config.block_width, config.rotary_base)
+        self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
+
+    def state_projections(self, state: Tensor):
+        """state (b, s, e) -> K_s, V_s, Q_s, Q2_s, each (b, s, h, d). No dropout on this side."""
+        b, s, _ = state.shape
+        x = self.state_norm(state) + self.state_ids.to(state.dtype)
+        return self.state_proj(x).view(b, s, 4, self.heads, self.dim_head).unbind(2)
+
+    def update(self, state: Tensor, sk: Tensor, sv: Tensor, sq: Tensor, sq2: Tensor,
+               tk: Tensor, tv: Tensor, key_mask: Tensor) -> Tensor:
+        """One step of the state: s_t -> s_{t+1}, reading the token keys/values tk, tv
+        (b, 2W, h, d) of blocks t-1 and t. Returns (b, s, e)."""
+        t = lambda x: x.transpose(1, 2)  # (b, h, ., d)
+        self_out = attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0, self.flash)
+        cross_out = attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0, self.flash)
+        h = torch.cat([t(self_out), t(cross_out)], dim=-1).flatten(2)  # (b, s, 2*h*d)
+        new = self.gate(state, self.state_out(h), h)
+        if self.variant == "dual":
+            z = self.state_mlp(self.mlp_norm(new))
+            new = self.mlp_gate(new, z, z)
+        return new
+
+    def forward(self, x: Tensor, cache: tuple, state: Tensor, plan: WindowPlan):
+        """x (b, n, e) normed tokens, cache (keys, values, compressed) of this layer, state (b, s, e)
+        the incoming state of the block holding the first new token.
+        Returns the token output (b, n, e), the next cache and the state after the last block that
+        completes in this call."""
+        b, n, _ = x.shape
+        k, v, q, q2 = self.token_proj(x).view(b, n, 4, self.heads, self.dim_head).unbind(2)
+        k = F.normalize(k, dim=-1)  # unit keys; queries carry the learned scale
+        k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
+        W = plan.W
+
+        # Horizontal direction: the state of every block of the call, in order.
+        state_kv = []  # (K_s, V_s) of each query block's incoming state
+        for part in plan.parts:
+            for blk in range(part.k_first, part.k_first + part.count):
+                sk, sv, sq, sq2 = self.state_projections(state)
+                sk = F.normalize(sk, dim=-1)
+                state_kv.append((sk, sv))
+                if (blk + 1) * W <= plan.e:  # block complete: advance the state
+                    win = slice((blk - 1) * W, (blk + 1) * W)
+                    state = self.update(state, sk, sv, sq, sq2, k_frame[:, win], v_frame[:, win],
+                                        plan.state_key_mask(blk))
+
+        # Vertical direction: all blocks at once.
+        compressed, next_comp = None, None
+        if self.compressor is not None:
+            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan)
+        drop = self.dropout if self.training else 0.0
+        self_out = window_attention(normed(q, self.scales[0]), k_frame, v_frame, plan,
+                                    self.rotary, scale=1.0, flash=self.flash, dropout=drop,
+                                    compressed=compressed,
+                                    c=self.compressor.c if self.compressor else 1)
+        cross_out, done, i = [], 0, 0
+        for part in plan.parts:
+            m, kc = part.q_len, part.count
+            sk = torch.stack([kv[0] for kv in state_kv[i:i + kc]], dim=1)  # (b, k, s, h, d)
+            sv = torch.stack([kv[1] for kv in state_kv[i:i + kc]], dim=1)
+            qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
+            t = lambda y: y.transpose(2, 3)
+            out = attend(t(qp), t(sk), t(sv), None, 1.0, self.flash, drop)
+            cross_out.append(t(out).reshape(b, kc * m, -1))
+            done, i = done + kc * m, i + kc
+        cross = torch.cat(cross_out, dim=1)
+        y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
+        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp), state

@@ -1,0 +1,123 @@
+"""The model configuration: one dataclass holding every hyperparameter, validated on construction.
+
+Field names follow the seed API (`num_tokens`, `dim`, `block_width`, ...) so that
+`BlockRecurrentTransformer(**kwargs)` and `BlockRecurrentConfig(**kwargs)` take the same keywords.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+GATES = ("fixed", "lstm")
+VARIANTS = ("skip", "dual")
+
+
+@dataclass
+class BlockRecurrentConfig:
+    num_tokens: int = 257  # vocabulary size (byte tokenizer: 256 bytes + a document-start token)
+    dim: int = 512  # model width E
+    depth: int = 6  # number of layers
+    dim_head: int = 64  # width of one attention head
+    heads: int = 8  # attention heads
+    max_seq_len: int = 1024  # training segment: tokens per backprop step (paper: 4096 = 8 blocks)
+    block_width: int = 512  # block W = attention window; the state advances once per block
+    num_state_vectors: int = 512  # state slots S of each recurrent layer
+    # 1-based indices of the recurrent layers; () gives the paper's "Slide" baseline.
+    # None picks the layer two below the top, as the paper does (layer 10 of 12).
+    recurrent_layers: tuple[int, ...] | None = None
+    use_compressed_mem: bool = False  # also attend to older blocks, compressed (Rae et al. 2019)
+    compressed_mem_factor: int = 4  # tokens per compressed slot
+    use_flash_attn: bool = True  # fused scaled_dot_product_attention instead of the plain path
+    gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
+    variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
+    mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim
+    dropout: float = 0.0  # residual dropout on the token side (never on the state side)
+    tie_embeddings: bool = False  # share the input embedding with the output projection
+    rotary_base: float = 10000.0  # rotary position base (token self-attention only)
+    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata, saved with the model
+
+    def __post_init__(self):
+        def check(ok: bool, name: str, fix: str):
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: {fix}")
+
+        for name in ("num_tokens", "dim", "depth", "dim_head", "heads", "max_seq_len",
+                     "block_width", "num_state_vectors", "compressed_mem_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+            check(value > 0, name, "must be a positive integer")
+        check(self.max_seq_len % self.block_width == 0, "max_seq_len",
+              f"must be a multiple of block_width={self.block_width}")
+        check(self.gate in GATES, "gate", f"choose one of {GATES}")
+        check(self.variant in VARIANTS, "variant", f"choose one of {VARIANTS}")
+        check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        check(self.mlp_mult > 0, "mlp_mult", "must be positive")
+        check(self.rotary_base > 1, "rotary_base", "must be greater than 1")
+        if self.use_compressed_mem:
+            check(self.block_width % self.compressed_mem_factor == 0, "compressed_mem_factor",
+                  f"must divide block_width={self.block_width}")
+        if self.recurrent_layers is None:
+            self.recurrent_layers = (max(1, self.depth - 2),)
+        if isinstance(self.recurrent_layers, int) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.recurrent_layers
+        ):
+            raise TypeError(f"recurrent_layers must be a tuple of ints, got {self.recurrent_layers!r}")
+        self.recurrent_layers = tuple(sorted(self.recurrent_layers))
+        check(all(1 <= i <= self.depth for i in self.recurrent_layers), "recurrent_layers",
+              f"layers are numbered 1..depth={self.depth}")
+        check(len(set(self.recurrent_layers)) == len(self.recurrent_layers), "recurrent_layers",
+              "each layer may appear once")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.heads * self.dim_head
+
+    # --- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["recurrent_layers"] = list(self.recurrent_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockRecurrentConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        d = dict(d)
+        if d.get("recurrent_layers") is not None:
+            d["recurrent_layers"] = tuple(d["recurrent_layers"])
+        return cls(**d)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "BlockRecurrentConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# Named presets. "small" trains in minutes on a 2-core CPU; "paper-150m" is the paper's setup
+# (12 layers, recurrent layer 10, E=1024, 8x128 heads, W=S=512, segment 4096) with a 32k vocabulary.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_tokens=257, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64,
+                 block_width=16, num_state_vectors=16, recurrent_layers=(1,)),
+    "small": dict(num_tokens=257, dim=256, depth=4, dim_head=64, heads=4, max_seq_len=512,
+                  block_width=128, num_state_vectors=128, recurrent_layers=(3,)),
+    "paper-150m": dict(num_tokens=32000, dim=1024, depth=12, dim_head=128, heads=8,
+                       max_seq_len=4096, block_width=512, num_state_vectors=512,
+                       recurrent_layers=(10,), dropout=0.05),
+}
+
+
+def preset(name: str, **overrides) -> BlockRecurrentConfig:
+    """A named preset, with keyword overrides (`preset("small", depth=6)`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return BlockRecurrentConfig(**{**PRESETS[name], **overrides})

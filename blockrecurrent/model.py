@@ -1,0 +1,320 @@
+"""BlockRecurrentTransformer: embeddings, a stack of layers, forward over blocks, save/load.
+
+Axis letters: b batch, n tokens of a call, r recurrent layers, s state slots, e model width,
+l cached tokens, h heads, d head width.
+
+    logits, mems, states = model(seq, xl_memories=mems, states=states, reset=None)
+
+`mems` (XLMemories) holds every layer's cache of the previous block and the current partial
+block, and the tokens seen of each row's document; `states` (r, b, s, e) the recurrent states.
+Both come back detached, so calls chain without growing a graph; within one call gradients flow
+through the state across all its blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .attention import WindowAttention, WindowPlan
+from .cell import FixedGate, LSTMGate, RecurrentCell, mlp
+from .config import BlockRecurrentConfig
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class XLMemories:
+    """Per-layer caches carried from one call to the next (tuples have one entry per layer)."""
+    keys: tuple[Tensor, ...]  # (b, l, h, d), l < 2W: previous complete block + partial block
+    values: tuple[Tensor, ...]
+    lengths: Tensor  # (b,) int64: tokens of each row's current document seen so far
+    compressed_keys: tuple[Tensor, ...] | None = None  # (b, W, h, d) when use_compressed_mem
+    compressed_values: tuple[Tensor, ...] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def cache_len(self) -> int:
+        return self.keys[0].shape[1]
+
+    def _map(self, fn) -> "XLMemories":
+        out = {}
+        for f in fields(self):
+            val = getattr(self, f.name)
+            out[f.name] = (None if val is None else fn(val) if isinstance(val, Tensor)
+                           else tuple(fn(t) for t in val))
+        return XLMemories(**out)
+
+    def detach(self) -> "XLMemories":
+        return self._map(Tensor.detach)
+
+    def to(self, *args, **kwargs) -> "XLMemories":
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def select(self, rows) -> "XLMemories":
+        """The memories of some batch rows (an index, slice or index tensor)."""
+        return self._map(lambda t: t[rows])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat name -> tensor mapping (for safetensors checkpoints)."""
+        out = {"lengths": self.lengths}
+        for f in fields(self):
+            val = getattr(self, f.name)
+            if f.name != "lengths" and val is not None:
+                out.update({f"{f.name}.{i}": t.contiguous() for i, t in enumerate(val)})
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Tensor]) -> "XLMemories":
+        kw = {"lengths": d["lengths"]}
+        for f in fields(cls):
+            if f.name != "lengths":
+                items = sorted((int(k.rsplit(".", 1)[1]), t) for k, t in d.items()
+                               if k.startswith(f.name + "."))
+                kw[f.name] = tuple(t for _, t in items) if items else None
+        return cls(**kw)
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer; the attention is the recurrent cell in recurrent layers."""
+
+    def __init__(self, config: BlockRecurrentConfig, recurrent: bool):
+        super().__init__()
+        self.recurrent = recurrent
+        self.attn_norm = nn.LayerNorm(config.dim)
+        self.attn = RecurrentCell(config) if recurrent else WindowAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.dim)
+        self.mlp = mlp(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan, state: Tensor | None = None):
+        if self.recurrent:
+            y, cache, state = self.attn(self.attn_norm(x), cache, state, plan)
+        else:
+            y, cache = self.attn(self.attn_norm(x), cache, plan)
+        x = x + self.drop(y)
+        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x, cache, state
+
+
+class BlockRecurrentTransformer(nn.Module):
+    def __init__(self, config: BlockRecurrentConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = BlockRecurrentConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a config or keyword arguments, not both")
+        elif not isinstance(config, BlockRecurrentConfig):
+            raise TypeError(f"config must be a BlockRecurrentConfig, got {type(config).__name__}")
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.layers = nn.ModuleList(
+            Layer(config, recurrent=(i + 1) in config.recurrent_layers) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+        if config.tie_embeddings:
+            self.to_logits.weight = self.token_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Every initialisation of the model, in one place."""
+        std, depth = 0.02, self.config.depth
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+            if isinstance(module, RecurrentCell):
+                nn.init.normal_(module.state_ids, std=1.0)  # paper: ids added after the norm
+                nn.init.normal_(module.initial_state, std=0.1)
+                module.scales.fill_(self.config.dim_head ** 0.5)
+            elif isinstance(module, FixedGate):
+                nn.init.normal_(module.bias, std=0.1)  # g = sigmoid(b) starts near 0.5
+            elif isinstance(module, LSTMGate):
+                nn.init.normal_(module.proj.weight, std=1e-3)  # gates start at their +-1 offsets
+                nn.init.zeros_(module.proj.bias)
+        for layer in self.layers:
+            # Projections into the residual stream: GPT-2's 1/sqrt(2 * depth) scaling.
+            out = layer.attn.token_out if layer.recurrent else layer.attn.out
+            for w in (out.weight, layer.mlp[2].weight):
+                nn.init.normal_(w, std=std / (2 * depth) ** 0.5)
+
+    @property
+    def recurrent_cells(self) -> list[RecurrentCell]:
+        return [layer.attn for layer in self.layers if layer.recurrent]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.token_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.to_logits.weight.numel()
+        return n
+
+    def initial_states(self, batch_size: int) -> Tensor:
+        """(r, b, s, e): the learned document-start state of every recurrent layer."""
+        cells = self.recurrent_cells
+        if not cells:
+            return self.token_emb.weight.new_zeros(0, batch_size, self.config.num_state_vectors,
+                                                   self.config.dim)
+        return torch.stack([c.initial_state.expand(batch_size, -1, -1) for c in cells])
+
+    # --- input checks --------------------------------------------------------------------
+    def _check_inputs(self, seq, mems, states, reset):
+        cfg = self.config
+        if not isinstance(seq, Tensor):
+            raise TypeError(f"seq must be a torch.Tensor of token ids, got {type(seq).__name__}")
+        if seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+            raise TypeError(f"seq must hold integer token ids, got dtype {seq.dtype}")
+        if seq.dim() != 2:
+            raise ValueError(f"seq must have shape (batch, length), got {tuple(seq.shape)}")
+        b, n = seq.shape
+        if b == 0 or n == 0:
+            raise ValueError(f"seq must not be empty, got shape {tuple(seq.shape)}")
+        lo, hi = int(seq.min()), int(seq.max())
+        if lo < 0 or hi >= cfg.num_tokens:
+            raise ValueError(f"token ids must lie in [0, num_tokens={cfg.num_tokens}), "
+                             f"got values in [{lo}, {hi}]")
+        if mems is not None:
+            if not isinstance(mems, XLMemories):
+                raise TypeError(f"xl_memories must be the XLMemories returned by the model, "
+                                f"got {type(mems).__name__}")
+            shape = (b, cfg.heads, cfg.dim_head)
+            if len(mems.keys) != cfg.depth or len(mems.values) != cfg.depth:
+                raise ValueError(f"xl_memories hold {len(mems.keys)} layers, the model has "
+                                 f"depth={cfg.depth}; were they made by another model?")
+            for t in mems.keys + mems.values:
+                if (t.shape[0], t.shape[2], t.shape[3]) != shape or t.shape[1] != mems.cache_len:
+                    raise ValueError(f"xl_memories cache of shape {tuple(t.shape)} does not fit a "
+                                     f"batch of {b} and heads x dim_head = {shape[1:]}")
+            if mems.cache_len >= 2 * cfg.block_width or mems.lengths.shape != (b,):
+                raise ValueError(f"xl_memories do not match block_width={cfg.block_width} and "
+                                 f"batch size {b}")
+            if (mems.compressed_keys is not None) != cfg.use_compressed_mem:
+                raise ValueError("xl_memories and the model disagree on use_compressed_mem")
+            if cfg.use_compressed_mem:
+                want = (b, cfg.block_width, cfg.heads, cfg.dim_head)
+                for t in mems.compressed_keys + mems.compressed_values:
+                    if tuple(t.shape) != want:
+                        raise ValueError(f"compressed memory of shape {tuple(t.shape)}, "
+                                         f"expected {want}")
+        if states is not None:
+            if not isinstance(states, Tensor):
+                raise TypeError(f"states must be a tensor, got {type(states).__name__}")
+            want = (len(cfg.recurrent_layers), b, cfg.num_state_vectors, cfg.dim)
+            if tuple(states.shape) != want:
+                raise ValueError(f"states of shape {tuple(states.shape)} do not fit this model and "
+                                 f"batch: expected (recurrent layers, batch, num_state_vectors, "
+                                 f"dim) = {want}")
+        if reset is not None:
+            if not isinstance(reset, Tensor) or reset.dtype != torch.bool or reset.shape != (b,):
+                raise TypeError(f"reset must be a bool tensor of shape ({b},)")
+            partial = mems is not None and mems.cache_len % cfg.block_width != 0
+            if partial and bool(reset.any()):
+                raise ValueError("reset rows must start on a block boundary: the carried memories "
+                                 "end inside a block; start new documents in a new call after "
+                                 "feeding whole blocks")
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, seq: Tensor, xl_memories: XLMemories | None = None,
+                states: Tensor | None = None, reset: Tensor | None = None):
+        """seq (b, n) token ids of any length. reset (b,) bool marks rows starting a new document:
+        they start from the learned initial state and an empty cache.
+        Returns logits (b, n, num_tokens), the next XLMemories and states (r, b, s, e)."""
+        self._check_inputs(seq, xl_memories, states, reset)
+        b, n = seq.shape
+        cfg, dev = self.config, seq.device
+        mems = xl_memories
+        lengths = mems.lengths.to(dev) if mems is not None else torch.zeros(b, dtype=torch.long,
+                                                                              device=dev)
+        init = self.initial_states(b)
+        if states is None:
+            states = init
+        if reset is not None:
+            reset = reset.to(dev)
+            lengths = torch.where(reset, 0, lengths)
+            states = torch.where(reset[None, :, None, None], init, states.to(init.dtype))
+        plan = WindowPlan(cfg, mems.cache_len if mems is not None else 0, n, lengths)
+
+        x = self.token_emb(seq)
+        caches, new_states, r = [], [], 0
+        for i, layer in enumerate(self.layers):
+            cache = (None, None, None) if mems is None else (
+                mems.keys[i], mems.values[i],
+                (mems.compressed_keys[i], mems.compressed_values[i])
+                if mems.compressed_keys is not None else None)
+            state = states[r] if layer.recurrent else None
+            x, cache, state = layer(x, cache, plan, state)
+            if layer.recurrent:
+                new_states.append(state)
+                r += 1
+            caches.append(cache)
+        logits = self.to_logits(self.norm(x))
+
+        comp = cfg.use_compressed_mem
+        new_mems = XLMemories(
+            keys=tuple(c[0].detach() for c in caches), values=tuple(c[1].detach() for c in caches),
+            lengths=lengths + n,
+            compressed_keys=tuple(c[2][0].detach() for c in caches) if comp else None,
+            compressed_values=tuple(c[2][1].detach() for c in caches) if comp else None)
+        states_out = torch.stack(new_states).detach() if new_states else init.detach()
+        return logits, new_mems, states_out
+
+    # --- save / load ---------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors (weights only: nothing is ever unpickled)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            tensors.pop("to_logits.weight")  # shared with token_emb.weight
+        # Temporary names and rename: an interrupted save never leaves a half-written file.
+        tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
+        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2))
+        os.replace(tmp_w, directory / WEIGHTS_FILE)
+        os.replace(tmp_c, directory / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike,
+                        map_location: str | torch.device = "cpu") -> "BlockRecurrentTransformer":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise ValueError(f"{directory} is not a saved model: {name} is missing")
+        try:
+            config = BlockRecurrentConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {err}") from None
+        model = cls(config)
+        try:
+            tensors = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read {directory / WEIGHTS_FILE}: {err}") from None
+        if config.tie_embeddings:
+            tensors["to_logits.weight"] = tensors.get("token_emb.weight")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = [k for k in expected if k in tensors and tensors[k] is not None
+                 and tensors[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"weights in {directory} do not match its config: missing {missing}, "
+                             f"unexpected {unexpected}, wrong shape {wrong}")
+        model.load_state_dict(tensors)
+        return model.to(map_location)
