@@ -1,9 +1,7 @@
-"""Data pipeline: corpora, tokenizers, a memory-mapped token cache, and document lanes.
+"""Data: corpora, tokenizers, a memory-mapped token cache, and document lanes for recurrence.
 
-A Block-Recurrent Transformer carries state from one segment to the next, so batches are not
-random windows: each batch row (a "lane") reads one document segment after segment, and a
-`reset` flag tells the model where a row starts a new document, so no state crosses documents.
-"""
+Recurrent state flows from one segment to the next, so a batch row ("lane") reads one document
+segment after segment, and `reset` marks where a row starts a new document (state is cleared)."""
 from __future__ import annotations
 
 import codecs
@@ -33,7 +31,6 @@ class Document(NamedTuple):
 
 # ----------------------------------------------------------------------------------- corpora
 
-
 def _read_text(path: Path) -> str:
     data = path.read_bytes()
     if b"\x00" in data:
@@ -47,7 +44,7 @@ def _read_text(path: Path) -> str:
 
 
 def _glob_base(pattern: str) -> str:
-    """The directory part of `pattern` before the first wildcard: names are relative to it."""
+    """The directories of `pattern` before its first wildcard: document names are relative to it."""
     fixed = []
     for part in Path(pattern).parts[:-1]:
         if any(c in part for c in "*?["):
@@ -57,27 +54,27 @@ def _glob_base(pattern: str) -> str:
 
 
 def iter_text_files(pattern_or_dir: str | os.PathLike) -> Iterator[Document]:
-    """Each file of a directory (recursively, hidden entries skipped) or of a glob pattern is one
-    document, named by its posix path relative to the directory (or the pattern's fixed prefix)."""
+    """Every file under a directory (recursively; hidden entries skipped) or matching a glob pattern
+    is one document, named by its posix path relative to the directory (or the pattern's fixed part)."""
     src = os.fspath(pattern_or_dir)
     if os.path.isdir(src):
         base = src
-        paths = [p for p in Path(src).rglob("*") if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(src).parts)]
+        paths = [p for p in Path(src).rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)]
         if not paths:
             raise ValueError(f"directory {src!r} holds no (non-hidden) files; point at a directory of text files")
     else:
+        base = _glob_base(src)
         paths = [Path(p) for p in glob.glob(src, recursive=True) if os.path.isfile(p)]
         if not paths:
-            raise ValueError(f"no file matches {src!r}: give an existing directory, file, or glob pattern "
+            raise ValueError(f"no file matches {src!r}: give an existing directory, file or glob pattern "
                              "(e.g. 'data/**/*.txt')")
-        base = _glob_base(src)
     named = sorted((os.path.relpath(p, base).replace(os.sep, "/"), p) for p in paths)
     return (Document(name, _read_text(p)) for name, p in named)
 
 
 def iter_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[Document]:
-    """One JSON object per line, the text in `text_field`; named '<file name>/<line number>'."""
+    """One JSON object per line with the text in `text_field`; named '<file name>/<line number>'."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"JSONL file {str(path)!r} does not exist")
@@ -87,42 +84,36 @@ def iter_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[Do
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
-                where = f"{path}, line {lineno}"
                 try:
                     obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise ValueError(f"{where}: not valid UTF-8 JSON ({e}); fix or remove the line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    raise ValueError(f"{where}: expected a JSON object with a string field {text_field!r}; "
-                                     "fix the line or pass text_field= naming the field that holds the text")
-                try:
-                    obj[text_field].encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{where}: the text holds a lone surrogate escape; fix the line") from None
-                yield Document(f"{path.name}/{lineno:09d}", obj[text_field])  # padded: sorts in line order
+                    text = obj.get(text_field) if isinstance(obj, dict) else None
+                    if isinstance(text, str):
+                        text.encode("utf-8")  # rejects lone surrogates such as "\ud800"
+                except (UnicodeError, json.JSONDecodeError) as e:
+                    raise ValueError(f"{path}, line {lineno}: not valid UTF-8 JSON text ({e}); fix the line") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}, line {lineno}: expected a JSON object with a string field "
+                                     f"{text_field!r}; fix the line or pass text_field= naming the text's field")
+                yield Document(f"{path.name}/{lineno:09d}", text)  # zero-padded: sorts in line order
 
     return documents()
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 def iter_stdlib() -> Iterator[Document]:
-    """The running Python's standard library `.py` files, minus test packages and caches."""
-    root = stdlib_root()
+    """The running Python's standard library `.py` files, leaving out test packages and caches."""
+    root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]  # prune: never descend into them
         found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
     if not found:
         raise ValueError(f"no .py files under the standard library directory {root}; use another corpus")
-    return (Document(p.relative_to(root).as_posix(), _read_text(p)) for p in sorted(found))
+    return (Document(name, _read_text(p)) for name, p in sorted((p.relative_to(root).as_posix(), p) for p in found))
 
 
 def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[Document]:
-    """'stdlib' (the built-in corpus; write './stdlib' for a directory of that name), a `.jsonl`
-    file, a directory, or a glob pattern. Empty documents are dropped; the result is sorted by name."""
+    """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a `.jsonl` file,
+    a directory, or a glob pattern. Empty documents are dropped; the result is sorted by name."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path, glob pattern or 'stdlib', not {type(source).__name__}")
     src = os.fspath(source)
@@ -147,49 +138,47 @@ def _check_docs(docs) -> list[Document]:
 
 
 def _unit_hash(name: str) -> float:
-    """A stable pseudo-random number in [0, 1) per name (unlike hash(), unsalted across runs)."""
+    """A stable number in [0, 1) per name (the builtin hash() is salted per process)."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float = 0.05,
                     test_fraction: float = 0.05) -> dict[str, list[Document]]:
-    """Whole documents go to 'train', 'val' or 'test' by a hash of their name, so the split is
-    stable when documents are added or removed. With >= 3 documents every split whose fraction is
-    > 0 (train always) gets at least one: an empty split takes, from the currently largest split,
-    its document with the smallest hash. With < 3 documents val/test may be empty."""
+    """Whole documents go to 'train', 'val' or 'test' by a hash of their name, so adding or removing
+    documents never moves the others. With >= 3 documents, every split with a fraction > 0 (train
+    always) gets one: an empty split takes the smallest-hash document of the largest split. With
+    fewer documents val/test may be empty. Each split keeps the input order."""
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(f, (int, float)) or not 0 <= f < 1:
             raise ValueError(f"{name} must be a number in [0, 1), got {f!r}")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training "
-                         "data; keep the sum below 1")
+        raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no training data; "
+                         "keep the sum below 1")
     docs = _check_docs(docs)
-    order = {id(d): i for i, d in enumerate(docs)}
-    splits: dict[str, list[Document]] = {"train": [], "val": [], "test": []}
-    for d in docs:
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, d in enumerate(docs):
         u = _unit_hash(d.name)
-        splits["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(d)
+        splits["test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"].append(i)
     if len(docs) >= 3:
         for key, frac in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
             if frac > 0 and not splits[key]:
-                donor = max(splits, key=lambda k: len(splits[k]))  # has >= 2 documents here
-                moved = min(splits[donor], key=lambda d: _unit_hash(d.name))
-                splits[donor] = [d for d in splits[donor] if d is not moved]
+                donor = max(splits, key=lambda k: len(splits[k]))  # holds >= 2 documents here
+                moved = min(splits[donor], key=lambda i: _unit_hash(docs[i].name))
+                splits[donor].remove(moved)
                 splits[key].append(moved)
-    return {k: sorted(v, key=lambda d: order[id(d)]) for k, v in splits.items()}
+    return {k: [docs[i] for i in sorted(v)] for k, v in splits.items()}
 
 
 # -------------------------------------------------------------------------------- tokenizers
 
-
 def _id_list(ids) -> list[int]:
-    if hasattr(ids, "tolist"):  # numpy arrays and torch tensors, including 0-d ones
+    if hasattr(ids, "tolist"):  # numpy arrays and torch tensors, 0-d ones included
         ids = ids.tolist()
     return [ids] if isinstance(ids, int) else [int(i) for i in ids]
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and os.replace, so readers never see a half-written file."""
+    """Write through a temporary file and os.replace, so no reader sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -202,14 +191,14 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
 
 
 class _ByteStream:
     def __init__(self):
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def feed(self, ids) -> str:  # holds back an incomplete multi-byte character until it completes
+    def feed(self, ids) -> str:  # an incomplete multi-byte character waits for its remaining bytes
         return self._dec.decode(bytes(i for i in _id_list(ids) if 0 <= i < 256))
 
     def flush(self) -> str:
@@ -217,34 +206,26 @@ class _ByteStream:
 
 
 class _RedecodeStream:
-    """Decodes all ids so far each time and emits the new suffix; a trailing U+FFFD (a character
-    whose bytes are split over tokens) is held back until more ids arrive or flush()."""
+    """Decodes all ids so far on each feed and emits the new suffix, holding back a trailing U+FFFD
+    (a character whose bytes are split over tokens) until more ids arrive or flush()."""
 
     def __init__(self, tokenizer):
         self._tok, self._ids, self._emitted = tokenizer, [], 0
 
-    def _take(self, final: bool) -> str:
+    def feed(self, ids, final: bool = False) -> str:
+        self._ids += _id_list(ids)
         text = self._tok.decode(self._ids)
-        if not final:
-            text = text.rstrip("\ufffd")
-        new = text[self._emitted:]
-        self._emitted = max(self._emitted, len(text))
+        text = text if final else text.rstrip("\ufffd")
+        new, self._emitted = text[self._emitted:], max(self._emitted, len(text))
         return new
 
-    def feed(self, ids) -> str:
-        self._ids += _id_list(ids)
-        return self._take(final=False)
-
     def flush(self) -> str:
-        return self._take(final=True)
+        return self.feed([], final=True)
 
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; id 256 is the document-start token."""
-    kind = "byte"
-    vocab_size = 257
-    bos_id = 256
-    fingerprint = "byte-v1"
+    kind, vocab_size, bos_id, fingerprint = "byte", 257, 256, "byte-v1"
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -274,25 +255,22 @@ def _import_tokenizers():
 
 
 class HFTokenizer:
-    """Wraps a `tokenizers.Tokenizer` (e.g. a local Hugging Face tokenizer.json)."""
+    """Wraps a `tokenizers.Tokenizer`, e.g. from a local Hugging Face tokenizer.json."""
     kind = "hf"
 
     def __init__(self, tokenizer, bos_token: str | None = None):
         tokenizer.no_truncation()  # a corpus document must never be cut or padded
         tokenizer.no_padding()
         if hasattr(tokenizer, "encode_special_tokens"):
-            tokenizer.encode_special_tokens = True  # document text is data: a literal "<s>" is not bos
+            tokenizer.encode_special_tokens = True  # text is data: a literal "<|doc|>" in it is not bos
         vocab = tokenizer.get_vocab(with_added_tokens=True)
-        if bos_token is None:
-            bos_token = next((t for t in _BOS_CANDIDATES if t in vocab), None)
-            if bos_token is None:
-                raise ValueError(f"the tokenizer has no document-start token (looked for {', '.join(_BOS_CANDIDATES)}); "
-                                 f"add {DOC_TOKEN!r} as a special token or use tokenizer 'bpe' / 'byte'")
-        elif bos_token not in vocab:
-            raise ValueError(f"bos token {bos_token!r} is not in the tokenizer's vocabulary")
+        bos_token = bos_token or next((t for t in _BOS_CANDIDATES if t in vocab), None)
+        if bos_token not in vocab:
+            raise ValueError(f"the tokenizer has no document-start token (looked for {bos_token or _BOS_CANDIDATES}); "
+                             f"add {DOC_TOKEN!r} as a special token or use tokenizer 'bpe' or 'byte'")
         self._tok, self.bos_token, self.bos_id = tokenizer, bos_token, vocab[bos_token]
         self.vocab_size = max(vocab.values()) + 1
-        canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)  # same after save/load
+        canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True)  # unchanged by save/load
         self.fingerprint = hashlib.sha1(canonical.encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
@@ -300,7 +278,7 @@ class HFTokenizer:
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # parallel in Rust
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> str:
@@ -310,56 +288,50 @@ class HFTokenizer:
         return _RedecodeStream(self)
 
     def save(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        _atomic_write(directory / "tokenizer.json", lambda f: f.write(self._tok.to_str().encode("utf-8")))
-        _write_json(directory / _CONFIG, {"kind": self.kind, "bos_token": self.bos_token})
+        _atomic_write(Path(directory) / "tokenizer.json", lambda f: f.write(self._tok.to_str().encode("utf-8")))
+        _write_json(Path(directory) / _CONFIG, {"kind": self.kind, "bos_token": self.bos_token})
 
 
 class BPETokenizer(HFTokenizer):
-    """Byte-level BPE trained on the corpus by `train_bpe`; bos is <|doc|>."""
+    """Byte-level BPE trained on the corpus (`train_bpe`); bos is <|doc|>."""
     kind = "bpe"
-
-    def __init__(self, tokenizer, bos_token: str | None = DOC_TOKEN):
-        super().__init__(tokenizer, bos_token)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-    """Byte-level BPE: any text round-trips exactly. A tiny corpus may give fewer merges than asked."""
+    """Byte-level, so any text round-trips exactly. A tiny corpus may yield fewer merges than asked."""
     if not isinstance(vocab_size, int) or vocab_size < 257:
         raise ValueError(f"BPE vocab_size must be an int >= 257 (256 bytes + {DOC_TOKEN}), got {vocab_size!r}")
     tk = _import_tokenizers()
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[DOC_TOKEN], show_progress=False,
-                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return BPETokenizer(tok)
+    tok.train_from_iterator(texts, tk.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[DOC_TOKEN], show_progress=False,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    return BPETokenizer(tok, DOC_TOKEN)
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """Restore a tokenizer saved by `.save()`, or load a plain Hugging Face tokenizer.json directory."""
+    """Restore a tokenizer saved with `.save()`, or load a plain Hugging Face tokenizer.json directory."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"tokenizer directory {str(d)!r} does not exist")
-    if (d / _CONFIG).is_file():
-        kind = json.loads((d / _CONFIG).read_text("utf-8")).get("kind")
-        if kind == "byte":
-            return ByteTokenizer()
-        if kind not in ("bpe", "hf"):
-            raise ValueError(f"{d / _CONFIG} names unknown tokenizer kind {kind!r}; expected 'byte', 'bpe' or 'hf'")
-        cls = BPETokenizer if kind == "bpe" else HFTokenizer
-        bos = json.loads((d / _CONFIG).read_text("utf-8")).get("bos_token")
-        return cls(_import_tokenizers().Tokenizer.from_file(str(d / "tokenizer.json")), bos)
-    if (d / "tokenizer.json").is_file():
-        return HFTokenizer(_import_tokenizers().Tokenizer.from_file(str(d / "tokenizer.json")))
-    raise ValueError(f"no tokenizer in {str(d)!r}: expected {_CONFIG} (saved by this library) or tokenizer.json")
+    config = json.loads((d / _CONFIG).read_text("utf-8")) if (d / _CONFIG).is_file() else None
+    if config is None and not (d / "tokenizer.json").is_file():
+        raise ValueError(f"no tokenizer in {str(d)!r}: expected {_CONFIG} (saved by this library) or tokenizer.json")
+    kind = config.get("kind") if config else "hf"
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind not in ("bpe", "hf"):
+        raise ValueError(f"{d / _CONFIG} names unknown tokenizer kind {kind!r}; expected 'byte', 'bpe' or 'hf'")
+    cls = BPETokenizer if kind == "bpe" else HFTokenizer
+    return cls(_import_tokenizers().Tokenizer.from_file(str(d / "tokenizer.json")), (config or {}).get("bos_token"))
 
 
 def make_tokenizer(kind: str | os.PathLike, train_texts=None, vocab_size: int | None = None,
                    cache_dir: str | os.PathLike | None = None):
-    """kind 'byte', 'bpe' (trained on train_texts: Documents or str; cached in cache_dir under a key
-    of the documents and vocab size), or the path of a directory holding a tokenizer."""
+    """kind 'byte', 'bpe' (trained on train_texts, Documents or str, and cached in cache_dir under a
+    hash of their names, contents and vocab_size), or a directory holding a tokenizer."""
     if not isinstance(kind, (str, os.PathLike)):
         raise TypeError(f"tokenizer kind must be 'byte', 'bpe' or a directory path, not {type(kind).__name__}")
     kind = os.fspath(kind)
@@ -368,20 +340,20 @@ def make_tokenizer(kind: str | os.PathLike, train_texts=None, vocab_size: int | 
             raise ValueError(f"tokenizer 'bpe' needs vocab_size, an int >= 257 (e.g. 8192), got {vocab_size!r}")
         if not train_texts:
             raise ValueError("tokenizer 'bpe' needs train_texts (the training documents) to learn merges from")
+        _import_tokenizers()  # fail early, before hashing the corpus, if the package is missing
         docs = _check_docs(Document(f"#{i}", t) if isinstance(t, str) else t for i, t in enumerate(train_texts))
-        if cache_dir is None:
-            return train_bpe((d.text for d in docs), vocab_size)
-        target = Path(cache_dir) / f"bpe-{vocab_size}-{_docs_hash(docs)[:16]}"
-        if (target / _CONFIG).is_file():
+        target = Path(cache_dir or ".") / f"bpe-{vocab_size}-{_docs_hash(docs)[:16]}"
+        if cache_dir is not None and (target / _CONFIG).is_file():
             return load_tokenizer(target)
         tok = train_bpe((d.text for d in docs), vocab_size)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-bpe-"))
-        tok.save(tmp)
-        try:
-            os.replace(tmp, target)  # atomic: a concurrent process sees all of it or none
-        except OSError:  # another process finished first; its result is equivalent
-            shutil.rmtree(tmp, ignore_errors=True)
+        if cache_dir is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-bpe-"))
+            tok.save(tmp)
+            try:
+                os.replace(tmp, target)  # atomic: other processes see all of it or nothing
+            except OSError:  # another process got there first with an equivalent result
+                shutil.rmtree(tmp, ignore_errors=True)
         return tok
     if kind == "byte":
         tok = ByteTokenizer()
@@ -390,24 +362,22 @@ def make_tokenizer(kind: str | os.PathLike, train_texts=None, vocab_size: int | 
     else:
         raise ValueError(f"unknown tokenizer {kind!r}: use 'byte', 'bpe', or a directory containing tokenizer.json")
     if vocab_size is not None and vocab_size != tok.vocab_size:
-        raise ValueError(f"tokenizer {kind!r} has a fixed vocab_size of {tok.vocab_size}, but vocab_size="
-                         f"{vocab_size} was asked for; drop vocab_size or use tokenizer 'bpe'")
+        raise ValueError(f"tokenizer {kind!r} has a fixed vocab_size of {tok.vocab_size}, not {vocab_size}; "
+                         "drop vocab_size or use tokenizer 'bpe'")
     return tok
 
 
-# ------------------------------------------------------------------------ tokenized corpus
-
+# -------------------------------------------------------------------------- tokenized corpus
 
 def _docs_hash(docs: Sequence[Document]) -> str:
     h = hashlib.sha1()
     for name, text in docs:
-        h.update(hashlib.sha1(name.encode("utf-8")).digest())
-        h.update(hashlib.sha1(text.encode("utf-8")).digest())
+        h.update(hashlib.sha1(name.encode("utf-8")).digest() + hashlib.sha1(text.encode("utf-8")).digest())
     return h.hexdigest()
 
 
 class TokenizedCorpus:
-    """All documents' ids, each starting with bos, in one flat array; document i is
+    """All documents' ids, each document starting with bos, in one flat array: document i is
     tokens[offsets[i]:offsets[i + 1]]. num_bytes(i) is its text's UTF-8 size (for bits per byte)."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, num_bytes: np.ndarray, names: list[str],
@@ -418,12 +388,11 @@ class TokenizedCorpus:
         self.bos_id, self.vocab_size = int(bos_id), int(vocab_size)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "TokenizedCorpus":
+    def load(cls, directory: str | os.PathLike) -> TokenizedCorpus:
         d = Path(directory)
         manifest = json.loads((d / "manifest.json").read_text("utf-8"))
-        return cls(np.load(d / "tokens.npy", mmap_mode="r"), np.load(d / "offsets.npy"),
-                   np.load(d / "num_bytes.npy"), manifest["names"],
-                   bos_id=manifest["bos_id"], vocab_size=manifest["vocab_size"])
+        return cls(np.load(d / "tokens.npy", mmap_mode="r"), np.load(d / "offsets.npy"), np.load(d / "num_bytes.npy"),
+                   manifest["names"], bos_id=manifest["bos_id"], vocab_size=manifest["vocab_size"])
 
     def __len__(self) -> int:
         return len(self.names)
@@ -437,7 +406,7 @@ class TokenizedCorpus:
         return int(self._num_bytes[i])
 
     @property
-    def doc_lengths(self) -> np.ndarray:  # token counts including the bos of each document
+    def doc_lengths(self) -> np.ndarray:  # in tokens, each document's bos included
         return np.diff(self.offsets)
 
     @property
@@ -451,8 +420,8 @@ class TokenizedCorpus:
 
 def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.PathLike | None = None,
                     chunk: int = 256) -> TokenizedCorpus:
-    """Tokenize (bos + ids per document) into `cache_dir` (the directory is this corpus's own), or
-    reuse it when its manifest matches these documents and this tokenizer. None: in memory only."""
+    """Tokenize (bos + ids per document) into `cache_dir`, a directory of this corpus's own, or reuse
+    it when its manifest matches these documents and this tokenizer. cache_dir=None: in memory only."""
     docs = _check_docs(docs)
     if not docs:
         raise ValueError("no documents to tokenize (is the split empty?)")
@@ -460,45 +429,43 @@ def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.Pat
     key = {"format": 1, "docs_sha1": _docs_hash(docs), "tokenizer_kind": tokenizer.kind,
            "tokenizer_fingerprint": tokenizer.fingerprint, "bos_id": int(tokenizer.bos_id),
            "vocab_size": int(tokenizer.vocab_size), "dtype": dtype.name, "num_docs": len(docs)}
-    d = Path(cache_dir) if cache_dir is not None else None
+    d = None if cache_dir is None else Path(cache_dir)
     if d is not None and (d / "manifest.json").is_file():
         try:
-            manifest = json.loads((d / "manifest.json").read_text("utf-8"))
-            if all(manifest.get(k) == v for k, v in key.items()):
+            if all(json.loads((d / "manifest.json").read_text("utf-8")).get(k) == v for k, v in key.items()):
                 return TokenizedCorpus.load(d)
         except (OSError, ValueError, KeyError):
-            pass  # unreadable or inconsistent cache: rebuild it below
+            pass  # unreadable or inconsistent cache: rebuild it
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
     arrays = []
     for start in range(0, len(docs), chunk):
-        for ids in tokenizer.encode_batch([doc.text for doc in docs[start:start + chunk]]):
+        for ids in encode_batch([doc.text for doc in docs[start:start + chunk]]):
             ids = np.asarray(ids, dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
-                raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size}); is vocab_size right?")
+                raise ValueError(f"the tokenizer produced ids outside [0, vocab_size={tokenizer.vocab_size})")
             arrays.append(np.concatenate(([tokenizer.bos_id], ids)).astype(dtype))
-    offsets = np.zeros(len(docs) + 1, np.int64)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    tokens = np.concatenate(arrays)
+    offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
+    tokens, names = np.concatenate(arrays), [doc.name for doc in docs]
     num_bytes = np.array([len(doc.text.encode("utf-8")) for doc in docs], np.int64)
     if d is None:
-        return TokenizedCorpus(tokens, offsets, num_bytes, [doc.name for doc in docs],
-                               bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size)
-    (d / "manifest.json").unlink(missing_ok=True)  # the manifest is written last: it marks a complete cache
+        return TokenizedCorpus(tokens, offsets, num_bytes, names, bos_id=tokenizer.bos_id,
+                               vocab_size=tokenizer.vocab_size)
+    (d / "manifest.json").unlink(missing_ok=True)  # written last, the manifest marks a complete cache
     for name, arr in (("tokens", tokens), ("offsets", offsets), ("num_bytes", num_bytes)):
         _atomic_write(d / f"{name}.npy", lambda f, arr=arr: np.save(f, arr))
-    _write_json(d / "manifest.json", {**key, "total_tokens": int(offsets[-1]), "total_bytes": int(num_bytes.sum()),
-                                      "names": [doc.name for doc in docs]})
+    _write_json(d / "manifest.json", {**key, "total_tokens": len(tokens), "total_bytes": int(num_bytes.sum()),
+                                      "names": names})
     return TokenizedCorpus.load(d)
 
 
-# --------------------------------------------------------------------------- document lanes
-
+# ---------------------------------------------------------------------------- document lanes
 
 class DocumentLanes:
-    """Batches for recurrence: row k of every batch continues the document it read last time.
+    """Batches for recurrence: row k of each batch continues the document it read in the last one.
 
-    Global lane j (of batch_size * world_size) reads the documents with index i % G == j, in an
-    order reshuffled per epoch from (seed, j, epoch); rank r owns lanes r*batch_size ... +batch_size-1,
-    so the lanes, and hence every batch row, do not depend on how they are spread over ranks."""
+    Global lane j of G = batch_size * world_size reads the documents whose index i % G == j, in an
+    order reshuffled each epoch from (seed, j, epoch). Rank r owns lanes r*batch_size ... so the rows
+    of a run do not depend on how its lanes are spread over ranks."""
 
     def __init__(self, corpus: TokenizedCorpus, batch_size: int, segment_len: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, loop: bool = True):
@@ -514,26 +481,26 @@ class DocumentLanes:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.loop = bool(shuffle), bool(loop)
         G = self.batch_size * self.world_size
-        usable = np.flatnonzero(corpus.doc_lengths >= 2)  # bos alone gives no target to predict
+        usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has no target to predict
         empty = int((np.bincount(usable % G, minlength=G) == 0).sum())
         if empty:
             raise ValueError(f"{empty} of the {G} lanes (batch_size {batch_size} x world_size {world_size}) get no "
-                             f"document: the corpus has {len(usable)} non-empty documents and lane j reads those with "
-                             f"index % {G} == j; lower batch_size or world_size")
+                             f"document: lane j reads the documents with index % {G} == j and the corpus has "
+                             f"{len(usable)} non-empty ones; lower batch_size or world_size")
         first = self.rank * self.batch_size
         self._docs = [usable[usable % G == first + k] for k in range(self.batch_size)]
         self._epoch = [0] * self.batch_size
-        self._pos = [0] * self.batch_size  # index into the lane's order for this epoch
+        self._pos = [0] * self.batch_size  # index into the lane's document order for this epoch
         self._offset = [0] * self.batch_size  # index in the document of the next input token
-        self._orders: list = [None] * self.batch_size
+        self._orders: list = [None] * self.batch_size  # cache: (epoch, order)
         self._seen = self._padded = self._batches = 0
 
     def _order(self, k: int) -> np.ndarray:
         if self._orders[k] is None or self._orders[k][0] != self._epoch[k]:
             docs = self._docs[k]
-            if self.shuffle:
-                lane = self.rank * self.batch_size + k
-                docs = docs[np.random.default_rng([self.seed, lane, self._epoch[k]]).permutation(len(docs))]
+            if self.shuffle:  # seeded by the global lane, so independent of rank layout
+                rng = np.random.default_rng([self.seed, self.rank * self.batch_size + k, self._epoch[k]])
+                docs = docs[rng.permutation(len(docs))]
             self._orders[k] = (self._epoch[k], docs)
         return self._orders[k][1]
 
@@ -542,7 +509,7 @@ class DocumentLanes:
 
     @property
     def exhausted(self) -> bool:
-        """True once every lane of this rank has read all its documents (loop=False)."""
+        """True once every lane of this rank has read all of its documents (loop=False)."""
         return all(self._lane_done(k) for k in range(self.batch_size))
 
     @property
@@ -551,24 +518,21 @@ class DocumentLanes:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         b, T = self.batch_size, self.segment_len
-        inputs = np.full((b, T), self.corpus.bos_id, np.int64)  # padding: bos in, 0 out, masked
-        targets = np.zeros((b, T), np.int64)
-        mask = np.zeros((b, T), bool)
-        positions = np.full((b, T), -1, np.int64)
-        reset = np.ones(b, bool)
-        doc_index = np.full(b, -1, np.int64)
+        inputs = np.full((b, T), self.corpus.bos_id, np.int64)  # padding: bos in, 0 out, masked out
+        targets, mask = np.zeros((b, T), np.int64), np.zeros((b, T), bool)
+        positions, reset, doc_index = np.full((b, T), -1, np.int64), np.ones(b, bool), np.full(b, -1, np.int64)
         for k in range(b):
             if self._lane_done(k):
                 continue
             i, p = int(self._order(k)[self._pos[k]]), self._offset[k]
             ids = self.corpus.doc(i)
-            n = min(T, len(ids) - 1 - p)  # the row never runs past this document's last target
+            n = min(T, len(ids) - 1 - p)  # never past this document's last target
             inputs[k, :n], targets[k, :n] = ids[p:p + n], ids[p + 1:p + 1 + n]
             mask[k, :n], positions[k, :n] = True, np.arange(p, p + n)
             reset[k], doc_index[k] = p == 0, i
             if p + n < len(ids) - 1:
                 self._offset[k] = p + n
-            else:  # document finished: the next segment of this row starts the next one
+            else:  # document done: this row's next segment starts the next one
                 self._offset[k], self._pos[k] = 0, self._pos[k] + 1
                 if self.loop and self._pos[k] == len(self._docs[k]):
                     self._pos[k], self._epoch[k] = 0, self._epoch[k] + 1
@@ -577,7 +541,7 @@ class DocumentLanes:
         self._batches += 1
         arrays = dict(inputs=inputs, targets=targets, loss_mask=mask, reset=reset, positions=positions,
                       doc_index=doc_index)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {key: torch.from_numpy(v) for key, v in arrays.items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.loop or not self.exhausted:
@@ -589,22 +553,21 @@ class DocumentLanes:
                 "num_docs": len(self.corpus), "total_tokens": int(self.corpus.total_tokens)}
 
     def state_dict(self) -> dict:
-        """Plain ints and lists (JSON-serialisable). Each rank saves its own: it covers its lanes only."""
+        """Plain ints and lists (JSON-serialisable), covering this rank's lanes only."""
         return {"format": 1, "config": self._config(), "epoch": list(self._epoch), "pos": list(self._pos),
                 "offset": list(self._offset), "seen_targets": self._seen, "padded_targets": self._padded,
                 "batches": self._batches}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != 1:
-            raise ValueError("not a DocumentLanes state_dict (missing format 1)")
-        mine, saved = self._config(), state.get("config", {})
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+            raise ValueError("not a DocumentLanes state_dict (no 'format': 1)")
+        saved = state.get("config", {})
+        diff = {k: (saved.get(k), v) for k, v in self._config().items() if saved.get(k) != v}
         if diff:
-            raise ValueError("lanes state was saved with different settings (saved, current): "
-                             f"{diff}; build DocumentLanes with the saved settings and corpus to resume")
-        lanes = [state[k] for k in ("epoch", "pos", "offset")]
+            raise ValueError(f"lanes state was saved with other settings ({{name: (saved, current)}}: {diff}); "
+                             "build DocumentLanes with the saved settings and corpus to resume")
+        lanes = [[int(x) for x in state[k]] for k in ("epoch", "pos", "offset")]
         if any(len(v) != self.batch_size for v in lanes):
-            raise ValueError(f"state_dict has lane lists of the wrong length; expected {self.batch_size}")
-        self._epoch, self._pos, self._offset = ([int(x) for x in v] for v in lanes)
-        self._seen, self._padded = int(state["seen_targets"]), int(state["padded_targets"])
-        self._batches = int(state["batches"])
+            raise ValueError(f"state_dict lane lists must have batch_size = {self.batch_size} entries")
+        self._epoch, self._pos, self._offset = lanes
+        self._seen, self._padded, self._batches = (int(state[k]) for k in ("seen_targets", "padded_targets", "batches"))
