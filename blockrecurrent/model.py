@@ -318,3 +318,10 @@ class BlockRecurrentTransformer(nn.Module):
                              f"unexpected {unexpected}, wrong shape {wrong}")
         model.load_state_dict(tensors)
         return model.to(map_location)
+
+    # --- generation ----------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int, **kwargs):
+        """New token ids after `prompt`, with cached decoding: see generation.generate."""
+        from .generation import generate  # lazy: generation imports this module
+
+        return generate(self, prompt, max_new_tokens, **kwargs)

@@ -1,0 +1,457 @@
+"""Text generation: chunked prefill, cached decoding, sampling.
+
+Axis letters: b batch, n prompt tokens, t generated tokens, v vocabulary.
+
+The model is its own cache. Feeding a stream in any chunk sizes with the memories and states
+carried gives the same logits as one call, so
+- prefill reads a prompt of any length in chunks of `max_seq_len` (whole blocks): memory stays
+  constant however long the prompt is, and only the last position's logits are kept;
+- decoding feeds one token per call with the carried `XLMemories` (< 2W keys per layer) and
+  states (the state advances when a block completes): a step costs the same at 100k tokens of
+  context as at 1k, and the window is never re-run.
+
+    tokens = generate(model, prompt, 64, temperature=0.8, top_p=0.95, seed=0)      # (b, <=64)
+    res = generate(model, prompt, 64, do_sample=False, return_state=True)
+    more = generate(model, None, 64, do_sample=False, past=res)  # continues exactly
+    for tok in stream(model, prompt, 64): ...
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .model import BlockRecurrentTransformer, XLMemories
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+
+def _check_sampling(temperature, top_k, top_p, do_sample) -> None:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None to keep every token), got {top_k}")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+            raise TypeError(f"top_p must be a number or None, got {type(top_p).__name__}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """(b, v) logits -> float32 logits divided by the temperature, with the tokens removed by
+    top-k and then top-p (nucleus, Holtzman et al. 2019) set to -inf. Always keeps the most
+    likely token. temperature must be > 0 here (0 is greedy, handled by `sample_next`)."""
+    _check_sampling(temperature, top_k, top_p, True)
+    if temperature == 0:
+        raise ValueError("filter_logits needs temperature > 0; temperature 0 means greedy")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
+        # first token has nothing above it, so at least one survives.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def sample_next(logits: Tensor, do_sample: bool = True, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token of each row from (b, v) logits -> (b,) int64.
+    Greedy (argmax) when do_sample is False or temperature is 0 (the usual convention, so a
+    temperature sweep can include 0); otherwise sample from `filter_logits`."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def _as_batch(prompt, model: BlockRecurrentTransformer) -> Tensor:
+    """A 1-D or 2-D tensor, or a (nested) list of ints -> (b, n) int64 on the model's device."""
+    if isinstance(prompt, (list, tuple)):
+        try:
+            prompt = torch.tensor(prompt, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"prompt must be a tensor or a list of int token ids (or a list of "
+                            f"equal-length lists), could not convert it: {err}") from None
+    if not isinstance(prompt, Tensor):
+        raise TypeError(f"prompt must be a torch.Tensor or a list of token ids, "
+                        f"got {type(prompt).__name__}")
+    if prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must have shape (length,) or (batch, length), "
+                         f"got {tuple(prompt.shape)}")
+    if prompt.numel() == 0:
+        raise ValueError(f"prompt must not be empty, got shape {tuple(prompt.shape)}; start a "
+                         f"document with its bos token")
+    num_tokens = model.config.num_tokens
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo < 0 or hi >= num_tokens:
+        raise ValueError(f"prompt token ids must lie in [0, num_tokens={num_tokens}), "
+                         f"got values in [{lo}, {hi}]")
+    return prompt.to(device=model.token_emb.weight.device, dtype=torch.long)
+
+
+def _check_carry(model, b: int, mems, states) -> None:
+    """Batch sizes of carried memories/states must match the prompt (details: the model)."""
+    if mems is not None:
+        if not isinstance(mems, XLMemories):
+            raise TypeError(f"xl_memories must be the XLMemories returned by the model, "
+                            f"got {type(mems).__name__}")
+        if mems.batch_size != b:
+            raise ValueError(f"xl_memories hold {mems.batch_size} rows (lengths shape "
+                             f"{tuple(mems.lengths.shape)}) but the prompt has batch size {b}")
+    if states is not None:
+        if not isinstance(states, Tensor):
+            raise TypeError(f"states must be a tensor, got {type(states).__name__}")
+        if states.dim() != 4 or states.shape[1] != b:
+            raise ValueError(f"states of shape {tuple(states.shape)} do not fit a prompt of batch "
+                             f"size {b}: expected (recurrent layers, {b}, num_state_vectors, dim)")
+    # The model's own checks (layer count, head shapes, ...) on a 1-token probe: no compute.
+    model._check_inputs(torch.zeros(b, 1, dtype=torch.long), mems, states, None)
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+# --- prefill and decoding ----------------------------------------------------------------
+
+
+@torch.inference_mode()
+def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | None = None,
+            states: Tensor | None = None, chunk_size: int | None = None):
+    """Read a prompt of any length -> (last logits (b, v), xl_memories, states).
+
+    Chunks of `chunk_size` tokens (default `max_seq_len`, whole blocks) keep memory constant in
+    the prompt length; the first chunk is shortened to finish a partial block left in the
+    carried memories, so the rest run as whole blocks."""
+    if not isinstance(model, BlockRecurrentTransformer):
+        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    seq = _as_batch(prompt, model)
+    _check_carry(model, seq.shape[0], xl_memories, states)
+    W = model.config.block_width
+    if chunk_size is None:
+        chunk_size = model.config.max_seq_len
+    _check_count("chunk_size", chunk_size, 1)
+    mems, logits = xl_memories, None
+    pos = 0
+    if mems is not None and mems.cache_len % W and chunk_size >= W:
+        pos = min(seq.shape[1], W - mems.cache_len % W)  # the cache holds whole blocks + a part
+        logits, mems, states = model(seq[:, :pos], xl_memories=mems, states=states)
+    while pos < seq.shape[1]:
+        chunk = seq[:, pos:pos + chunk_size]
+        logits, mems, states = model(chunk, xl_memories=mems, states=states)
+        pos += chunk.shape[1]
+    return logits[:, -1].float(), mems, states  # (b, v): the only logits decoding needs
+
+
+@torch.inference_mode()
+def _step(model, tokens: Tensor, mems, states):
+    """One cached decoding step: (b,) tokens -> next logits (b, v), xl_memories, states."""
+    logits, mems, states = model(tokens[:, None], xl_memories=mems, states=states)
+    return logits[:, -1].float(), mems, states
+
+
+@dataclass
+class GenerationResult:
+    """What `generate(..., return_state=True)` returns. `xl_memories` and `states` have read the
+    prompt and every generated token; `logits` are the next-token logits after them, so
+    `generate(model, None, n, past=result)` continues exactly where this call stopped
+    (with the same generator, so seeded sampling continues the same random stream).
+    Tensors are inference tensors: `.clone()` them outside inference_mode to use them in
+    autograd."""
+    tokens: Tensor  # (b, t) int64, rows that emitted eos padded with eos
+    xl_memories: XLMemories
+    states: Tensor  # (r, b, s, e)
+    logits: Tensor  # (b, v) float32
+    finished: Tensor  # (b,) bool: rows that emitted eos
+    generator: torch.Generator | None = None
+
+
+class _Decoder:
+    """The decoding loop as an object, so generate, stream and generate_text share it and a
+    caller can take the memories/states (and timings) when it stops."""
+
+    def __init__(self, model, logits, mems, states, finished, *, sampling: dict,
+                 eos_token_id, generator):
+        self.model, self.logits, self.mems, self.states = model, logits, mems, states
+        self.finished, self.sampling, self.eos = finished, sampling, eos_token_id
+        self.generator = generator
+        self.pending = None  # the last sampled token, not yet read by the model
+        self.steps, self.decode_seconds = 0, 0.0  # model steps; their time plus sampling's
+
+    def feed_pending(self) -> None:
+        if self.pending is not None:
+            self.logits, self.mems, self.states = _step(self.model, self.pending, self.mems,
+                                                        self.states)
+            self.steps += 1
+            self.pending = None
+
+    def tokens(self, max_new_tokens: int) -> Iterator[Tensor]:
+        """Yields (b,) tokens. The model reads each token lazily, just before sampling the next,
+        so a stream shows every token as soon as it is sampled."""
+        for _ in range(max_new_tokens):
+            if self.eos is not None and bool(self.finished.all()):
+                return
+            t0 = time.perf_counter()
+            self.feed_pending()
+            with torch.inference_mode():
+                tok = sample_next(self.logits, generator=self.generator, **self.sampling)
+                if self.eos is not None:
+                    tok = torch.where(self.finished, self.eos, tok)  # finished rows pad with eos
+                    self.finished = self.finished | (tok == self.eos)
+            if self.steps:  # the first token is sampled from the prefill's logits
+                self.decode_seconds += time.perf_counter() - t0
+            self.pending = tok
+            yield tok
+
+
+@dataclass
+class _Request:
+    """Checked and normalised arguments of one generation call."""
+    model: BlockRecurrentTransformer
+    seq: Tensor | None  # (b, n), None to continue from past
+    max_new_tokens: int
+    sampling: dict
+    eos_token_id: int | None
+    xl_memories: XLMemories | None
+    states: Tensor | None
+    generator: torch.Generator | None
+    past: GenerationResult | None
+
+
+def _check(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+           do_sample=True, eos_token_id=None, xl_memories=None, states=None, generator=None,
+           seed=None, past=None) -> _Request:
+    """Every check of a generation call, and nothing else: no model work happens here."""
+    if not isinstance(model, BlockRecurrentTransformer):
+        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    _check_sampling(temperature, top_k, top_p, do_sample)
+    if eos_token_id is not None:
+        _check_count("eos_token_id", eos_token_id, 0)
+        if eos_token_id >= model.config.num_tokens:
+            raise ValueError(f"eos_token_id must lie in [0, num_tokens={model.config.num_tokens}),"
+                             f" got {eos_token_id}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        _check_count("seed", seed, 0)
+    if past is not None:
+        if not isinstance(past, GenerationResult):
+            raise TypeError(f"past must be the GenerationResult of generate(..., "
+                            f"return_state=True), got {type(past).__name__}")
+        if xl_memories is not None or states is not None:
+            raise ValueError("pass either past or xl_memories/states, not both")
+        xl_memories, states = past.xl_memories, past.states
+        if generator is None and seed is None:
+            generator = past.generator  # seeded sampling continues the same random stream
+    if prompt is None:
+        if past is None:
+            raise ValueError("prompt must not be None (it may be None only to continue from past)")
+        seq = None
+    else:
+        seq = _as_batch(prompt, model)
+        _check_carry(model, seq.shape[0], xl_memories, states)
+    if seed is not None:
+        generator = torch.Generator(device=model.token_emb.weight.device).manual_seed(seed)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    return _Request(model, seq, max_new_tokens, sampling, eos_token_id, xl_memories, states,
+                    generator, past)
+
+
+def _start(req: _Request) -> _Decoder:
+    """Prefill the prompt (if any) and return the decoder, ready for its first token."""
+    if req.seq is None:  # continue from past: its logits already follow its last token
+        logits, mems, states = req.past.logits, req.xl_memories, req.states
+        finished = req.past.finished
+    else:
+        logits, mems, states = prefill(req.model, req.seq, req.xl_memories, req.states)
+        finished = torch.zeros(req.seq.shape[0], dtype=torch.bool, device=logits.device)
+    return _Decoder(req.model, logits, mems, states, finished, sampling=req.sampling,
+                    eos_token_id=req.eos_token_id, generator=req.generator)
+
+
+class _EvalMode:
+    """model.eval() for the duration, then the previous training mode back."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def generate(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             do_sample: bool = True, eos_token_id: int | None = None,
+             xl_memories: XLMemories | None = None, states: Tensor | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None,
+             return_state: bool = False, past: GenerationResult | None = None):
+    """Generate up to max_new_tokens tokens after `prompt` -> (b, t) int64 new tokens.
+
+    prompt: (b, n) or (n,) token ids (a tensor or lists), of any length; it continues from
+    xl_memories/states when given (e.g. a conversation's memories), or from `past` (the result of
+    an earlier call with return_state=True; prompt may then be None to just keep generating).
+    Sampling: greedy when do_sample is False or temperature == 0; otherwise temperature, then
+    top-k, then top-p filtering. Seeded with `seed` (a fresh generator) or `generator`.
+    eos_token_id: a row stops after emitting it (the rest of the row is padded with it) and
+    generation stops when every row has. return_state=True returns a GenerationResult instead
+    of the tokens (one more model step, to read the last token).
+    Runs under torch.inference_mode, in eval mode (the model's training mode is restored)."""
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
+    req = _check(model, prompt, max_new_tokens, temperature, top_k, top_p, do_sample,
+                 eos_token_id, xl_memories, states, generator, seed, past)
+    with _EvalMode(model):
+        dec = _start(req)
+        out = list(dec.tokens(max_new_tokens))
+        tokens = (torch.stack(out, dim=1) if out else
+                  torch.empty(dec.logits.shape[0], 0, dtype=torch.long, device=dec.logits.device))
+        if not return_state:
+            return tokens
+        dec.feed_pending()  # so the returned memories have read every returned token
+    return GenerationResult(tokens, dec.mems, dec.states, dec.logits, dec.finished, dec.generator)
+
+
+def stream(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
+           **kwargs) -> Iterator[int | Tensor]:
+    """Like `generate` (same keyword arguments, but no return_state), yielding each new token as
+    soon as it is sampled: an int when the batch has one row, else a (b,) tensor. Arguments are
+    checked when stream() is called; the prefill runs at the first next(). The model stays in
+    eval mode until the iterator is exhausted or closed."""
+    if "return_state" in kwargs:
+        raise TypeError("stream() takes no return_state; use generate(..., return_state=True)")
+    req = _check(model, prompt, max_new_tokens, **kwargs)  # now, not at the first next()
+
+    def tokens():
+        # inference_mode is entered per step inside the decoder, never across a yield, so the
+        # caller's code between tokens runs in its own grad mode.
+        with _EvalMode(model):
+            dec = _start(req)
+            single = dec.logits.shape[0] == 1
+            for tok in dec.tokens(max_new_tokens):
+                yield int(tok[0]) if single else tok
+
+    return tokens()
+
+
+# --- text in, text out -------------------------------------------------------------------
+
+
+def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
+                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int | None = None, out=None, err=None,
+                  device: str = "cpu") -> dict:
+    """Load a saved model and its tokenizer from model_dir, continue `prompt` (or the text of
+    `prompt_file`; neither: generate a document from its start) and print the new text to `out`
+    as it is produced, then prefill and decode speeds to `err` (default: sys.stdout, sys.stderr
+    at call time). The prompt is read as the start of a document (bos first); generation stops
+    at max_new_tokens or when the model starts a new document (emits bos).
+
+    Returns {"text", "prompt_tokens", "new_tokens", "stopped_at_eos", "prefill_seconds",
+    "prefill_tokens_per_s", "decode_seconds", "decode_tokens_per_s"}; decode counts the tokens
+    after the first, whose logits come from the prefill."""
+    from .data import load_tokenizer
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if prompt is not None and prompt_file is not None:
+        raise ValueError("pass either prompt or prompt_file, not both")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ValueError(f"prompt file {str(path)!r} does not exist")
+        prompt = path.read_text(encoding="utf-8")
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    _check_sampling(temperature, top_k, top_p, True)
+    if seed is not None:
+        _check_count("seed", seed, 0)
+    model_dir = Path(model_dir)
+    model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.vocab_size > model.config.num_tokens:
+        raise ValueError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
+                         f"model only num_tokens={model.config.num_tokens}; are they from the "
+                         f"same run?")
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt or "")
+    req = _check(model, ids, max_new_tokens, temperature, top_k, top_p, True,
+                 eos_token_id=tokenizer.bos_id, seed=seed)
+
+    with _EvalMode(model):
+        t0 = time.perf_counter()
+        dec = _start(req)
+        prefill_s = time.perf_counter() - t0
+        decoder, pieces, new = tokenizer.stream_decoder(), [], 0
+        for tok in dec.tokens(max_new_tokens):
+            tok = int(tok[0])
+            if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
+                break
+            new += 1
+            piece = decoder.feed([tok])
+            if piece:
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
+        pieces.append(decoder.flush())
+    text = "".join(pieces)
+    out.write(pieces[-1] + ("\n" if text and not text.endswith("\n") else ""))
+    out.flush()
+
+    n, steps, decode_s = len(ids), dec.steps, dec.decode_seconds
+    stats = {
+        "text": text,
+        "prompt_tokens": n,
+        "new_tokens": new,
+        "stopped_at_eos": bool(dec.finished.all()),
+        "prefill_seconds": prefill_s,
+        "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else None,
+        "decode_seconds": decode_s,
+        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else None,
+    }
+    rate = lambda v: "n/a" if v is None else f"{v:,.1f} tokens/s"
+    err.write(f"prefill: {n} tokens in {prefill_s:.3f} s ({rate(stats['prefill_tokens_per_s'])});"
+              f" decode: {steps} tokens in {decode_s:.3f} s "
+              f"({rate(stats['decode_tokens_per_s'])})\n")
+    err.flush()
+    return stats
