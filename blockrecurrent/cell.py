@@ -103,6 +103,15 @@ class RecurrentCell(nn.Module):
         x = self.state_norm(state) + self.state_ids.to(state.dtype)
         return self.state_proj(x).view(b, s, 4, self.heads, self.dim_head).unbind(2)
 
+    def state_keys_values(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Unit K_s and V_s only, each (b, s, h, d): all that the tokens of a block read. Half
+        of `state_projections`, whose output rows are ordered K_s, V_s, Q_s, Q2_s."""
+        b, s, _ = state.shape
+        x = self.state_norm(state) + self.state_ids.to(state.dtype)
+        w = self.state_proj.weight[:2 * self.heads * self.dim_head]
+        sk, sv = F.linear(x, w).view(b, s, 2, self.heads, self.dim_head).unbind(2)
+        return F.normalize(sk, dim=-1), sv
+
     def update(self, state: Tensor, sk: Tensor, sv: Tensor, sq: Tensor, sq2: Tensor,
                tk: Tensor, tv: Tensor, key_mask: Tensor) -> Tensor:
         """One step of the state: s_t -> s_{t+1}, reading the token keys/values tk, tv
@@ -117,11 +126,15 @@ class RecurrentCell(nn.Module):
             new = self.mlp_gate(new, z, z)
         return new
 
-    def forward(self, x: Tensor, cache: tuple, state: Tensor, plan: WindowPlan):
+    def forward(self, x: Tensor, cache: tuple, state: Tensor, plan: WindowPlan,
+                state_kv: tuple[Tensor, Tensor] | None = None):
         """x (b, n, e) normed tokens, cache (keys, values, compressed) of this layer, state (b, s, e)
-        the incoming state of the block holding the first new token.
-        Returns the token output (b, n, e), the next cache and the state after the last block that
-        completes in this call."""
+        the incoming state of the block holding the first new token, state_kv its (K_s, V_s) if
+        known (from the last call).
+        Returns the token output (b, n, e), the next cache, the state after the last block that
+        completes in this call, and that state's (K_s, V_s) when the call ends inside a block
+        (else None): a decoding step then reuses them instead of projecting S state vectors
+        again for every token."""
         b, n, _ = x.shape
         k, v, q, q2 = self.token_proj(x).view(b, n, 4, self.heads, self.dim_head).unbind(2)
         k = F.normalize(k, dim=-1)  # unit keys; queries carry the learned scale
@@ -129,16 +142,20 @@ class RecurrentCell(nn.Module):
         W = plan.W
 
         # Horizontal direction: the state of every block of the call, in order.
-        state_kv = []  # (K_s, V_s) of each query block's incoming state
+        kv, state_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
         for part in plan.parts:
             for blk in range(part.k_first, part.k_first + part.count):
-                sk, sv, sq, sq2 = self.state_projections(state)
-                sk = F.normalize(sk, dim=-1)
-                state_kv.append((sk, sv))
                 if (blk + 1) * W <= plan.e:  # block complete: advance the state
+                    sk, sv, sq, sq2 = self.state_projections(state)
+                    sk = F.normalize(sk, dim=-1)
+                    state_kv.append((sk, sv))
                     win = slice((blk - 1) * W, (blk + 1) * W)
                     state = self.update(state, sk, sv, sq, sq2, k_frame[:, win], v_frame[:, win],
                                         plan.state_key_mask(blk))
+                    kv = None
+                else:  # the call ends inside this block: its tokens only read K_s, V_s
+                    kv = kv if kv is not None else self.state_keys_values(state)
+                    state_kv.append(kv)
 
         # Vertical direction: all blocks at once.
         compressed, next_comp = None, None
@@ -161,4 +178,4 @@ class RecurrentCell(nn.Module):
             done, i = done + kc * m, i + kc
         cross = torch.cat(cross_out, dim=1)
         y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
-        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp), state
+        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp), state, kv

@@ -36,6 +36,12 @@ class XLMemories:
     lengths: Tensor  # (b,) int64: tokens of each row's current document seen so far
     compressed_keys: tuple[Tensor, ...] | None = None  # (b, W, h, d) when use_compressed_mem
     compressed_values: tuple[Tensor, ...] | None = None
+    # Per recurrent layer, when the last call ended inside a block: the unit keys and values
+    # (b, s, h, d) of the state it returned, and that state (b, s, e), so the next call can
+    # check that it is given the same state before reusing them.
+    state_keys: tuple[Tensor, ...] | None = None
+    state_values: tuple[Tensor, ...] | None = None
+    state_source: tuple[Tensor, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -95,14 +101,15 @@ class Layer(nn.Module):
         self.mlp = mlp(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan, state: Tensor | None = None):
+    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan, state: Tensor | None = None,
+                state_kv: tuple[Tensor, Tensor] | None = None):
         if self.recurrent:
-            y, cache, state = self.attn(self.attn_norm(x), cache, state, plan)
+            y, cache, state, state_kv = self.attn(self.attn_norm(x), cache, state, plan, state_kv)
         else:
             y, cache = self.attn(self.attn_norm(x), cache, plan)
         x = x + self.drop(y)
         x = x + self.drop(self.mlp(self.mlp_norm(x)))
-        return x, cache, state
+        return x, cache, state, state_kv
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -209,6 +216,14 @@ class BlockRecurrentTransformer(nn.Module):
                     if tuple(t.shape) != want:
                         raise ValueError(f"compressed memory of shape {tuple(t.shape)}, "
                                          f"expected {want}")
+            if mems.state_keys is not None:
+                r, want = len(cfg.recurrent_layers), (b, cfg.num_state_vectors, cfg.heads,
+                                                      cfg.dim_head)
+                parts = (mems.state_keys, mems.state_values, mems.state_source)
+                if any(p is None or len(p) != r for p in parts) or any(
+                        tuple(t.shape) != want for t in mems.state_keys + mems.state_values):
+                    raise ValueError(f"xl_memories carry state keys/values that do not fit "
+                                     f"{r} recurrent layers of shape {want}")
         if states is not None:
             if not isinstance(states, Tensor):
                 raise TypeError(f"states must be a tensor, got {type(states).__name__}")
@@ -248,28 +263,48 @@ class BlockRecurrentTransformer(nn.Module):
         plan = WindowPlan(cfg, mems.cache_len if mems is not None else 0, n, lengths)
 
         x = self.token_emb(seq)
-        caches, new_states, r = [], [], 0
+        caches, new_states, new_kv, r = [], [], [], 0
         for i, layer in enumerate(self.layers):
             cache = (None, None, None) if mems is None else (
                 mems.keys[i], mems.values[i],
                 (mems.compressed_keys[i], mems.compressed_values[i])
                 if mems.compressed_keys is not None else None)
-            state = states[r] if layer.recurrent else None
-            x, cache, state = layer(x, cache, plan, state)
+            state, kv = (states[r], self._cached_state_kv(mems, r, states[r])) if layer.recurrent \
+                else (None, None)
+            x, cache, state, kv = layer(x, cache, plan, state, kv)
             if layer.recurrent:
                 new_states.append(state)
+                new_kv.append(kv)
                 r += 1
             caches.append(cache)
         logits = self.to_logits(self.norm(x))
 
         comp = cfg.use_compressed_mem
+        states_out = torch.stack(new_states).detach() if new_states else init.detach()
+        keep_kv = bool(new_kv) and new_kv[0] is not None  # all layers end in the same block
         new_mems = XLMemories(
             keys=tuple(c[0].detach() for c in caches), values=tuple(c[1].detach() for c in caches),
             lengths=lengths + n,
             compressed_keys=tuple(c[2][0].detach() for c in caches) if comp else None,
-            compressed_values=tuple(c[2][1].detach() for c in caches) if comp else None)
-        states_out = torch.stack(new_states).detach() if new_states else init.detach()
+            compressed_values=tuple(c[2][1].detach() for c in caches) if comp else None,
+            state_keys=tuple(kv[0].detach() for kv in new_kv) if keep_kv else None,
+            state_values=tuple(kv[1].detach() for kv in new_kv) if keep_kv else None,
+            state_source=tuple(states_out.unbind(0)) if keep_kv else None)
         return logits, new_mems, states_out
+
+    @staticmethod
+    def _cached_state_kv(mems: XLMemories | None, r: int, state: Tensor):
+        """The (K_s, V_s) the last call computed for recurrent layer r, if `state` is the state
+        they came from (a cheap comparison of S x E values against an S x E x 2hd projection).
+        Only without autograd: the cached keys are detached, and a training call must send
+        gradients through its own projections."""
+        if mems is None or mems.state_keys is None or torch.is_grad_enabled():
+            return None
+        src = mems.state_source[r]
+        if src.shape != state.shape or src.dtype != state.dtype or src.device != state.device \
+                or not torch.equal(src, state):
+            return None
+        return mems.state_keys[r], mems.state_values[r]
 
     # --- save / load ---------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
