@@ -169,10 +169,11 @@ def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | 
     pos = 0
     if mems is not None and mems.cache_len % W and chunk_size >= W:
         pos = min(seq.shape[1], W - mems.cache_len % W)  # the cache holds whole blocks + a part
-        logits, mems, states = model(seq[:, :pos], xl_memories=mems, states=states)
+        logits, mems, states = model(seq[:, :pos], xl_memories=mems, states=states,
+                                     logits_to_keep=1)
     while pos < seq.shape[1]:
         chunk = seq[:, pos:pos + chunk_size]
-        logits, mems, states = model(chunk, xl_memories=mems, states=states)
+        logits, mems, states = model(chunk, xl_memories=mems, states=states, logits_to_keep=1)
         pos += chunk.shape[1]
     return logits[:, -1].float(), mems, states  # (b, v): the only logits decoding needs
 

@@ -243,11 +243,16 @@ class BlockRecurrentTransformer(nn.Module):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, seq: Tensor, xl_memories: XLMemories | None = None,
-                states: Tensor | None = None, reset: Tensor | None = None):
+                states: Tensor | None = None, reset: Tensor | None = None,
+                logits_to_keep: int | None = None):
         """seq (b, n) token ids of any length. reset (b,) bool marks rows starting a new document:
-        they start from the learned initial state and an empty cache.
+        they start from the learned initial state and an empty cache. logits_to_keep: compute the
+        logits of the last positions only (prefill needs one; saves a (b, n, vocab) tensor).
         Returns logits (b, n, num_tokens), the next XLMemories and states (r, b, s, e)."""
         self._check_inputs(seq, xl_memories, states, reset)
+        if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or
+                                           not isinstance(logits_to_keep, int) or logits_to_keep < 1):
+            raise ValueError(f"logits_to_keep must be a positive int or None, got {logits_to_keep!r}")
         b, n = seq.shape
         cfg, dev = self.config, seq.device
         mems = xl_memories
@@ -277,6 +282,8 @@ class BlockRecurrentTransformer(nn.Module):
                 new_kv.append(kv)
                 r += 1
             caches.append(cache)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         logits = self.to_logits(self.norm(x))
 
         comp = cfg.use_compressed_mem

@@ -339,3 +339,15 @@ def test_recurrence_recalls_beyond_the_window_and_slide_does_not():
     chance = 1 / 8
     assert recall_accuracy(recurrent=True) > 0.9
     assert recall_accuracy(recurrent=False) < chance + 0.07
+
+
+def test_logits_to_keep_returns_the_last_positions_only():
+    model = tiny()
+    seq = torch.randint(0, VOCAB, (2, 37))
+    with torch.no_grad():
+        full, mems, states = model(seq)
+        last, mems2, states2 = model(seq, logits_to_keep=3)
+    torch.testing.assert_close(last, full[:, -3:])
+    torch.testing.assert_close(states2, states)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(seq, logits_to_keep=0)
