@@ -1,0 +1,399 @@
+"""Tests of the trainer: settings, a short run's outputs, exact resume, truncated backprop through
+time, non-finite steps, refusing to overwrite, corrupted checkpoints, and 2-process DDP."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from blockrecurrent import BlockRecurrentTransformer
+from blockrecurrent import data as D
+from blockrecurrent import train as T
+
+WORDS = "the cat sat on a mat and then it ran far away from home while dogs barked at night".split()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: much faster on a busy 2-core machine
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(20, 120)))))
+    return root
+
+
+def settings(corpus, out_dir, *extra, preset="tiny"):
+    overrides = [f"data={corpus}", f"out_dir={out_dir}", f"cache_dir={corpus.parent / 'cache'}",
+                 "batch_size=4", "max_steps=8", "warmup_steps=2", "lr=3e-3", "log_interval=1",
+                 "eval_interval=4", "save_interval=4", "eval_tokens=2000", *extra]
+    return T.load_train_config(None, preset, overrides)
+
+
+def records(out_dir, event):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def tree_digest(path):
+    """Hash of every file under path (names and bytes): detects any change."""
+    h = hashlib.sha1()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    """A completed 8-step run (checkpoints at 4 and 8), shared by tests that only read or copy it."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    torch.set_num_threads(1)
+    summary = T.train(*settings(corpus, out, "keep_last=1"))
+    return out, summary
+
+
+# ---------------------------------------------------------------------------------- settings
+
+def test_config_file_and_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\npreset = "tiny"\ndepth = 3\nrecurrent_layers = [2]\n\n'
+                    '[train]\nbatch_size = 2\nlr = 3e-4\nbetas = [0.8, 0.9]\n')
+    mc, tc = T.load_train_config(toml, overrides=["model.dim=32", "max_steps=700", "tokenizer=bpe",
+                                                  "betas=[0.9, 0.99]", "out_dir=runs/a b", "compile=true"])
+    assert (mc.dim, mc.depth, mc.recurrent_layers, mc.max_seq_len) == (32, 3, (2,), 64)
+    assert (tc.batch_size, tc.lr, tc.max_steps, tc.tokenizer) == (2, 3e-4, 700, "bpe")
+    assert tc.betas == (0.9, 0.99) and tc.out_dir == "runs/a b" and tc.compile is True
+    # The preset argument beats the file's preset; a model.preset override beats both.
+    assert T.load_train_config(toml, preset="small")[0].max_seq_len == 512
+    assert T.load_train_config(toml, "small", ["model.preset=tiny"])[0].max_seq_len == 64
+    assert T.load_train_config()[0].dim == 256  # default: the small preset
+
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("model:\n  preset: tiny\ntrain:\n  lr: 3e-4\n  betas: [0.8, 0.9]\n")
+    mc, tc = T.load_train_config(yaml)  # YAML reads 3e-4 as a string; it becomes a float
+    assert mc.dim == 64 and tc.lr == 3e-4 and tc.betas == (0.8, 0.9)
+
+    bad = tmp_path / "bad.toml"
+    for text, match in [("[train]\nbogus = 1\n", r"unknown train setting 'bogus'.*valid train settings.*batch_size"),
+                        ("[model]\nwidth = 1\n", r"unknown model setting 'width'.*dim"),
+                        ("[optim]\nlr = 1\n", r"unknown section.*optim"),
+                        ("[train\n", "not valid TOML")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            T.load_train_config(bad)
+    with pytest.raises(ValueError, match=r"unknown model setting 'bogus' \(command line\)"):
+        T.load_train_config(overrides=["model.bogus=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        T.load_train_config(overrides=["max_steps"])
+    with pytest.raises(ValueError, match="prefix"):
+        T.load_train_config(overrides=["optim.lr=1"])
+    with pytest.raises(ValueError, match="does not exist"):
+        T.load_train_config(tmp_path / "missing.toml")
+    (tmp_path / "run.ini").write_text("")
+    with pytest.raises(ValueError, match=r"\.toml, \.yaml or \.yml"):
+        T.load_train_config(tmp_path / "run.ini")
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["batch_size=0"], ValueError, "batch_size=0"),
+    (["lr=-1"], ValueError, "lr=-1.0"),
+    (["warmup_steps=20", "max_steps=10"], ValueError, "warmup_steps=20.*max_steps=10"),
+    (["min_lr=1", "lr=0.1"], ValueError, "min_lr"),
+    (["dtype=float8"], ValueError, "dtype"),
+    (["baseline=rnn"], ValueError, "baseline"),
+    (["betas=[0.9]"], ValueError, "betas"),
+    (["tokenizer=/no/such/dir"], ValueError, "tokenizer"),
+    (["batch_size=two"], TypeError, "batch_size must be int"),
+    (["compile=1"], TypeError, "compile must be bool"),
+    (["model.max_seq_len=50"], ValueError, "max_seq_len=50.*multiple of block_width"),
+])
+def test_impossible_settings(overrides, error, match):
+    with pytest.raises(error, match=match):
+        T.load_train_config(None, "tiny", overrides)
+
+
+def test_lr_schedule_and_baselines():
+    tc = T.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert T.lr_at(1, tc) == pytest.approx(0.1) and T.lr_at(10, tc) == pytest.approx(1.0)
+    assert T.lr_at(60, tc) == pytest.approx(0.55) and T.lr_at(110, tc) == pytest.approx(0.1)
+    mc = T.load_train_config(None, "tiny")[0]
+    slide = T.apply_baseline(mc, "slide")
+    xl = T.apply_baseline(mc, "xl")
+    assert slide.recurrent_layers == () and slide.max_seq_len == mc.max_seq_len
+    assert xl.recurrent_layers == () and xl.max_seq_len == mc.block_width
+    assert T.resolve_model_config(mc, T.TrainConfig(baseline="xl"), 300).num_tokens == 300
+
+
+def test_bad_corpus_fails_before_any_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no file matches"):
+        T.train(*settings(tmp_path / "missing", out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        T.train(*settings(tmp_path / "empty", out))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.txt").write_text("text")
+    (tmp_path / "bin" / "blob.dat").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match="blob.dat"):
+        T.train(*settings(tmp_path / "bin", out))
+    assert not out.exists()
+    if not _has("tensorboard"):
+        with pytest.raises(ValueError, match="pip install"):
+            T.train(*settings(tmp_path / "bin", out, "tensorboard=true"))
+
+
+def _has(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------------ a short run
+
+def test_run_writes_metrics_checkpoints_and_model(finished):
+    out, summary = finished
+    assert summary["status"] == "completed" and summary["step"] == 8
+    train_recs, evals = records(out, "train"), records(out, "eval")
+    assert [r["step"] for r in train_recs] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    for key in ("loss", "lr", "tokens", "tokens_per_s", "padding_fraction", "time"):
+        assert key in train_recs[0]
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5  # it learns
+    assert summary["val_loss"] == evals[-1]["val_loss"] and 0 < evals[-1]["val_bpb"] < 9
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000008"]  # keep_last=1
+    assert (ckpts / "latest").read_text().strip() == "step_0000008"
+    step = ckpts / "step_0000008"
+    umask = os.umask(0o022)
+    os.umask(umask)  # temporary files are private; the renamed results get the usual modes
+    assert step.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (ckpts / "latest").stat().st_mode & 0o777 == (step / "trainer.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "trainer.json",
+                 "optimizer.pt", "lanes_rank0.json", "lanes_rank0.safetensors", "rng_rank0.pt"):
+        assert (step / name).is_file(), name
+    final = BlockRecurrentTransformer.from_pretrained(out / "model")
+    from_ckpt = BlockRecurrentTransformer.from_pretrained(step)
+    for (k, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert isinstance(D.load_tokenizer(out / "model"), D.ByteTokenizer)
+    assert (out / "loss.png").stat().st_size > 1000 or not _has("matplotlib")
+    opt = torch.load(step / "optimizer.pt", weights_only=True)
+    assert all(s["step"] == 8 for s in opt["state"].values())
+
+
+def test_refuses_to_overwrite_and_checks_resume_settings(corpus, finished):
+    out, _ = finished
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match="already holds a run.*resume"):
+        T.train(*settings(corpus, out))
+    for extra, match in [(["model.depth=3"], "model settings differ.*depth"),
+                         (["batch_size=2"], "batch_size"),
+                         (["max_steps=6", "warmup_steps=1"], "beyond max_steps=6")]:
+        with pytest.raises(ValueError, match=match):
+            T.train(*settings(corpus, out, *extra), resume=True)
+    assert tree_digest(out) == before
+    with pytest.raises(ValueError, match="nothing to resume"):
+        T.train(*settings(corpus, out.parent / "fresh"), resume=True)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("optimizer.pt", "optimizer.pt"),
+    ("model.safetensors", "model.safetensors"),
+    ("lanes_rank0.safetensors", "lanes_rank0.safetensors"),
+    ("trainer.json", "trainer.json"),
+    ("latest", "names 'step_0000099'"),
+])
+def test_corrupted_checkpoint_is_a_clear_error(corpus, finished, tmp_path, damage, match):
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    target = out / "checkpoints" / ("latest" if damage == "latest" else f"step_0000008/{damage}")
+    if damage == "latest":
+        target.write_text("step_0000099\n")
+    else:
+        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match=match):
+        T.train(*settings(corpus, out, "max_steps=12"), resume=True)
+    assert tree_digest(out) == before
+
+
+# ---------------------------------------------------------------------------- exact resume
+
+def test_resume_is_exact(corpus, tmp_path, monkeypatch):
+    """Uninterrupted 8 steps == SIGINT at step 3, resume, crash at step 6, resume to 8."""
+    ref = tmp_path / "ref"
+    T.train(*settings(corpus, ref))
+    out = tmp_path / "out"
+    mc, tc = settings(corpus, out)
+    original = T.Trainer.train_step
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt_at_3(self):
+        if self.step == 2:  # the signal arrives during step 3: finish it, save, stop
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(T.Trainer, "train_step", interrupt_at_3)
+    summary = T.train(mc, tc)
+    assert summary["status"] == "interrupted" and summary["step"] == 3 and summary["model_dir"] is None
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+    def crash_at_6(self):
+        if self.step == 5:
+            raise RuntimeError("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(T.Trainer, "train_step", crash_at_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        T.train(mc, tc, resume=True)  # checkpoint at 4, metrics up to 5, crash in 6
+    assert records(out, "train")[-1]["step"] == 5
+    monkeypatch.setattr(T.Trainer, "train_step", original)
+    assert T.train(mc, tc, resume=True)["status"] == "completed"
+
+    for event, key in (("train", "loss"), ("eval", "val_loss")):
+        got, want = records(out, event), records(ref, event)
+        assert [r["step"] for r in got] == [r["step"] for r in want]  # logs past step 4 were dropped
+        assert [r[key] for r in got] == [r[key] for r in want]  # bit-exact
+    a = BlockRecurrentTransformer.from_pretrained(out / "model").state_dict()
+    b = BlockRecurrentTransformer.from_pretrained(ref / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_state_dict_round_trip(corpus):
+    mc, tc = settings(corpus, "unused", "grad_accum=2")
+    tok, train_corpus, val_corpus = T.build_data(tc)
+    a = T.Trainer(mc, tc, train_corpus, val_corpus, tok)
+    for _ in range(2):
+        a.train_step()
+    state = a.state_dict()
+    b = T.Trainer(mc, tc, train_corpus, val_corpus, tok)
+    b.load_state_dict(state)
+    assert b.step == 2 and b.tokens_seen == a.tokens_seen
+    assert [a.train_step()[0] for _ in range(2)] == [b.train_step()[0] for _ in range(2)]
+
+
+# -------------------------------------------------------------- truncated backprop through time
+
+def test_truncated_backprop_one_graph_per_segment(corpus, monkeypatch):
+    mc, tc = settings(corpus, "unused", "grad_accum=3")
+    tok, train_corpus, _ = T.build_data(tc)
+    trainer = T.Trainer(mc, tc, train_corpus, None, tok)
+    calls, backwards = [], []
+    model = trainer.train_model
+
+    def spy(seq, xl_memories=None, states=None, reset=None):
+        carried = [] if states is None else [states, *xl_memories.keys, *xl_memories.values]
+        calls.append(all(t.grad_fn is None and not t.requires_grad for t in carried))
+        return model(seq, xl_memories=xl_memories, states=states, reset=reset)
+
+    real_backward = torch.Tensor.backward
+
+    def counting_backward(self, *args, **kwargs):
+        backwards.append(len(calls))
+        return real_backward(self, *args, **kwargs)
+
+    trainer.train_model = spy
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    for _ in range(2):
+        trainer.train_step()
+    # One backward per segment, right after its forward; carried state never holds a graph.
+    assert backwards == [1, 2, 3, 4, 5, 6] and calls == [True] * 6
+    assert trainer.states.grad_fn is None and trainer.mems.keys[0].grad_fn is None
+
+
+def test_xl_baseline_trains(corpus):
+    mc, tc = settings(corpus, "unused", "baseline=xl")
+    tok, train_corpus, val_corpus = T.build_data(tc)
+    trainer = T.Trainer(T.resolve_model_config(mc, tc, tok.vocab_size), tc, train_corpus, val_corpus, tok)
+    assert trainer.model_config.max_seq_len == 16 and trainer.model_config.recurrent_layers == ()
+    assert np.isfinite(trainer.train_step()[0]) and np.isfinite(trainer.evaluate()["val_bpb"])
+    assert trainer.evaluate() == trainer.evaluate()  # a fixed held-out subset: deterministic
+
+
+# ------------------------------------------------------------------------- non-finite losses
+
+def _inject_nan(monkeypatch, bad_steps):
+    """Make the training loss NaN on the given (1-based) steps."""
+    state = {"on": False}
+    loss_sum, step = T.lm_loss_sum, T.Trainer.train_step
+
+    def maybe_nan(*args):
+        out = loss_sum(*args)
+        return out * float("nan") if state["on"] else out
+
+    def flagged_step(self):
+        state["on"] = self.step + 1 in bad_steps
+        try:
+            return step(self)
+        finally:
+            state["on"] = False
+
+    monkeypatch.setattr(T, "lm_loss_sum", maybe_nan)
+    monkeypatch.setattr(T.Trainer, "train_step", flagged_step)
+
+
+def test_nonfinite_step_is_skipped(corpus, tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, {3})
+    out = tmp_path / "out"
+    summary = T.train(*settings(corpus, out, "max_nonfinite=2"))
+    assert summary["status"] == "completed" and summary["nonfinite_skips"] == 1
+    assert [r["step"] for r in records(out, "nonfinite")] == [3]
+    assert 3 not in [r["step"] for r in records(out, "train")]
+    opt = torch.load(out / "checkpoints" / "step_0000008" / "optimizer.pt", weights_only=True)
+    assert all(s["step"] == 7 for s in opt["state"].values())  # 8 steps, one without an update
+
+
+def test_nonfinite_in_a_row_stops_without_saving(corpus, tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "out"
+    with pytest.raises(T.NonFiniteLossError, match="non-finite for 2 steps in a row.*step_0000002"):
+        T.train(*settings(corpus, out, "max_nonfinite=2", "save_interval=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert not (out / "model").exists()
+
+
+# ------------------------------------------------------------------------------ two processes
+
+def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
+    extra = ["max_steps=4", "eval_interval=2", "save_interval=2", "keep_last=0"]
+    single = tmp_path / "single"
+    T.train(*settings(corpus, single, *extra))  # batch_size=4
+    ddp = tmp_path / "ddp"
+    args = [f"{k}={v}" for k, v in (("data", corpus), ("out_dir", ddp), ("cache_dir", corpus.parent / "cache"))]
+    args += ["batch_size=2", "warmup_steps=2", "lr=3e-3", "log_interval=1", "eval_tokens=2000", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "blockrecurrent.train", "--preset", "tiny", *args],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["status"] == "completed"  # printed once
+    for event, key in (("train", "loss"), ("eval", "val_loss")):
+        got, want = records(ddp, event), records(single, event)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-5)
+    assert [r["tokens"] for r in records(ddp, "train")] == [r["tokens"] for r in records(single, "train")]
+    a = BlockRecurrentTransformer.from_pretrained(ddp / "model").state_dict()
+    b = BlockRecurrentTransformer.from_pretrained(single / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    step = ddp / "checkpoints" / "step_0000004"
+    assert all((step / f"lanes_rank{r}.{ext}").is_file() for r in (0, 1) for ext in ("json", "safetensors"))
+    lanes = [json.loads((step / f"lanes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["config"]["rank"] for s in lanes] == [0, 1]
