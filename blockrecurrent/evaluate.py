@@ -1,0 +1,672 @@
+"""Evaluation: bits per byte overall and by position in the document; side-by-side comparison.
+
+    results = evaluate(model, corpus)            # every held-out document once, in full
+    write_eval_report(results, "report", "eval-test")   # eval-test.json + eval-test.png
+    compare(preset="small", out_dir="runs/compare")      # recurrent vs Slide vs XL
+
+Documents are streamed through `DocumentLanes` exactly as in training: each batch row reads one
+document segment after segment, carrying the XL memories and recurrent states between segments,
+and `reset` clears them where a row starts a new document. So the loss at position 20,000 of a
+document is the loss of a model that has read the 20,000 tokens before it, which is what the
+paper's long-document claim is about (Hutchins et al. 2022, section 4: "loss at late positions").
+
+Bits per byte (sum of nats / ln 2 / UTF-8 bytes of the text) compares models with different
+tokenizers; bits per token is the paper's unit and the one the position buckets use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DocumentLanes, TokenizedCorpus
+from .model import BlockRecurrentTransformer
+
+DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+LN2 = math.log(2)
+
+
+# --- argument checks ---------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_buckets(buckets) -> tuple[int, ...]:
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
+        raise TypeError(f"buckets must be a sequence of ints like {DEFAULT_BUCKETS}, "
+                        f"got {type(buckets).__name__}")
+    for b in buckets:
+        _check_int("each bucket start", b, 0)
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or buckets[0] != 0:
+        raise ValueError(f"buckets must start at 0 (the first position), got {buckets}")
+    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ValueError(f"bucket starts must be strictly increasing, got {buckets}")
+    return buckets
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None, a torch.dtype or a name ('bfloat16', 'bf16', 'float16', 'fp16', 'float32')."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+def bucket_label(start: int, end: int | None) -> str:
+    """'[1k, 4k)' for (1024, 4096); 'inf' for an open end."""
+    def k(n):
+        return "inf" if n is None else f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
+    return f"[{k(start)}, {k(end)})"
+
+
+def _check_args(model, batch_size, segment_len, buckets, dtype, max_docs, max_tokens):
+    """Every check of evaluate's arguments (no work) -> (segment_len, buckets, dtype)."""
+    if not isinstance(model, BlockRecurrentTransformer):
+        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    cfg = model.config
+    _check_int("batch_size", batch_size, 1)
+    segment_len = cfg.max_seq_len if segment_len is None else segment_len
+    _check_int("segment_len", segment_len, 1)
+    if segment_len % cfg.block_width:
+        raise ValueError(f"segment_len={segment_len} must be a multiple of block_width="
+                         f"{cfg.block_width}: a row can start a new document only on a block "
+                         f"boundary")
+    _check_int("max_docs", max_docs, 1, allow_none=True)
+    _check_int("max_tokens", max_tokens, 1, allow_none=True)
+    return segment_len, _check_buckets(buckets), resolve_dtype(dtype)
+
+
+def lane_plan(lengths, lanes: int) -> tuple[np.ndarray, int]:
+    """Deal documents of these lengths out to `lanes` lanes, longest first, each to the lane with
+    the least work so far (LPT scheduling) -> (order, longest lane in tokens). DocumentLanes gives
+    lane k the documents k, k+G, k+2G, ... of a corpus, so every lane gets n // G documents and
+    n % G lanes one more; the order puts document order[t * G + k] t-th on lane k. Balanced lanes
+    leave fewer rows idle as padding once the short lanes run out of documents."""
+    import heapq
+
+    lengths = np.asarray(lengths, np.int64)
+    n = len(lengths)
+    q, extra = divmod(n, lanes)
+    members: list[list[int]] = [[] for _ in range(lanes)]
+    heap = [(0, k) for k in range(lanes)]  # (tokens so far, lane)
+    for i in np.argsort(-lengths, kind="stable"):
+        while True:
+            load, k = heapq.heappop(heap)
+            if len(members[k]) < q or (len(members[k]) == q and extra > 0):
+                break  # this lane may take another document
+        extra -= len(members[k]) == q
+        members[k].append(int(i))
+        if len(members[k]) <= q:
+            heapq.heappush(heap, (load + int(lengths[i]), k))
+    members.sort(key=len, reverse=True)  # the lanes holding one more document come first
+    order = np.empty(n, np.int64)
+    for k, docs in enumerate(members):
+        order[np.arange(len(docs)) * lanes + k] = docs
+    return order, max((int(lengths[d].sum()) for d in members if d), default=0)
+
+
+def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int
+            ) -> tuple[TokenizedCorpus, np.ndarray]:
+    """The documents to evaluate as a corpus of their own, laid out for balanced lanes (see
+    lane_plan) -> (corpus, original index of each of its documents). The results do not depend
+    on the layout: every row is reset at a document start."""
+    usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has nothing to predict
+    if max_docs is not None:
+        usable = usable[:max_docs]
+    if max_tokens is not None:  # whole documents only; always at least one
+        cum = np.cumsum(corpus.doc_lengths[usable] - 1)
+        usable = usable[:max(1, int(np.searchsorted(cum, max_tokens, side="right")))]
+    if len(usable) == 0:
+        raise ValueError("the corpus has no document with text to evaluate (each needs at least "
+                         "one token after its bos)")
+    order = usable[lane_plan(corpus.doc_lengths[usable], min(lanes, len(usable)))[0]]
+    pieces = [np.asarray(corpus.doc(int(i))) for i in order]
+    offsets = np.concatenate(([0], np.cumsum([len(p) for p in pieces]))).astype(np.int64)
+    sub = TokenizedCorpus(np.concatenate(pieces), offsets,
+                          np.array([corpus.num_bytes(int(i)) for i in order], np.int64),
+                          [corpus.names[int(i)] for i in order],
+                          bos_id=corpus.bos_id, vocab_size=corpus.vocab_size)
+    return sub, order
+
+
+def cheapest_batch_size(corpus: TokenizedCorpus, max_batch: int = 8, max_docs=None,
+                        max_tokens=None) -> int:
+    """The largest batch size up to max_batch that evaluates `corpus` within 5% of the fewest
+    token positions (batch x longest lane), i.e. with little padding. Where time grows with the
+    positions computed, as on a CPU, this is about the fastest (fewer, larger calls win ties);
+    on a GPU a larger batch is nearly free: use max_batch there."""
+    _check_int("max_batch", max_batch, 1)
+    sub, _ = _select(corpus, max_docs, max_tokens, 1)
+    lengths = sub.doc_lengths - 1
+    cost = {g: g * lane_plan(lengths, g)[1] for g in range(1, min(max_batch, len(sub)) + 1)}
+    return max(g for g in cost if cost[g] <= 1.05 * min(cost.values()))
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch_size: int = 8,
+             segment_len: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
+             dtype=None, max_docs: int | None = None, max_tokens: int | None = None,
+             device=None, progress: bool = True, desc: str = "eval") -> dict:
+    """Loss of `model` on every document of `corpus`, each read once in full from its start.
+
+    segment_len: tokens per model call (default model.config.max_seq_len; a multiple of
+    block_width, so documents start on block boundaries). max_docs: only the first max_docs
+    documents; max_tokens: then only as many whole documents (in corpus order, at least one) as
+    fit in max_tokens predicted tokens. dtype: autocast dtype (None: the model's own). device:
+    where to run (default: the model's device; the model is moved there).
+    batch_size is lowered to the number of documents when there are fewer.
+
+    Returns a JSON-serialisable dict: bits_per_byte (sum of nats / ln 2 / UTF-8 bytes of the
+    evaluated documents), bits_per_token, loss (nats per token), tokens, bytes, documents,
+    and `buckets`: one entry per position range [start, end) of the predicting token's position
+    in its document (0 = the bos), with tokens, loss, bits_per_token and bits_per_byte_approx.
+    The per-bucket bits per byte are approximate: the bucket's bits per token times the
+    corpus-wide tokens per byte (byte counts belong to whole documents, not to positions; exact
+    for the byte tokenizer). Buckets without tokens report null (None) for their losses."""
+    if not isinstance(corpus, TokenizedCorpus):
+        raise TypeError(f"corpus must be a TokenizedCorpus (see data.tokenize_corpus), "
+                        f"got {type(corpus).__name__}")
+    segment_len, buckets, dtype = _check_args(model, batch_size, segment_len, buckets, dtype,
+                                              max_docs, max_tokens)
+    cfg = model.config
+    if corpus.vocab_size > cfg.num_tokens:
+        raise ValueError(f"the corpus was tokenized with a vocabulary of {corpus.vocab_size} but "
+                         f"the model has num_tokens={cfg.num_tokens}: tokenize it with the "
+                         f"model's own tokenizer (load_tokenizer(model_dir))")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    sub, original = _select(corpus, max_docs, max_tokens, batch_size)
+    batch_size = min(batch_size, len(sub))
+    lanes = DocumentLanes(sub, batch_size, segment_len, shuffle=False, loop=False)
+    nb = len(buckets)
+    bounds = torch.tensor(buckets[1:], dtype=torch.long)
+    bucket_nats, bucket_tokens = np.zeros(nb), np.zeros(nb, np.int64)
+    doc_nats, doc_tokens = np.zeros(len(sub)), np.zeros(len(sub), np.int64)
+    expected = int((sub.doc_lengths - 1).sum())  # every token after each document's bos
+
+    was_training = model.training
+    model.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
+                              enabled=dtype not in (None, torch.float32))
+    bar = _progress(total=expected, desc=desc, enabled=progress)
+    mems = states = None
+    start = time.perf_counter()
+    try:
+        for batch in lanes:
+            with autocast:
+                logits, mems, states = model(batch["inputs"].to(device), xl_memories=mems,
+                                             states=states, reset=batch["reset"].to(device))
+            # float32 cross entropy whatever the autocast dtype: the sums run over 1e5+ tokens.
+            targets = batch["targets"].to(device)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                  reduction="none").view_as(targets).double().cpu()
+            mask = batch["loss_mask"]
+            nats = nll[mask]
+            which = torch.bucketize(batch["positions"][mask], bounds, right=True)  # bucket index
+            bucket_nats += torch.bincount(which, weights=nats, minlength=nb).numpy()
+            bucket_tokens += torch.bincount(which, minlength=nb).numpy()
+            rows = batch["doc_index"][:, None].expand_as(mask)[mask]
+            doc_nats += torch.bincount(rows, weights=nats, minlength=len(sub)).numpy()
+            doc_tokens += torch.bincount(rows, minlength=len(sub)).numpy()
+            bar.update(int(mask.sum()))
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    assert int(doc_tokens.sum()) == expected and (doc_tokens == sub.doc_lengths - 1).all(), \
+        "every token of every document must be predicted exactly once"
+
+    tokens, total_bytes = int(bucket_tokens.sum()), sub.total_bytes
+    nats = float(bucket_nats.sum())
+    tokens_per_byte = tokens / total_bytes if total_bytes else float("nan")
+    out_buckets = []
+    for i, lo in enumerate(buckets):
+        hi = buckets[i + 1] if i + 1 < nb else None
+        n, bucket = int(bucket_tokens[i]), float(bucket_nats[i])
+        bpt = bucket / n / LN2 if n else None
+        out_buckets.append({"start": lo, "end": hi, "label": bucket_label(lo, hi), "tokens": n,
+                            "loss": bucket / n if n else None, "bits_per_token": bpt,
+                            "bits_per_byte_approx": bpt * tokens_per_byte if n else None})
+    per_doc = [{"index": int(original[j]), "name": sub.names[j], "tokens": int(doc_tokens[j]),
+                "bytes": sub.num_bytes(j),
+                "bits_per_byte": float(doc_nats[j]) / LN2 / sub.num_bytes(j)
+                if sub.num_bytes(j) else None}
+               for j in np.argsort(original, kind="stable")]
+    return {
+        "bits_per_byte": nats / LN2 / total_bytes if total_bytes else None,
+        "bits_per_token": nats / tokens / LN2,
+        "loss": nats / tokens,
+        "tokens": tokens,
+        "bytes": total_bytes,
+        "bytes_per_token": total_bytes / tokens,
+        "documents": len(sub),
+        "buckets": out_buckets,
+        "per_document": per_doc,
+        "segment_len": segment_len,
+        "batch_size": batch_size,
+        "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "padding_fraction": lanes.padding_fraction,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "params": model.num_params(non_embedding=False),
+        "non_embedding_params": model.num_params(),
+        "model_config": cfg.to_dict(),
+    }
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "text",
+                 val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 cache_dir: str | os.PathLike | None = "data_cache") -> TokenizedCorpus:
+    """The `split` ('val' or 'test') documents of `source` (see data.load_documents), split as
+    the trainer splits them (same fractions -> same documents, by a hash of their names),
+    tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
+    import hashlib
+
+    from .data import load_documents, split_documents, tokenize_corpus
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
+    docs = split_documents(load_documents(source, text_field), val_fraction, test_fraction)[split]
+    if not docs:
+        raise ValueError(f"the {split} split of {os.fspath(source)!r} is empty (the corpus has too "
+                         f"few documents); use a larger corpus or raise {split}_fraction")
+    cache = None
+    if cache_dir is not None:
+        # One directory per (corpus, split, tokenizer): tokenize_corpus checks the contents too.
+        src = os.fspath(source)
+        src = src if src == "stdlib" else os.path.abspath(src)
+        key = f"{src}|{text_field}|{val_fraction}|{test_fraction}|{tokenizer.fingerprint}"
+        cache = Path(cache_dir) / f"eval-{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    return tokenize_corpus(docs, tokenizer, cache)
+
+
+def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(data, text_field) of the run that wrote `model_dir`, from the trainer's trainer.json:
+    in the directory itself (a checkpoint) or in the latest checkpoint beside it (the exported
+    out_dir/model). None when there is no such record."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir / "trainer.json"]
+    root = model_dir.parent / "checkpoints"
+    if (root / "latest").is_file():
+        candidates.append(root / (root / "latest").read_text().strip() / "trainer.json")
+    for path in candidates:
+        try:
+            tc = json.loads(path.read_text())["train_config"]
+            return tc["data"], tc.get("text_field", "text")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str = "test",
+                        text_field: str | None = None, val_fraction: float = 0.05,
+                        test_fraction: float = 0.05, cache_dir="data_cache",
+                        batch_size: int = 8, segment_len: int | None = None,
+                        buckets: Sequence[int] = DEFAULT_BUCKETS, dtype=None,
+                        max_docs: int | None = None, max_tokens: int | None = None,
+                        device: str = "cpu", out_dir=None, name: str | None = None,
+                        progress: bool = True) -> dict:
+    """Load a saved model directory (config.json, model.safetensors, tokenizer files), evaluate
+    it on the held-out `split` of `data` (the other arguments as in `evaluate`) and, with
+    out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
+    data/text_field None: those of the training run (training_data), else "stdlib"/"text".
+    Returns evaluate's results plus "model_dir", "data", "split" and "report" (the paths)."""
+    from .data import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"checkpoint directory {str(model_dir)!r} does not exist; pass a model "
+                         f"directory such as runs/small/model (config.json + model.safetensors)")
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
+    recorded = training_data(model_dir) or ("stdlib", "text")
+    data = recorded[0] if data is None else data
+    text_field = recorded[1] if text_field is None else text_field
+    model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+    _check_args(model, batch_size, segment_len, buckets, dtype, max_docs, max_tokens)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.vocab_size > model.config.num_tokens:
+        raise ValueError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
+                         f"model num_tokens={model.config.num_tokens}: are they from one run?")
+    corpus = load_heldout(data, tokenizer, split, text_field=text_field, val_fraction=val_fraction,
+                          test_fraction=test_fraction, cache_dir=cache_dir)
+    results = evaluate(model, corpus, batch_size=batch_size, segment_len=segment_len,
+                       buckets=buckets, dtype=dtype, max_docs=max_docs, max_tokens=max_tokens,
+                       device=device, progress=progress, desc=f"eval {split}")
+    results.update(model_dir=str(model_dir), data=os.fspath(data), split=split)
+    if out_dir is not None:
+        results["report"] = write_eval_report(results, out_dir, name or f"eval-{split}")
+    return results
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def eval_table(results: dict, markdown: bool = False) -> str:
+    """The position-bucket table of one evaluation, as aligned text or markdown."""
+    header = ["positions", "tokens", "bits/token", "bits/byte (approx)", "loss (nats)"]
+    rows = [[b["label"], f"{b['tokens']:,}", _fmt(b["bits_per_token"]),
+             _fmt(b["bits_per_byte_approx"]), _fmt(b["loss"])] for b in results["buckets"]]
+    rows.append(["all", f"{results['tokens']:,}", _fmt(results["bits_per_token"]),
+                 _fmt(results["bits_per_byte"]), _fmt(results["loss"])])
+    return _table(header, rows, markdown)
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
+                              for i, (x, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def _figure():
+    """A matplotlib Figure (no pyplot: the caller's backend is left alone), or None with a
+    warning when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn("matplotlib is not installed, so no plot was written: "
+                      "pip install 'blockrecurrent[plot]'", stacklevel=3)
+        return None
+    return Figure(figsize=(6.4, 4.0))
+
+
+def _plot_buckets(series: dict[str, dict], path: Path, title: str) -> bool:
+    """One line per entry of `series` (name -> evaluation results): bits/token by bucket, the
+    token count of each bucket (of the first series) under its label."""
+    fig = _figure()
+    if fig is None:
+        return False
+    ax = fig.subplots()
+    first = next(iter(series.values()))["buckets"]
+    for name, res in series.items():
+        pts = [(i, b["bits_per_token"]) for i, b in enumerate(res["buckets"])
+               if b["bits_per_token"] is not None]
+        ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xticks(range(len(first)),
+                  [f"{b['label']}\n{human_count(b['tokens'])} tokens" for b in first])
+    ax.set_xlabel("position in the document")
+    ax.set_ylabel("bits per token (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_eval_report(results: dict, out_dir: str | os.PathLike, name: str = "eval") -> dict:
+    """Write out_dir/<name>.json and out_dir/<name>.png (loss by position bucket; skipped with a
+    warning without matplotlib) -> {"json": path, "png": path or None}."""
+    if not isinstance(results, dict) or "buckets" not in results:
+        raise TypeError("results must be the dict returned by evaluate()")
+    if not isinstance(name, str) or not name or "/" in name or os.sep in name:
+        raise ValueError(f"name must be a plain file name stem like 'eval-test', got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    title = (f"{name}: {results['bits_per_byte']:.3f} bits/byte over "
+             f"{results['documents']} documents")
+    drawn = _plot_buckets({name: results}, png_path, title)
+    return {"json": str(json_path), "png": str(png_path) if drawn else None}
+
+
+# --- comparison with the baselines -------------------------------------------------------
+
+MODEL_NAMES = {"recurrent": "Rec", "slide": "Slide", "xl": "XL"}
+
+
+def baseline_configs(config, extra_layer: bool = True) -> dict:
+    """The recurrent config and its two baselines (paper section 4), keyed by the trainer's
+    `baseline` names:
+    - "slide": the same sliding window and block cache, no recurrent layer. With extra_layer,
+      one more ordinary layer stands in for the recurrent cell's extra parameters, as the
+      paper's "Slide:13L" beside its 12-layer recurrent model;
+    - "xl": Slide trained on segments of one window (max_seq_len = block_width): Transformer-XL
+      with segment = window, the paper's "XL:W"."""
+    import dataclasses
+
+    if not config.recurrent_layers:
+        raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
+                         "drop model.recurrent_layers=() from the settings")
+    slide = dataclasses.replace(config, recurrent_layers=(),
+                                depth=config.depth + (1 if extra_layer else 0))
+    return {"recurrent": config, "slide": slide,
+            "xl": dataclasses.replace(slide, max_seq_len=config.block_width)}
+
+
+def _label(name: str, config) -> str:
+    """The paper's names: Rec:fixed:skip, Slide:13L, XL:512."""
+    if name == "recurrent":
+        return f"Rec:{config.gate}:{config.variant} ({config.depth}L)"
+    if name == "slide":
+        return f"Slide:{config.depth}L"
+    return f"XL:{config.block_width} ({config.depth}L)"
+
+
+def _scaled_train_config(tc, name: str, factor: int, out_dir: Path):
+    """The training settings of one model: its baseline, its own out_dir, and (XL) `factor`
+    times the steps, so that steps x batch x segment, the training tokens, stay equal. Warmup,
+    evaluation, logging and checkpoint intervals scale along, so they fall at equal tokens."""
+    import dataclasses
+
+    scaled = {k: getattr(tc, k) * factor for k in ("max_steps", "warmup_steps", "eval_interval",
+                                                     "log_interval", "save_interval")
+              if hasattr(tc, k)}
+    return dataclasses.replace(tc, baseline=name, out_dir=str(out_dir), **scaled)
+
+
+def _run_settings(model_config, train_config) -> dict:
+    return json.loads(json.dumps({"model_config": model_config.to_dict(),
+                                  "train_config": train_config.to_dict()}))
+
+
+def check_reusable(model_config, train_config) -> bool:
+    """True when train_config.out_dir holds a finished run (summary.json) of these settings;
+    ValueError when it holds one of other settings. Checked before any work is done."""
+    prior = Path(train_config.out_dir) / "summary.json"
+    if not prior.is_file():
+        return False
+    saved = json.loads(prior.read_text())
+    if {k: saved.get(k) for k in ("model_config", "train_config")} != \
+            _run_settings(model_config, train_config):
+        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings; "
+                         f"choose another output directory or delete {train_config.out_dir}")
+    return True
+
+
+def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
+    """The trainer's summary of a run in train_config.out_dir: reused when a finished run of the
+    same settings is there (its summary.json), resumed from its latest checkpoint when an
+    interrupted one is, trained from scratch otherwise. So an interrupted job just reruns."""
+    from .train import latest_checkpoint, train
+
+    out = Path(train_config.out_dir)
+    if check_reusable(model_config, train_config):
+        print(f"{label}: reusing the finished run in {out}", file=sys.stderr)
+        return json.loads((out / "summary.json").read_text())["summary"]
+    resume = latest_checkpoint(out) is not None
+    print(f"{label}: {'resuming' if resume else 'training'} in {out}", file=sys.stderr)
+    summary = train(model_config, train_config, resume=resume)
+    if summary.get("status") != "completed":
+        raise KeyboardInterrupt  # stopped by a signal; its checkpoint lets a rerun resume
+    (out / "summary.json").write_text(json.dumps(
+        {**_run_settings(model_config, train_config), "summary": summary}, indent=2,
+        default=str) + "\n")
+    return summary
+
+
+def eval_device(train_config) -> str:
+    """Where to evaluate a model the trainer made: CUDA when it trained there (or could)."""
+    return "cuda" if torch.cuda.is_available() and train_config.device != "cpu" else "cpu"
+
+
+def auto_batch_size(corpus: TokenizedCorpus, device: str, max_tokens=None) -> int:
+    """8 lanes on a GPU; on a CPU, where time follows the positions computed (padding
+    included), the batch size with the least padding (cheapest_batch_size)."""
+    if torch.device(device).type != "cpu":
+        return 8
+    return cheapest_batch_size(corpus, 8, max_tokens=max_tokens)
+
+
+def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/compare", *,
+            extra_layer: bool = True, eval_batch_size: int | None = None,
+            max_eval_tokens: int | None = None,
+            splits: Sequence[str] = ("val", "test"), progress: bool = True) -> dict:
+    """Train the recurrent model and the Slide and XL baselines from one config (the trainer's
+    `load_train_config(config, preset, overrides)`) at equal training tokens, evaluate all on
+    the same held-out documents, and write out_dir/comparison.{md,json,png}.
+
+    Each model trains in out_dir/<recurrent|slide|xl>. XL's segment is one window, so it takes
+    max_seq_len / block_width times the steps. With extra_layer the baselines get one more
+    ordinary layer in place of the recurrent cell's extra parameters (the paper's Slide:13L);
+    parameter counts are printed and tabulated. A model whose out_dir already holds a finished
+    run with the same settings (summary.json) is reused, an interrupted one resumed, so an
+    interrupted comparison continues where it stopped. Evaluation reads every model with the
+    recurrent model's segment length (the results do not depend on it: memories are carried),
+    eval_batch_size documents side by side (None: auto_batch_size)."""
+    from .data import load_tokenizer
+    from .train import apply_baseline, load_train_config
+
+    if not isinstance(extra_layer, bool):
+        raise TypeError(f"extra_layer must be a bool, got {type(extra_layer).__name__}")
+    _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+    _check_int("max_eval_tokens", max_eval_tokens, 1, allow_none=True)
+    if isinstance(splits, str) or not splits or any(s not in ("val", "test") for s in splits):
+        raise ValueError(f"splits must be a non-empty sequence of 'val' and/or 'test', "
+                         f"got {splits!r}")
+    model_config, tc = load_train_config(config, preset, list(overrides))
+    if tc.baseline != "recurrent":
+        raise ValueError(f"compare trains all three models itself; drop baseline={tc.baseline}")
+    out = Path(out_dir)
+    segment = model_config.max_seq_len
+    plan = {}
+    for name, mc in baseline_configs(model_config, extra_layer).items():
+        trained = apply_baseline(mc, name)  # what the trainer builds (num_tokens aside)
+        tci = _scaled_train_config(tc, name, segment // trained.max_seq_len, out / name)
+        check_reusable(mc, tci)  # other settings in the way: fail now, not after hours
+        plan[name] = (mc, tci)
+
+    print("models (parameters without embeddings):", file=sys.stderr)
+    for name, (mc, tci) in plan.items():
+        trained = apply_baseline(mc, name)
+        print(f"  {_label(name, mc):24s} {BlockRecurrentTransformer(trained).num_params():>12,}  "
+              f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}",
+              file=sys.stderr)
+    runs = {}
+    for name, (mc, tci) in plan.items():
+        summary = train_or_reuse(mc, tci, name)
+        runs[name] = {"label": _label(name, mc), "summary": summary, **_run_settings(mc, tci)}
+
+    corpora = {}  # (tokenizer fingerprint, split) -> corpus: the same documents for every model
+    device = eval_device(tc)
+    for name, run in runs.items():
+        model_dir = Path(run["summary"]["model_dir"])
+        model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+        tokenizer = load_tokenizer(model_dir)
+        run.update(params=model.num_params(non_embedding=False),
+                   non_embedding_params=model.num_params(), eval={})
+        for split in splits:
+            key = (tokenizer.fingerprint, split)
+            if key not in corpora:
+                corpora[key] = load_heldout(tc.data, tokenizer, split, text_field=tc.text_field,
+                                            cache_dir=tc.cache_dir or None)
+            batch = eval_batch_size or auto_batch_size(corpora[key], device, max_eval_tokens)
+            res = evaluate(model, corpora[key], batch_size=batch, segment_len=segment,
+                           max_tokens=max_eval_tokens, device=device, progress=progress,
+                           desc=f"eval {name} {split}")
+            res.pop("per_document")
+            run["eval"][split] = res
+
+    markdown = comparison_markdown(runs, splits)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(markdown + "\n")
+    (out / "comparison.json").write_text(json.dumps(
+        {"models": runs, "max_eval_tokens": max_eval_tokens, "extra_layer": extra_layer},
+        indent=2, default=str) + "\n")
+    split = "test" if "test" in splits else splits[0]
+    _plot_buckets({r["label"]: r["eval"][split] for r in runs.values()}, out / "comparison.png",
+                  f"held-out {split} documents: loss by position")
+    return {"models": runs, "markdown": markdown, "out_dir": str(out)}
+
+
+def comparison_markdown(runs: dict, splits: Sequence[str] = ("val", "test")) -> str:
+    """The comparison table: one row per model."""
+    split = "test" if "test" in splits else splits[0]
+    labels = [b["label"] for b in next(iter(runs.values()))["eval"][split]["buckets"]]
+    header = ["model", "params", "non-emb. params", "train tokens", "train time", "train tok/s",
+              *(f"{s} bits/byte" for s in splits), *(f"{split} bits/token {lab}" for lab in labels),
+              "eval tok/s"]
+    rows = []
+    for run in runs.values():
+        s, ev = run["summary"], run["eval"]
+        secs = s.get("elapsed_s") or 0.0
+        tokens = s.get("tokens_seen") or 0
+        rows.append([run["label"], human_count(run["params"]),
+                     human_count(run["non_embedding_params"]), human_count(tokens), _duration(secs),
+                     f"{tokens / secs:,.0f}" if secs else "n/a",
+                     *(_fmt(ev[sp]["bits_per_byte"]) for sp in splits),
+                     *(_fmt(b["bits_per_token"]) for b in ev[split]["buckets"]),
+                     f"{ev[split]['tokens_per_s']:,.0f}"])
+    first = next(iter(runs.values()))["eval"][split]
+    note = (f"\n\nTraining tokens are the real (non-padding) tokens seen; every model saw the "
+            f"same number of segment positions (steps x batch x segment). Evaluation: "
+            f"{first['documents']} held-out {split} documents, {first['tokens']:,} tokens, each "
+            f"read once from its start with memories carried. Bits per token by position of the "
+            f"token in its document; empty buckets show n/a.")
+    return _table(header, rows, markdown=True) + note
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def human_count(n: float) -> str:
+    """3870000 -> '3.87M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))

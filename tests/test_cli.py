@@ -1,0 +1,195 @@
+"""The `brt` command line: --help of every subcommand, eval and generate on a saved tiny model,
+user errors exit 2 with a one-line message, and a tiny end-to-end main job."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.cli import build_parser, main
+from blockrecurrent.data import ByteTokenizer
+
+COMMANDS = ("train", "eval", "generate", "compare", "bench", "run")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    BlockRecurrentTransformer(preset("tiny")).save_pretrained(d)
+    ByteTokenizer().save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """40 small text files: every split (5% val, 5% test) gets at least one."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (d / f"f{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # é\n" * (1 + i % 7))
+    return d
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_subcommand(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and f"usage: brt {command}" in out
+    # Every option is described (argparse prints a help line under or beside each).
+    sub = build_parser(with_bench=True)._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.option_strings and command != "bench":
+            assert action.help, f"brt {command} {action.option_strings} has no help text"
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and all(c in out for c in COMMANDS)
+    code, _, err = run(capsys)  # no command
+    assert code == 2 and "error:" in err
+
+
+def test_eval_writes_json_and_png(capsys, model_dir, corpus_dir, tmp_path):
+    code, out, err = run(capsys, "eval", model_dir, "--data", corpus_dir, "--split", "val",
+                         "--batch-size", "2", "--cache-dir", tmp_path / "cache",
+                         "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "bits per byte:" in out and "[0, 1k)" in out
+    res = json.loads((tmp_path / "out" / "eval-val.json").read_text())
+    assert res["split"] == "val" and res["tokens"] > 0 and res["bits_per_byte"] > 0
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "eval-val.png").is_file()
+    # A second run reads the tokenized documents from the cache and agrees.
+    code, _, _ = run(capsys, "eval", model_dir, "--data", corpus_dir, "--split", "val",
+                     "--batch-size", "2", "--cache-dir", tmp_path / "cache",
+                     "--out", tmp_path / "out2")
+    again = json.loads((tmp_path / "out2" / "eval-val.json").read_text())
+    assert code == 0 and again["bits_per_byte"] == pytest.approx(res["bits_per_byte"])
+
+
+def test_generate(capsys, model_dir, tmp_path):
+    code, out, err = run(capsys, "generate", model_dir, "--prompt", "def f(", "--max-new-tokens",
+                         "8", "--temperature", "0.8", "--top-k", "20", "--seed", "0")
+    assert code == 0, err
+    assert "prefill:" in err
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("import os\n")
+    code, again, _ = run(capsys, "generate", model_dir, "--prompt-file", prompt,
+                         "--max-new-tokens", "8", "--temperature", "0")
+    assert code == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{tmp}/missing"], "checkpoint directory"),
+    (["eval", "{model}", "--data", "{tmp}/no/such/corpus"], "no file matches"),
+    (["eval", "{model}", "--batch-size", "0"], "must be >= 1"),
+    (["eval", "{model}", "--split", "train"], "invalid choice"),
+    (["generate", "{tmp}/missing", "--prompt", "x"], "is not a saved model"),
+    (["generate", "{model}", "--prompt", "x", "--prompt-file", "p.txt"], "not allowed with"),
+    (["generate", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "{model}", "--prompt-file", "{tmp}/missing.txt"], "does not exist"),
+    (["train", "max_steps"], "key=value"),
+    (["run", "=3"], "key=value"),
+])
+def test_user_errors_exit_2_with_a_message(capsys, model_dir, tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_unknown_training_setting_exits_2(capsys, tmp_path):
+    pytest.importorskip("blockrecurrent.train")
+    code, _, err = run(capsys, "train", "no_such_field=1", f"out_dir={tmp_path}")
+    assert code == 2 and "error:" in err and "no_such_field" in err
+    code, _, err = run(capsys, "train", "model.no_such_field=1", f"out_dir={tmp_path}")
+    assert code == 2 and "no_such_field" in err
+
+
+def test_traceback_flag_reraises(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        main(["--traceback", "eval", str(tmp_path / "missing")])
+
+
+def tiny_config(tmp_path, corpus_dir) -> str:
+    path = tmp_path / "tiny.toml"
+    path.write_text(f"""[model]
+preset = "tiny"
+[train]
+data = "{corpus_dir}"
+cache_dir = "{tmp_path / 'cache'}"
+batch_size = 2
+max_steps = 2
+warmup_steps = 1
+eval_interval = 0
+eval_tokens = 4096
+save_interval = 0
+log_interval = 1
+""")
+    return str(path)
+
+
+def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
+    """The main job on a tiny model and corpus: train, evaluate, sample, report."""
+    out = tmp_path / "report"
+    code, stdout, err = run(capsys, "run", "--quick", "--threads", "1", "--out", out,
+                            "--config", tiny_config(tmp_path, corpus_dir), "max_steps=2")
+    assert code == 0, err
+    assert "test bits per byte" in stdout and "--- sample" in stdout
+    for name in ("README.md", "results.json", "eval-test.json", "metrics.jsonl", "train/model"):
+        assert (out / name).exists(), name
+    readme = (out / "README.md").read_text()
+    assert "## Loss by position in the document" in readme and "| [0, 1k) |" in readme
+    if importlib.util.find_spec("matplotlib"):
+        assert "![test loss by position](eval-test.png)" in readme
+    res = json.loads((out / "results.json").read_text())
+    assert res["train_summary"]["step"] == 2 and res["eval"]["tokens"] > 0
+    # The exported model works with the other commands.
+    code, _, err = run(capsys, "generate", out / "train" / "model", "--prompt", "def",
+                       "--max-new-tokens", "4", "--threads", "1")
+    assert code == 0, err
+
+
+def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
+    """Three tiny models at equal training tokens; a rerun reuses the finished runs."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--threads", "1", "--config", tiny_config(tmp_path, corpus_dir),
+            "--out", out, "--max-eval-tokens", "2000"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    res = json.loads((out / "comparison.json").read_text())["models"]
+    assert list(res) == ["recurrent", "slide", "xl"]
+    rec, slide, xl = res.values()
+    # Equal segment positions: XL's segment is one block (16 of 64), so 4x the steps.
+    assert rec["summary"]["step"] == 2 and xl["summary"]["step"] == 8
+    assert slide["model_config"]["depth"] == rec["model_config"]["depth"] + 1
+    assert slide["model_config"]["recurrent_layers"] == []
+    assert xl["train_config"]["baseline"] == "xl" and xl["train_config"]["max_steps"] == 8
+    assert rec["eval"]["test"]["tokens"] == xl["eval"]["test"]["tokens"]  # same documents
+    table = (out / "comparison.md").read_text()
+    assert "| Rec:fixed:skip (2L) |" in table and "| Slide:3L |" in table and "XL:16" in table
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and err.count("reusing the finished run") == 3
+    # Other settings with the same out_dir: refused before any work.
+    code, _, err = run(capsys, *argv, "lr=0.002")
+    assert code == 2 and "other settings" in err
+
+
+def test_eval_reads_the_training_corpus_from_the_run(capsys, tmp_path, corpus_dir):
+    """`brt eval out_dir/model` finds the corpus in the run's trainer.json: no --data needed."""
+    train_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--threads", "1", "--config",
+                       tiny_config(tmp_path, corpus_dir), f"out_dir={train_dir}")
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", train_dir / "model", "--threads", "1",
+                         "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert f"data: {str(corpus_dir)!r}" in out
+    assert (train_dir / "model" / "eval" / "eval-test.json").is_file()

@@ -1,0 +1,205 @@
+"""Evaluation: bits-per-byte bookkeeping, every token counted once, buckets, the carried-state
+equivalence with one full forward per document, reports. Tiny CPU models (W=16)."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.data import ByteTokenizer, Document, tokenize_corpus
+from blockrecurrent.evaluate import (bucket_label, cheapest_batch_size, eval_table, evaluate,
+                                     lane_plan, write_eval_report)
+
+LN2 = math.log(2)
+BUCKETS = (0, 16, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BlockRecurrentTransformer(preset("tiny", max_seq_len=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Documents from 1 to 300 tokens (segments are 32), with multi-byte UTF-8 characters."""
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefgh \n") + ["é", "€", "😀"]
+    lengths = [300, 7, 150, 1, 45, 220, 33, 90]
+    docs = [Document(f"doc{i}", "".join(rng.choice(alphabet, n))) for i, n in enumerate(lengths)]
+    return tokenize_corpus(docs, ByteTokenizer())
+
+
+def full_forward_nll(model, corpus) -> list[torch.Tensor]:
+    """Per-token nats of each document from one forward over the whole document, no carry."""
+    out = []
+    with torch.no_grad():
+        for i in range(len(corpus)):
+            ids = torch.from_numpy(corpus.doc(i).astype(np.int64))[None]
+            logits, _, _ = model(ids[:, :-1])
+            out.append(F.cross_entropy(logits[0].double(), ids[0, 1:], reduction="none"))
+    return out
+
+
+def test_bits_per_byte_is_nats_over_ln2_over_bytes(model, corpus):
+    res = evaluate(model, corpus, batch_size=3, buckets=BUCKETS, progress=False)
+    nats = res["loss"] * res["tokens"]
+    # Byte tokenizer: one token per UTF-8 byte (more than the 846 characters), plus each bos.
+    assert res["bytes"] == corpus.total_bytes == corpus.total_tokens - len(corpus) > 846
+    assert res["bits_per_byte"] == pytest.approx(nats / LN2 / res["bytes"], rel=1e-12)
+    assert res["bits_per_token"] == pytest.approx(res["loss"] / LN2, rel=1e-12)
+    assert res["bytes_per_token"] == pytest.approx(res["bytes"] / res["tokens"])
+    # The byte tokenizer: one token per byte, so the bucket approximation is exact.
+    for b in res["buckets"]:
+        assert b["bits_per_byte_approx"] == pytest.approx(b["bits_per_token"])
+
+
+def test_every_token_counted_once_and_buckets_sum(model, corpus):
+    res = evaluate(model, corpus, batch_size=3, buckets=BUCKETS, progress=False)
+    lengths = corpus.doc_lengths - 1  # everything after each bos is predicted
+    assert res["tokens"] == lengths.sum() and res["documents"] == len(corpus)
+    assert [d["tokens"] for d in res["per_document"]] == lengths.tolist()
+    assert [d["name"] for d in res["per_document"]] == corpus.names
+    assert sum(b["tokens"] for b in res["buckets"]) == res["tokens"]
+    bucket_nats = sum(b["loss"] * b["tokens"] for b in res["buckets"])
+    assert bucket_nats == pytest.approx(res["loss"] * res["tokens"], rel=1e-10)
+    # Positions are those of the predicting token: 0 is the bos.
+    want = [int(sum(min(max(n - lo, 0), hi - lo) for n in lengths))
+            for lo, hi in zip(BUCKETS, BUCKETS[1:] + (10**9,))]
+    assert [b["tokens"] for b in res["buckets"]] == want
+    labels = [b["label"] for b in res["buckets"]]
+    assert labels == ["[0, 16)", "[16, 64)", "[64, 128)", "[128, inf)"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_carried_segments_equal_one_full_forward(model, corpus, batch_size):
+    """Documents up to 300 tokens read in segments of 32 with memories and states carried (and
+    rows reset mid-stream) give the losses of one uncarried forward over each whole document."""
+    ref = full_forward_nll(model, corpus)
+    res = evaluate(model, corpus, batch_size=batch_size, buckets=BUCKETS, progress=False)
+    for doc, nll in zip(res["per_document"], ref):
+        assert doc["bits_per_byte"] == pytest.approx(
+            float(nll.sum()) / LN2 / doc["bytes"], rel=1e-5, abs=1e-6)
+    every = torch.cat(ref)
+    pos = torch.cat([torch.arange(len(n)) for n in ref])
+    for b in res["buckets"]:
+        hi = b["end"] if b["end"] is not None else 10**9
+        sel = every[(pos >= b["start"]) & (pos < hi)]
+        assert b["tokens"] == len(sel)
+        assert b["loss"] == pytest.approx(float(sel.mean()), rel=1e-5)
+    assert res["loss"] == pytest.approx(float(every.mean()), rel=1e-5)
+
+
+def test_segment_length_does_not_change_the_result(model, corpus):
+    a = evaluate(model, corpus, batch_size=2, segment_len=16, progress=False)
+    b = evaluate(model, corpus, batch_size=4, segment_len=64, progress=False)
+    assert a["tokens"] == b["tokens"]
+    assert a["bits_per_byte"] == pytest.approx(b["bits_per_byte"], rel=1e-5)
+
+
+def test_empty_buckets_are_null_and_default_buckets(model, corpus):
+    res = evaluate(model, corpus, batch_size=2, progress=False)  # (0, 1k, 4k, 16k): one filled
+    assert [b["tokens"] for b in res["buckets"]] == [res["tokens"], 0, 0, 0]
+    for b in res["buckets"][1:]:
+        assert b["loss"] is b["bits_per_token"] is b["bits_per_byte_approx"] is None
+    json.dumps(res)  # JSON-serialisable, nulls included
+
+
+def test_max_docs_and_max_tokens(model, corpus):
+    res = evaluate(model, corpus, max_docs=3, progress=False)
+    assert [d["index"] for d in res["per_document"]] == [0, 1, 2] and res["batch_size"] == 3
+    n0, n1, n2 = (corpus.doc_lengths[:3] - 1).tolist()
+    res = evaluate(model, corpus, max_tokens=n0 + n1 + n2 - 1, progress=False)  # whole documents
+    assert [d["index"] for d in res["per_document"]] == [0, 1] and res["tokens"] == n0 + n1
+    res = evaluate(model, corpus, max_tokens=5, progress=False)  # at least one document
+    assert res["documents"] == 1
+
+
+def test_bfloat16_autocast_is_close(model, corpus):
+    ref = evaluate(model, corpus, max_docs=2, progress=False)
+    res = evaluate(model, corpus, max_docs=2, dtype="bfloat16", progress=False)
+    assert res["dtype"] == "bfloat16"
+    assert res["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], abs=0.05)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(segment_len=24), ValueError, "multiple of block_width"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(batch_size=2.0), TypeError, "batch_size must be an int"),
+    (dict(buckets=(16, 64)), ValueError, "must start at 0"),
+    (dict(buckets=(0, 64, 64)), ValueError, "strictly increasing"),
+    (dict(buckets="0,1k"), TypeError, "buckets must be a sequence"),
+    (dict(dtype="float8"), ValueError, "unknown dtype"),
+    (dict(max_docs=0), ValueError, "max_docs must be >= 1"),
+])
+def test_bad_arguments_raise_before_work(model, corpus, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        evaluate(model, corpus, progress=False, **kwargs)
+
+
+def test_bad_model_corpus_and_vocabulary(model, corpus):
+    with pytest.raises(TypeError, match="model must be a BlockRecurrentTransformer"):
+        evaluate("model", corpus)
+    with pytest.raises(TypeError, match="corpus must be a TokenizedCorpus"):
+        evaluate(model, [[1, 2, 3]])
+    small = BlockRecurrentTransformer(preset("tiny", num_tokens=100))
+    with pytest.raises(ValueError, match="num_tokens=100"):
+        evaluate(small, corpus)
+
+
+def test_restores_training_mode(corpus):
+    torch.manual_seed(0)
+    m = BlockRecurrentTransformer(preset("tiny", dropout=0.5)).train()
+    a = evaluate(m, corpus, max_docs=2, progress=False)
+    b = evaluate(m, corpus, max_docs=2, progress=False)
+    assert m.training and a["loss"] == b["loss"]  # dropout off during evaluation
+
+
+def test_write_eval_report(model, corpus, tmp_path):
+    res = evaluate(model, corpus, buckets=BUCKETS, progress=False)
+    paths = write_eval_report(res, tmp_path / "out", "eval-test")
+    saved = json.loads((tmp_path / "out" / "eval-test.json").read_text())
+    assert saved["bits_per_byte"] == res["bits_per_byte"] and len(saved["buckets"]) == 4
+    pytest.importorskip("matplotlib")
+    assert paths["png"] and (tmp_path / "out" / "eval-test.png").read_bytes()[:4] == b"\x89PNG"
+    table = eval_table(res, markdown=True)
+    assert table.count("\n") == 2 + 4 and "| all |" in table
+    with pytest.raises(ValueError, match="plain file name"):
+        write_eval_report(res, tmp_path, "a/b")
+
+
+def test_write_eval_report_without_matplotlib(model, corpus, tmp_path, monkeypatch):
+    res = evaluate(model, corpus, max_docs=1, progress=False)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        paths = write_eval_report(res, tmp_path, "eval")
+    assert paths["png"] is None and (tmp_path / "eval.json").is_file()
+
+
+def test_bucket_label():
+    assert bucket_label(0, 1024) == "[0, 1k)" and bucket_label(16384, None) == "[16k, inf)"
+    assert bucket_label(100, 200) == "[100, 200)"
+
+
+def test_lane_plan_balances_and_covers_every_document():
+    lengths = [52_000, 8_800, 22_800, 8_600, 28_900, 2_000, 24_000, 5_000, 34_500]
+    for lanes in range(1, 10):
+        order, longest = lane_plan(lengths, lanes)
+        assert sorted(order.tolist()) == list(range(len(lengths)))
+        per_lane = [sum(lengths[i] for i in order[k::lanes]) for k in range(lanes)]
+        assert longest == max(per_lane) and longest < max(lengths) + sum(lengths) / lanes
+    # 9 documents on 4 lanes: each lane takes >= 2, so the best is 52k + the 2k one.
+    assert lane_plan(lengths, 4)[1] == 54_000
+    assert lane_plan(lengths, 1)[1] == sum(lengths)
+
+
+def test_cheapest_batch_size(corpus):
+    # Documents of 300+ tokens among short ones: a few lanes keep padding low.
+    g = cheapest_batch_size(corpus, max_batch=8)
+    assert 1 <= g <= 8
+    assert cheapest_batch_size(corpus, max_batch=1) == 1
