@@ -11,12 +11,13 @@ import json
 import os
 import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from .files import make_temp_dir, write_atomic, write_json
 
 DOC_TOKEN = "<|doc|>"  # document-start token prepended to every document
 _CONFIG = "tokenizer_config.json"
@@ -177,23 +178,6 @@ def _id_list(ids) -> list[int]:
     return [ids] if isinstance(ids, int) else [int(i) for i in ids]
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and os.replace, so no reader sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
-
-
 class _ByteStream:
     def __init__(self):
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -242,7 +226,7 @@ class ByteTokenizer:
         return _ByteStream()
 
     def save(self, directory: str | os.PathLike) -> None:
-        _write_json(Path(directory) / _CONFIG, {"kind": self.kind})
+        write_json(Path(directory) / _CONFIG, {"kind": self.kind})
 
 
 def _import_tokenizers():
@@ -288,8 +272,8 @@ class HFTokenizer:
         return _RedecodeStream(self)
 
     def save(self, directory: str | os.PathLike) -> None:
-        _atomic_write(Path(directory) / "tokenizer.json", lambda f: f.write(self._tok.to_str().encode("utf-8")))
-        _write_json(Path(directory) / _CONFIG, {"kind": self.kind, "bos_token": self.bos_token})
+        write_atomic(Path(directory) / "tokenizer.json", lambda f: f.write(self._tok.to_str().encode("utf-8")))
+        write_json(Path(directory) / _CONFIG, {"kind": self.kind, "bos_token": self.bos_token})
 
 
 class BPETokenizer(HFTokenizer):
@@ -348,7 +332,7 @@ def make_tokenizer(kind: str | os.PathLike, train_texts=None, vocab_size: int | 
         tok = train_bpe((d.text for d in docs), vocab_size)
         if cache_dir is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-bpe-"))
+            tmp = make_temp_dir(target.parent, ".tmp-bpe-")
             tok.save(tmp)
             try:
                 os.replace(tmp, target)  # atomic: other processes see all of it or nothing
@@ -452,8 +436,8 @@ def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.Pat
                                vocab_size=tokenizer.vocab_size)
     (d / "manifest.json").unlink(missing_ok=True)  # written last, the manifest marks a complete cache
     for name, arr in (("tokens", tokens), ("offsets", offsets), ("num_bytes", num_bytes)):
-        _atomic_write(d / f"{name}.npy", lambda f, arr=arr: np.save(f, arr))
-    _write_json(d / "manifest.json", {**key, "total_tokens": len(tokens), "total_bytes": int(num_bytes.sum()),
+        write_atomic(d / f"{name}.npy", lambda f, arr=arr: np.save(f, arr))
+    write_json(d / "manifest.json", {**key, "total_tokens": len(tokens), "total_bytes": int(num_bytes.sum()),
                                       "names": names})
     return TokenizedCorpus.load(d)
 

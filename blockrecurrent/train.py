@@ -45,7 +45,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -65,6 +64,7 @@ except ImportError:  # Python 3.10: the tomli backport (a dependency there)
 
 from . import data as D
 from .config import PRESETS, BlockRecurrentConfig
+from .files import make_temp_dir, write_atomic, write_json
 from .model import BlockRecurrentTransformer, XLMemories
 
 BASELINES = ("recurrent", "slide", "xl")
@@ -300,34 +300,6 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
                                  and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
-
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _make_temp_dir(parent: Path, prefix: str) -> Path:
-    """A fresh directory to fill and then rename into place (mkdtemp's is private: widen it)."""
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
-    os.chmod(tmp, 0o777 & ~_UMASK)
-    return tmp
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory and os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode("utf-8")))
 
 
 def _read_json(path: Path) -> dict:
@@ -629,6 +601,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
                 "nonfinite_skips": self.nonfinite_skips, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "elapsed": self.elapsed, "log_window": list(self.log_window),
+                "last_loss": self.last_loss, "last_eval": self.last_eval,
                 "world_size": self.env.world_size, "train_config": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict()}
 
@@ -674,6 +647,7 @@ class Trainer:
             for k in ("step", "tokens_seen", "nonfinite_skips", "nonfinite_in_a_row"):
                 setattr(self, k, int(state[k]))
             self.elapsed, self.log_window = float(state["elapsed"]), [float(x) for x in state["log_window"]]
+            self.last_loss, self.last_eval = state.get("last_loss"), state.get("last_eval")  # for the summary
             _set_rng_state(state["rng"], self.env.device)
         except (KeyError, TypeError, RuntimeError, IndexError) as err:
             raise ValueError(f"trainer state does not fit this run: {err!r}") from None
@@ -698,21 +672,21 @@ class Trainer:
             if final.exists():
                 raise FileExistsError(f"{final} already exists; not overwriting it")
             from safetensors.torch import save_file
-            tmp = _make_temp_dir(root, f".tmp-{final.name}-")
+            tmp = make_temp_dir(root, f".tmp-{final.name}-")
             try:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save(tmp)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 for r, part in enumerate(parts):
                     save_file(part["tensors"], str(tmp / f"lanes_rank{r}.safetensors"))
-                    _write_json(tmp / f"lanes_rank{r}.json", part["lanes"])
+                    write_json(tmp / f"lanes_rank{r}.json", part["lanes"])
                     torch.save(part["rng"], tmp / f"rng_rank{r}.pt")
-                _write_json(tmp / "trainer.json", self._meta())  # written last
+                write_json(tmp / "trainer.json", self._meta())  # written last
                 os.replace(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _write_atomic(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
+            write_atomic(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
             if self.cfg.keep_last:
                 for old in _step_dirs(root)[:-self.cfg.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -741,7 +715,7 @@ class Trainer:
         """The final model (and tokenizer) as out_dir/model/, swapped in whole."""
         dest = self.out_dir / "model"
         if self.env.is_main:
-            tmp = _make_temp_dir(self.out_dir, ".tmp-model-")
+            tmp = make_temp_dir(self.out_dir, ".tmp-model-")
             self.model.save_pretrained(tmp)
             self.tokenizer.save(tmp)
             old = self.out_dir / f".old-model-{os.getpid()}"
@@ -882,7 +856,7 @@ def plot_metrics(metrics_path, png_path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     png_path = Path(png_path)
-    _write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     return True
 
 
@@ -975,7 +949,7 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
                 metrics = out / "metrics.jsonl"
                 if metrics.is_file():
                     keep = [ln for ln in metrics.read_text().splitlines() if _logged_step(ln) <= trainer.step]
-                    _write_atomic(metrics, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+                    write_atomic(metrics, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
         elif env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run that never checkpointed

@@ -208,6 +208,10 @@ def test_refuses_to_overwrite_and_checks_resume_settings(corpus, finished):
         with pytest.raises(ValueError, match=match):
             T.train(*settings(corpus, out, *extra), resume=True)
     assert tree_digest(out) == before
+    done = T.train(*settings(corpus, out.parent / "again"), resume=False)
+    again = T.train(*settings(corpus, out.parent / "again"), resume=True)  # already at max_steps
+    assert again["status"] == "completed" and again["step"] == 8
+    assert (again["train_loss"], again["val_bpb"]) == (done["train_loss"], done["val_bpb"])
     with pytest.raises(ValueError, match="nothing to resume"):
         T.train(*settings(corpus, out.parent / "fresh"), resume=True)
 
