@@ -556,7 +556,8 @@ def format_markdown(res: dict) -> str:
     lines.append(f"\nWall time {m['wall_s']:.0f}s. Load average {_fmt(m['loadavg_start'], '.1f')} "
                  f"at start, {_fmt(m['loadavg_end'], '.1f')} at end ({os.cpu_count()} CPUs). "
                  f"CPU share = process CPU time / (wall time x threads): below ~90% the "
-                 f"machine was busy with other work (or threads idled).")
+                 f"machine was busy with other work (or threads idled); above 100% on short "
+                 f"runs, OpenMP workers spin-waiting between ops.")
     return "\n".join(lines)
 
 
