@@ -46,25 +46,43 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, f
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021) in the frame of one window: keys of blocks
-    t-1 and t sit at positions 0..2W-1 and the queries of block t at W..2W-1. Only differences
-    matter, so small window-local positions keep the angles exact for documents of any length."""
+    """Rotary position embedding (Su et al. 2021) at positions in a call's frame. Only differences
+    between query and key positions matter, so each key is rotated once, at its frame position,
+    however many windows read it. The tables are computed in float64 and grown on demand, so the
+    angles stay exact for frames of any length."""
 
     def __init__(self, dim_head: int, block_width: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, dim_head, 2).float() / dim_head)
-        angles = torch.outer(torch.arange(2 * block_width).float(), inv_freq)  # (2W, d/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (2W, d)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.dim_head, self.base = dim_head, base
+        self.register_buffer("cos", torch.empty(0, dim_head), persistent=False)
+        self.register_buffer("sin", torch.empty(0, dim_head), persistent=False)
+        self._grow(4 * block_width)
+
+    def _grow(self, n: int) -> None:
+        d = self.dim_head
+        inv_freq = 1.0 / self.base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # (n, d/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (n, d)
+        self.cos = angles.cos().to(self.cos.device, torch.float32)
+        self.sin = angles.sin().to(self.sin.device, torch.float32)
 
     def forward(self, x: Tensor, start: int) -> Tensor:
-        """x (..., m, h, d) at window positions start .. start+m-1."""
+        """x (..., m, h, d) at positions start .. start+m-1."""
         m = x.shape[-3]
-        cos = self.cos[start:start + m, None].to(x.dtype)  # (m, 1, d)
-        sin = self.sin[start:start + m, None].to(x.dtype)
+        if start + m > self.cos.shape[0]:
+            self._grow(max(start + m, 2 * self.cos.shape[0]))
+        return self._rotate(x, self.cos[start:start + m, None], self.sin[start:start + m, None])
+
+    def at(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x (..., h, d) at positions pos, which broadcasts against x.shape[:-2]."""
+        if int(pos.max()) >= self.cos.shape[0]:
+            self._grow(max(int(pos.max()) + 1, 2 * self.cos.shape[0]))
+        return self._rotate(x, self.cos[pos][..., None, :], self.sin[pos][..., None, :])
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 @dataclass
@@ -139,8 +157,11 @@ class WindowPlan:
             cmask = ok[..., None].expand(*ok.shape, W // c).reshape(ok.shape[0], count, 1, 1, W)
         return Part(k_first, count, q_off, q_len, mask, cmask)
 
-    def state_key_mask(self, k: int) -> Tensor:
-        """(b, 1, 1, 2W) validity of the token keys of blocks k-1 and k, read by the state."""
+    def state_key_mask(self, k: int) -> Tensor | None:
+        """(b, 1, 1, 2W) validity of the token keys of blocks k-1 and k, read by the state;
+        None when all are valid (no mask lets attention skip the masking work)."""
+        if self.all_valid and k >= 2:
+            return None
         pos = (k - 1) * self.W + torch.arange(2 * self.W, device=self.doc_start.device)
         return (pos[None] >= self.doc_start[:, None])[:, None, None, :]
 
@@ -212,6 +233,10 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
     """Sliding-window attention of the new queries q (b, n, h, d) over the frame's keys and
     values (b, f, h, d), plus compressed memory if given. Returns (b, n, h, d)."""
     W, b = plan.W, q.shape[0]
+    # Rotate once at frame positions: the queries at a .. e-1, every key at its own position
+    # (a key is read by two windows; rotating per window did it twice, on a copy).
+    q = rotary(q, plan.a)
+    k_frame = rotary(k_frame, 0)
     outs, done = [], 0
     for part in plan.parts:
         m, kc = part.q_len, part.count
@@ -227,11 +252,12 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
             sl = lambda t, s: t[:, part.k_first - 1 + s:part.k_first - 1 + s + kc]
             kp = torch.cat([sl(kb, 0), sl(kb, 1)], dim=2)  # (b, k, 2W, h, d)
             vp = torch.cat([sl(vb, 0), sl(vb, 1)], dim=2)
-        qp = rotary(qp, W + part.q_off)
-        kp = rotary(kp, 0)
         mask = part.window_mask
         if compressed is not None:
-            ck = CompressedMemory.gather(compressed[0], part, c)
+            # Compressed keys all sit at the start of each block's window (its oldest position).
+            starts = (part.k_first - 1 + torch.arange(kc, device=q.device)) * W  # (k,)
+            ck = rotary.at(CompressedMemory.gather(compressed[0], part, c),
+                           starts[:, None].expand(kc, W))
             cv = CompressedMemory.gather(compressed[1], part, c)
             kp, vp = torch.cat([ck, kp], dim=2), torch.cat([cv, vp], dim=2)
             lead = torch.broadcast_shapes(mask.shape[:2], part.compressed_mask.shape[:2])

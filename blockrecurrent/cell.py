@@ -142,20 +142,29 @@ class RecurrentCell(nn.Module):
         W = plan.W
 
         # Horizontal direction: the state of every block of the call, in order.
+        blocks = [k for part in plan.parts for k in range(part.k_first, part.k_first + part.count)]
+        complete = [blk for blk in blocks if (blk + 1) * W <= plan.e]  # a prefix of blocks
+        if complete:
+            # Keys/values of blocks t-1 and t for every complete block t, split once: slicing
+            # the frame per block gives each block a frame-sized zero-filled gradient in the
+            # backward pass (quadratic in blocks per call); unbind's backward is one stack.
+            lo, hi = complete[0], complete[-1] + 1
+            windows = []
+            for fr in (k_frame, v_frame):
+                fb = fr[:, (lo - 1) * W:hi * W].view(b, hi - lo + 1, W, *fr.shape[2:])
+                windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
         kv, state_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
-        for part in plan.parts:
-            for blk in range(part.k_first, part.k_first + part.count):
-                if (blk + 1) * W <= plan.e:  # block complete: advance the state
-                    sk, sv, sq, sq2 = self.state_projections(state)
-                    sk = F.normalize(sk, dim=-1)
-                    state_kv.append((sk, sv))
-                    win = slice((blk - 1) * W, (blk + 1) * W)
-                    state = self.update(state, sk, sv, sq, sq2, k_frame[:, win], v_frame[:, win],
-                                        plan.state_key_mask(blk))
-                    kv = None
-                else:  # the call ends inside this block: its tokens only read K_s, V_s
-                    kv = kv if kv is not None else self.state_keys_values(state)
-                    state_kv.append(kv)
+        for blk in blocks:
+            if (blk + 1) * W <= plan.e:  # block complete: advance the state
+                sk, sv, sq, sq2 = self.state_projections(state)
+                sk = F.normalize(sk, dim=-1)
+                state_kv.append((sk, sv))
+                tk, tv = windows[0][blk - lo], windows[1][blk - lo]  # (b, 2W, h, d)
+                state = self.update(state, sk, sv, sq, sq2, tk, tv, plan.state_key_mask(blk))
+                kv = None
+            else:  # the call ends inside this block: its tokens only read K_s, V_s
+                kv = kv if kv is not None else self.state_keys_values(state)
+                state_kv.append(kv)
 
         # Vertical direction: all blocks at once.
         compressed, next_comp = None, None
