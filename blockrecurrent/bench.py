@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from .config import PRESETS, BlockRecurrentConfig, preset
 from .model import BlockRecurrentTransformer
+from .train import make_optimizer
 
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")
@@ -362,7 +363,7 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
         torch.manual_seed(seed)
         model = BlockRecurrentTransformer(cfg).to(device)
         fwd = torch.compile(model) if compile else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = make_optimizer(model, lr=1e-4)  # the trainer's optimizer
         runners[name] = Runner(name, model, fwd, opt, cfg.max_seq_len)
         models_info[name] = dict(
             config=cfg.to_dict(), params=sum(p.numel() for p in model.parameters()),

@@ -302,6 +302,19 @@ def _autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def make_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0):
+    """AdamW that decays only the weight matrices of linear maps and embeddings; not norms,
+    biases, gate biases, attention scales, nor the learned initial state and state ids."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d))}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
+    try:  # the fused kernel: ~5x faster steps than the per-tensor loop (CPU too since torch 2.4)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # older torch, or a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text("utf-8"))
@@ -487,14 +500,7 @@ class Trainer:
                 broadcast_buffers=False, find_unused_parameters=unused)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        # Decay only the weight matrices of linear maps and embeddings; not norms, biases, gate
-        # biases, attention scales, nor the learned initial state and state ids.
-        matrices = {id(m.weight) for m in self.model.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d))}
-        params = list(self.model.parameters())
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if id(p) in matrices], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}],
-            lr=lr_at(1, cfg), betas=tuple(cfg.betas), fused=True if dev.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.model, lr_at(1, cfg), tuple(cfg.betas), cfg.weight_decay)
         self.autocast = _autocast_dtype(cfg.dtype, dev)
         self.lanes = D.DocumentLanes(train_corpus, cfg.batch_size, model_config.max_seq_len,
                                      seed=cfg.seed, rank=env.rank, world_size=env.world_size)
