@@ -5,10 +5,5 @@
 # About 15 minutes on 2 CPU cores. Extra arguments go to `brt run`, e.g. --quick or max_steps=100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-# Pin the CPU build of torch used in development and CI; the package itself accepts a range.
-.venv/bin/pip install --quiet "torch==2.13.0"
-.venv/bin/pip install --quiet -e ".[all]"
+bash scripts/setup-venv.sh all
 exec .venv/bin/brt run --out report "$@"

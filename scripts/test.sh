@@ -3,10 +3,5 @@
 # and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-# Pin the CPU build of torch for development and CI; the package itself accepts a range.
-.venv/bin/pip install --quiet "torch==2.13.0"
-.venv/bin/pip install --quiet -e ".[dev]"
+bash scripts/setup-venv.sh dev
 exec .venv/bin/python -m pytest -q "$@"
