@@ -234,22 +234,25 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
     values (b, f, h, d), plus compressed memory if given. Returns (b, n, h, d)."""
     W, b = plan.W, q.shape[0]
     # Rotate once at frame positions: the queries at a .. e-1, every key at its own position
-    # (a key is read by two windows; rotating per window did it twice, on a copy).
+    # (a key is read by two windows; rotating per window did it twice, on a copy). Keys before
+    # the first query block's window are never read: skip them (most of the frame when decoding).
+    lo = (plan.parts[0].k_first - 1) * W
     q = rotary(q, plan.a)
-    k_frame = rotary(k_frame, 0)
+    k_frame, v_frame = rotary(k_frame[:, lo:], lo), v_frame[:, lo:]
     outs, done = [], 0
     for part in plan.parts:
         m, kc = part.q_len, part.count
         qp = q[:, done:done + kc * m].view(b, kc, m, *q.shape[2:])  # (b, k, m, h, d)
         done += kc * m
-        k0 = (part.k_first - 1) * W  # keys from the start of the previous block
+        k0 = (part.k_first - 1) * W - lo  # keys from the start of the previous block
         if kc == 1:
             kp = k_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)  # (b, 1, j, h, d)
             vp = v_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)
         else:  # full blocks: keys of block k-1 and block k side by side
             kb = k_frame.view(b, -1, W, *k_frame.shape[2:])
             vb = v_frame.view(b, -1, W, *v_frame.shape[2:])
-            sl = lambda t, s: t[:, part.k_first - 1 + s:part.k_first - 1 + s + kc]
+            first = k0 // W
+            sl = lambda t, s: t[:, first + s:first + s + kc]
             kp = torch.cat([sl(kb, 0), sl(kb, 1)], dim=2)  # (b, k, 2W, h, d)
             vp = torch.cat([sl(vb, 0), sl(vb, 1)], dim=2)
         mask = part.window_mask
