@@ -14,6 +14,7 @@ attentions, the banded computation of the official code, at a cost linear in len
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -90,6 +91,16 @@ class Rotary(nn.Module):
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
+@functools.lru_cache(maxsize=4096)
+def _band(W: int, q_off: int, q_len: int, device: torch.device) -> Tensor:
+    """(m, j) True where query q_off+i of a block may read key j, counted from the start of the
+    previous block: the window (i + q_off, i + q_off + W]. Cached: decoding asks for the same
+    few hundred masks over and over; callers never modify it."""
+    q = torch.arange(q_off, q_off + q_len, device=device)
+    j = torch.arange(W + q_off + q_len, device=device)
+    return (j[None, :] <= q[:, None] + W) & (j[None, :] > q[:, None])
+
+
 @dataclass
 class Part:
     """A run of query blocks k_first .. k_first+count-1 (frame block numbers), each with queries at
@@ -144,12 +155,11 @@ class WindowPlan:
     def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
         W, dev = self.W, self.doc_start.device
         ks = torch.arange(k_first, k_first + count, device=dev)
-        q = torch.arange(q_off, q_off + q_len, device=dev)  # offset in the block
-        j = torch.arange(W + q_off + q_len, device=dev)  # key offset from the previous block
-        band = (j[None, :] <= q[:, None] + W) & (j[None, :] > q[:, None])  # (m, j)
+        band = _band(W, q_off, q_len, dev)  # (m, j), shared read-only between calls
         if self.all_valid and k_first >= 2:
             mask = band[None, None, None]
         else:
+            j = torch.arange(W + q_off + q_len, device=dev)  # key offset from the previous block
             key_pos = (ks[:, None] - 1) * W + j[None, :]  # (k, j) frame positions
             valid = key_pos[None] >= self.doc_start[:, None, None]  # (b, k, j)
             mask = band[None, None, None] & valid[:, :, None, None, :]
