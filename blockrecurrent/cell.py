@@ -155,7 +155,7 @@ class RecurrentCell(nn.Module):
                 windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
         kv, state_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
         for blk in blocks:
-            if (blk + 1) * W <= plan.e:  # block complete: advance the state
+            if complete and blk <= complete[-1]:  # block complete: advance the state
                 sk, sv, sq, sq2 = self.state_projections(state)
                 sk = F.normalize(sk, dim=-1)
                 state_kv.append((sk, sv))
