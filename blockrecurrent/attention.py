@@ -4,12 +4,16 @@ Axis letters: b batch, n new tokens of a call, f frame positions, k blocks, m qu
 j keys per block, h heads, d head width, e model width, s state slots.
 
 Every call works on a *frame*: one empty block, then the layer's cache (the previous complete block
-and the current partial block, L < 2W tokens, starting on a block boundary), then the n new tokens,
-padded to whole blocks. Blocks are aligned to positions in the document, so feeding a stream in
-any chunk sizes gives the same blocks and the same windows. A query at frame position f attends
-to keys f-W < f' <= f that belong to its document; that window always lies inside its own block
-and the one before, so full blocks are processed together as a batch of (W queries x 2W keys)
-attentions, the banded computation of the official code, at a cost linear in length.
+and the current partial block, L < 2W tokens, starting on a block boundary), then the n new tokens.
+Blocks are aligned to positions in the document, so feeding a stream in any chunk sizes gives the
+same blocks and the same windows. A query at frame position f attends to keys f-W < f' <= f that
+belong to its document; that window always lies inside its own block and the one before, so full
+blocks are processed together as a batch of (W queries x 2W keys) attentions, the banded
+computation of the official code, at a cost linear in length.
+
+Cached keys are kept rotated (rotary positions) at their position in the cache, so a call rotates
+only its new queries and keys, at positions L .. L+n-1: a decoding step never re-rotates its
+window. When the cache drops a block, the keys it keeps are turned back by W positions, once.
 """
 
 from __future__ import annotations
@@ -46,11 +50,21 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, f
     return probs @ v
 
 
+def cat(tensors, dim: int) -> Tensor:
+    """torch.cat without the copy when there is one tensor (the common case when decoding)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def stack(tensors, dim: int) -> Tensor:
+    """torch.stack, a view when there is one tensor."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021) at positions in a call's frame. Only differences
-    between query and key positions matter, so each key is rotated once, at its frame position,
-    however many windows read it. The tables are computed in float64 and grown on demand, so the
-    angles stay exact for frames of any length."""
+    """Rotary position embedding (Su et al. 2021) at positions counted from the start of the cache.
+    Only differences between query and key positions matter, so each key is rotated once, however
+    many windows read it. The tables are computed in float64 and grown on demand, so the angles
+    stay exact whatever the length of a call."""
 
     def __init__(self, dim_head: int, block_width: int, base: float):
         super().__init__()
@@ -59,6 +73,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", torch.empty(0, dim_head), persistent=False)
         self._grow(4 * block_width)
 
+    @torch.inference_mode(False)  # tables grown while generating must also serve training
     def _grow(self, n: int) -> None:
         d = self.dim_head
         inv_freq = 1.0 / self.base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -70,17 +85,25 @@ class Rotary(nn.Module):
         sin[:, :d // 2] *= -1
         self.sin = sin.to(self.sin.device, torch.float32)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        """x (..., m, h, d) at positions start .. start+m-1."""
+    def _fit(self, n: int) -> None:
+        if n > self.cos.shape[0]:
+            self._grow(max(n, 2 * self.cos.shape[0]))
+
+    def forward(self, x: Tensor, start: int, inverse: bool = False) -> Tensor:
+        """x (..., m, h, d) at positions start .. start+m-1; inverse=True undoes that rotation."""
         m = x.shape[-3]
-        if start + m > self.cos.shape[0]:
-            self._grow(max(start + m, 2 * self.cos.shape[0]))
-        return self._rotate(x, self.cos[start:start + m, None], self.sin[start:start + m, None])
+        self._fit(start + m)
+        sin = self.sin[start:start + m, None]
+        return self._rotate(x, self.cos[start:start + m, None], -sin if inverse else sin)
+
+    def shift(self, x: Tensor, back: int) -> Tensor:
+        """Every vector of x (..., h, d) turned back by `back` positions (one angle for all)."""
+        self._fit(back + 1)
+        return self._rotate(x, self.cos[back], -self.sin[back])
 
     def at(self, x: Tensor, pos: Tensor) -> Tensor:
         """x (..., h, d) at positions pos, which broadcasts against x.shape[:-2]."""
-        if int(pos.max()) >= self.cos.shape[0]:
-            self._grow(max(int(pos.max()) + 1, 2 * self.cos.shape[0]))
+        self._fit(int(pos.max()) + 1)
         return self._rotate(x, self.cos[pos][..., None, :], self.sin[pos][..., None, :])
 
     @staticmethod
@@ -92,6 +115,7 @@ class Rotary(nn.Module):
 
 
 @functools.lru_cache(maxsize=4096)
+@torch.inference_mode(False)  # the cached mask may later be used with autograd
 def _band(W: int, q_off: int, q_len: int, device: torch.device) -> Tensor:
     """(m, j) True where query q_off+i of a block may read key j, counted from the start of the
     previous block: the window (i + q_off, i + q_off + W]. Cached: decoding asks for the same
@@ -109,8 +133,9 @@ class Part:
     count: int
     q_off: int
     q_len: int
-    window_mask: Tensor  # (b|1, count, 1, q_len, W+q_off+q_len)
+    window_mask: Tensor | None  # (b|1, count, 1, q_len, W+q_off+q_len-key_start)
     compressed_mask: Tensor | None = None  # (b|1, count, 1, 1, W)
+    key_start: int = 0  # keys before it are never read (a single query's window is a slice)
 
 
 class WindowPlan:
@@ -134,7 +159,17 @@ class WindowPlan:
         # The next cache starts at the last complete block (W <= its length < 2W) or, before the
         # first complete block of a document, at frame position W.
         self.first_cached_block = max(1, self.e // W - 1)
-        self.parts = self._split(config)
+        # A decoding step: one token that completes no block, in a document that started at or
+        # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
+        # no frame, no masks (`step_attention`), and the state does not move.
+        self.single = (n == 1 and self.all_valid and not self.compress
+                       and (cache_len + 1) % W != 0)
+        self.step_keys = max(0, cache_len + 1 - W)
+        self.parts = [] if self.single else self._split(config)
+        # The frame is materialised from `origin` on: keys before the first query block's window
+        # are never read (most of the frame when decoding), except by the compressor, which
+        # works on whole blocks of the whole frame.
+        self.origin = 0 if self.compress or self.single else (self.parts[0].k_first - 1) * W
 
     def _split(self, config) -> list[Part]:
         """Queries [a, e) as a partial head block, a run of full blocks, and a partial tail."""
@@ -154,6 +189,9 @@ class WindowPlan:
 
     def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
         W, dev = self.W, self.doc_start.device
+        if self.all_valid and k_first >= 2 and q_len == 1 and not self.compress:
+            # One query (a decoding step) reads the last W keys: a slice, no mask.
+            return Part(k_first, count, q_off, q_len, None, key_start=q_off + 1)
         ks = torch.arange(k_first, k_first + count, device=dev)
         band = _band(W, q_off, q_len, dev)  # (m, j), shared read-only between calls
         if self.all_valid and k_first >= 2:
@@ -182,20 +220,26 @@ class WindowPlan:
 
     # --- frames and caches -------------------------------------------------------------------
     def frame(self, cached: Tensor | None, new: Tensor) -> Tensor:
-        """(b, f, h, d): zeros for block 0, the cache, the new tokens, zeros to a whole block."""
+        """(b, f, h, d), frame positions origin .. e-1: zeros for block 0, the cache, the new
+        tokens; with compressed memory from 0 and padded with zeros to whole blocks."""
         b, _, h, d = new.shape
-        pieces = [new.new_zeros(b, self.W, h, d)]
-        if cached is not None and cached.shape[1] > 0:
-            pieces.append(cached.to(new.dtype))
+        W, pieces = self.W, []
+        if self.origin < W:
+            pieces.append(new.new_zeros(b, W - self.origin, h, d))
+        skip = max(0, self.origin - W)  # cached tokens before the origin
+        if cached is not None and cached.shape[1] > skip:
+            pieces.append(cached[:, skip:].to(new.dtype))
         pieces.append(new)
-        pad = self.frame_len - self.e
-        if pad:
-            pieces.append(new.new_zeros(b, pad, h, d))
+        if self.compress and self.frame_len > self.e:
+            pieces.append(new.new_zeros(b, self.frame_len - self.e, h, d))
         return torch.cat(pieces, dim=1)
 
-    def next_cache(self, frame: Tensor) -> Tensor:
-        """What the next call needs: the last complete block and the partial one after it."""
-        return frame[:, self.first_cached_block * self.W:self.e]
+    def next_cache(self, frame: Tensor, rotary: Rotary | None = None) -> Tensor:
+        """What the next call needs: the last complete block and the partial one after it.
+        Keys (with `rotary`) are turned back to positions counted from the new cache start."""
+        first = self.first_cached_block * self.W
+        out = frame[:, first - self.origin:self.e - self.origin]
+        return out if rotary is None or first == self.W else rotary.shift(out, first - self.W)
 
 
 class CompressedMemory(nn.Module):
@@ -217,15 +261,17 @@ class CompressedMemory(nn.Module):
         return conv(x.to(conv.weight.dtype)).transpose(1, 2).reshape(b, f // self.c, h, d)
 
     def extend(self, k_frame: Tensor, v_frame: Tensor, cached: tuple[Tensor, Tensor] | None,
-               plan: WindowPlan):
+               plan: WindowPlan, rotary: Rotary):
         """All compressed blocks of the frame, indexed so that frame block i is at i + c:
         one never-valid block, the c cached blocks (frame blocks 1-c .. 0), then blocks 1 ...
+        The frame's keys are rotated; the compressor reads them as they were before rotation.
         Returns ((k, v) each (b, blocks, W/c, h, d), the cache for the next call)."""
         W, c = plan.W, self.c
         b, f, h, d = k_frame.shape
         out = []
-        for conv, frame, i in ((self.conv_k, k_frame, 0), (self.conv_v, v_frame, 1)):
-            fresh = self._compress(conv, frame[:, W:]).view(b, -1, W // c, h, d).to(frame.dtype)
+        raw_keys = rotary(k_frame[:, W:], 0, inverse=True)
+        for conv, frame, i in ((self.conv_k, raw_keys, 0), (self.conv_v, v_frame[:, W:], 1)):
+            fresh = self._compress(conv, frame).view(b, -1, W // c, h, d).to(frame.dtype)
             old = (cached[i].to(frame.dtype).view(b, c, W // c, h, d) if cached is not None
                    else frame.new_zeros(b, c, W // c, h, d))
             out.append(torch.cat([frame.new_zeros(b, 1, W // c, h, d), old, fresh], dim=1))
@@ -246,14 +292,12 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
                      rotary: Rotary, *, scale: float, flash: bool, dropout: float = 0.0,
                      compressed: tuple[Tensor, Tensor] | None = None, c: int = 1) -> Tensor:
     """Sliding-window attention of the new queries q (b, n, h, d) over the frame's keys and
-    values (b, f, h, d), plus compressed memory if given. Returns (b, n, h, d)."""
+    values (b, f, h, d), plus compressed memory if given. Queries and keys come rotated (frame
+    position f at f - W); `rotary` places the compressed keys. Returns (b, n, h, d)."""
     W, b = plan.W, q.shape[0]
-    # Rotate once at frame positions: the queries at a .. e-1, every key at its own position
-    # (a key is read by two windows; rotating per window did it twice, on a copy). Keys before
-    # the first query block's window are never read: skip them (most of the frame when decoding).
+    # Keys before the first query block's window are never read (most of the frame when decoding).
     lo = (plan.parts[0].k_first - 1) * W
-    q = rotary(q, plan.a)
-    k_frame, v_frame = rotary(k_frame[:, lo:], lo), v_frame[:, lo:]
+    k_frame, v_frame = k_frame[:, lo - plan.origin:], v_frame[:, lo - plan.origin:]
     outs, done = [], 0
     for part in plan.parts:
         m, kc = part.q_len, part.count
@@ -261,19 +305,18 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
         done += kc * m
         k0 = (part.k_first - 1) * W - lo  # keys from the start of the previous block
         if kc == 1:
-            kp = k_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)  # (b, 1, j, h, d)
-            vp = v_frame[:, k0:k0 + W + part.q_off + m].unsqueeze(1)
+            keys = slice(k0 + part.key_start, k0 + W + part.q_off + m)
+            kp, vp = k_frame[:, keys].unsqueeze(1), v_frame[:, keys].unsqueeze(1)  # (b, 1, j, h, d)
         else:  # full blocks: keys of block k-1 and block k side by side
-            kb = k_frame.view(b, -1, W, *k_frame.shape[2:])
-            vb = v_frame.view(b, -1, W, *v_frame.shape[2:])
-            first = k0 // W
-            sl = lambda t, s: t[:, first + s:first + s + kc]
-            kp = torch.cat([sl(kb, 0), sl(kb, 1)], dim=2)  # (b, k, 2W, h, d)
-            vp = torch.cat([sl(vb, 0), sl(vb, 1)], dim=2)
+            blocks = lambda t: t[:, k0:k0 + (kc + 1) * W].view(b, kc + 1, W, *t.shape[2:])
+            kb, vb = blocks(k_frame), blocks(v_frame)
+            kp = torch.cat([kb[:, :-1], kb[:, 1:]], dim=2)  # (b, k, 2W, h, d)
+            vp = torch.cat([vb[:, :-1], vb[:, 1:]], dim=2)
         mask = part.window_mask
         if compressed is not None:
-            # Compressed keys all sit at the start of each block's window (its oldest position).
-            starts = (part.k_first - 1 + torch.arange(kc, device=q.device)) * W  # (k,)
+            # Compressed keys all sit at the start of each block's window (its oldest position);
+            # block 1's window starts in the empty block 0, where nothing is valid.
+            starts = ((part.k_first - 2 + torch.arange(kc, device=q.device)) * W).clamp(min=0)
             ck = rotary.at(CompressedMemory.gather(compressed[0], part, c),
                            starts[:, None].expand(kc, W))
             cv = CompressedMemory.gather(compressed[1], part, c)
@@ -284,7 +327,40 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
         t = lambda x: x.transpose(2, 3)  # (b, k, h, ., d)
         out = attend(t(qp), t(kp), t(vp), mask, scale, flash, dropout)
         outs.append(t(out).reshape(b, kc * m, *q.shape[2:]))
-    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return cat(outs, dim=1)
+
+
+def append(cache: Tensor | None, new: Tensor, capacity: int) -> Tensor:
+    """cache (b, L, h, d) followed by new (b, 1, h, d), as a view of a buffer of `capacity`
+    positions. Without autograd the token is written in place when `cache` is the longest view
+    yet taken of its buffer, so that no existing view can see the write; otherwise (memories
+    passed to a second call, copied, or from a full forward) it is copied into a new buffer.
+    Either way every memory handed out earlier keeps its values. A decoding step thus copies
+    one token, not its whole cache."""
+    L = 0 if cache is None else cache.shape[1]
+    if torch.is_grad_enabled():
+        return new if cache is None else torch.cat([cache.to(new.dtype), new], dim=1)
+    buf = getattr(cache, "_buffer", None)
+    if buf is None or buf._fill != L or buf.dtype != new.dtype or L >= buf.shape[1]:
+        buf = new.new_empty(new.shape[0], max(capacity, L + 1), *new.shape[2:])
+        if L:
+            buf[:, :L] = cache
+    buf[:, L:L + 1] = new
+    buf._fill = L + 1
+    out = buf[:, :L + 1]
+    out._buffer = buf
+    return out
+
+
+def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple, plan: WindowPlan, *,
+                   scale: float, flash: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention of a decoding step (`plan.single`): the query q (b, 1, h, d) reads the last
+    keys of the cache and its own key k; q and k come rotated. Returns the output (b, 1, h, d)
+    and the next cache's keys and values: the cache grown by the new token."""
+    keys, values = (append(c, new, 2 * plan.W) for c, new in ((cache[0], k), (cache[1], v)))
+    t = lambda x: x[:, plan.step_keys:].transpose(1, 2)  # (b, h, j, d)
+    out = attend(q.transpose(1, 2), t(keys), t(values), None, scale, flash)
+    return out.transpose(1, 2), keys, values
 
 
 class WindowAttention(nn.Module):
@@ -303,13 +379,20 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, cache: tuple, plan: WindowPlan):
         """x (b, n, e); cache = (keys, values, compressed or None) from the last call."""
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.dim_head).unbind(2)
+        h, scale = self.heads, self.dim_head ** -0.5
+        qkv = self.qkv(x).view(b, n, 3 * h, self.dim_head)
+        qk = self.rotary(qkv[:, :, :2 * h], plan.L)  # at positions after the L cached tokens
+        q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, 2 * h:]
+        if plan.single:
+            y, keys, values = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash)
+            return self.out(y.reshape(b, n, -1)), (keys, values, None)
         k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
         compressed, next_comp = None, None
         if self.compressor is not None:
-            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan)
-        y = window_attention(q, k_frame, v_frame, plan, self.rotary, scale=self.dim_head ** -0.5,
+            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
+                                                           self.rotary)
+        y = window_attention(q, k_frame, v_frame, plan, self.rotary, scale=scale,
                              flash=self.flash, dropout=self.dropout if self.training else 0.0,
                              compressed=compressed, c=self.compressor.c if self.compressor else 1)
         y = self.out(y.reshape(b, n, -1))
-        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp)
+        return y, (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp)

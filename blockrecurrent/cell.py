@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import CompressedMemory, Rotary, WindowPlan, attend, window_attention
+from .attention import (CompressedMemory, Rotary, WindowPlan, attend, cat, stack, step_attention,
+                        window_attention)
 from .config import BlockRecurrentConfig
 
 
@@ -137,7 +138,20 @@ class RecurrentCell(nn.Module):
         again for every token."""
         b, n, _ = x.shape
         k, v, q, q2 = self.token_proj(x).view(b, n, 4, self.heads, self.dim_head).unbind(2)
-        k = F.normalize(k, dim=-1)  # unit keys; queries carry the learned scale
+        # Unit keys, queries with the learned scale; window attention reads them rotated (the
+        # cache holds rotated keys).
+        q = self.rotary(normed(q, self.scales[0]), plan.L)
+        k = self.rotary(F.normalize(k, dim=-1), plan.L)
+        if plan.single:  # a decoding step: no block completes, the state stays
+            self_out, keys, values = step_attention(q, k, v, cache, plan, scale=1.0,
+                                                    flash=self.flash)
+            kv = state_kv if state_kv is not None else self.state_keys_values(state)
+            t = lambda y: y.transpose(1, 2)  # (b, h, ., d)
+            cross = t(attend(t(normed(q2, self.scales[1])), t(kv[0]), t(kv[1]), None, 1.0,
+                             self.flash))
+            y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross.reshape(b, n, -1)],
+                                         dim=-1))
+            return y, (keys, values, None), state, kv
         k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
         W = plan.W
 
@@ -148,10 +162,17 @@ class RecurrentCell(nn.Module):
             # Keys/values of blocks t-1 and t for every complete block t, split once: slicing
             # the frame per block gives each block a frame-sized zero-filled gradient in the
             # backward pass (quadratic in blocks per call); unbind's backward is one stack.
+            # The state reads keys without positions: undo the rotation (block 0 is all zeros).
             lo, hi = complete[0], complete[-1] + 1
+            first = max(lo - 1, 1)
             windows = []
             for fr in (k_frame, v_frame):
-                fb = fr[:, (lo - 1) * W:hi * W].view(b, hi - lo + 1, W, *fr.shape[2:])
+                fb = fr[:, first * W - plan.origin:hi * W - plan.origin]
+                if fr is k_frame:
+                    fb = self.rotary(fb, (first - 1) * W, inverse=True)
+                if first > lo - 1:
+                    fb = torch.cat([fb.new_zeros(b, W, *fb.shape[2:]), fb], dim=1)
+                fb = fb.view(b, hi - lo + 1, W, *fr.shape[2:])
                 windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
         kv, state_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
         for blk in blocks:
@@ -169,22 +190,24 @@ class RecurrentCell(nn.Module):
         # Vertical direction: all blocks at once.
         compressed, next_comp = None, None
         if self.compressor is not None:
-            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan)
+            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
+                                                           self.rotary)
         drop = self.dropout if self.training else 0.0
-        self_out = window_attention(normed(q, self.scales[0]), k_frame, v_frame, plan,
+        self_out = window_attention(q, k_frame, v_frame, plan,
                                     self.rotary, scale=1.0, flash=self.flash, dropout=drop,
                                     compressed=compressed,
                                     c=self.compressor.c if self.compressor else 1)
         cross_out, done, i = [], 0, 0
         for part in plan.parts:
             m, kc = part.q_len, part.count
-            sk = torch.stack([kv[0] for kv in state_kv[i:i + kc]], dim=1)  # (b, k, s, h, d)
-            sv = torch.stack([kv[1] for kv in state_kv[i:i + kc]], dim=1)
+            # (b, k, s, h, d); a view when the part is one block (always when decoding)
+            sk, sv = (stack(t, dim=1) for t in zip(*state_kv[i:i + kc]))
             qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
             t = lambda y: y.transpose(2, 3)
             out = attend(t(qp), t(sk), t(sv), None, 1.0, self.flash, drop)
             cross_out.append(t(out).reshape(b, kc * m, -1))
             done, i = done + kc * m, i + kc
-        cross = torch.cat(cross_out, dim=1)
+        cross = cat(cross_out, dim=1)
         y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
-        return y, (plan.next_cache(k_frame), plan.next_cache(v_frame), next_comp), state, kv
+        return y, (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp), \
+            state, kv

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .attention import WindowAttention, WindowPlan
+from .attention import WindowAttention, WindowPlan, stack
 from .cell import FixedGate, LSTMGate, RecurrentCell, mlp
 from .config import BlockRecurrentConfig
 
@@ -87,6 +87,12 @@ class XLMemories:
                                if k.startswith(f.name + "."))
                 kw[f.name] = tuple(t for _, t in items) if items else None
         return cls(**kw)
+
+
+def _detached(t: Tensor) -> Tensor:
+    """t cut from its graph; the same object when it has none, so that a decoding step's cache
+    keeps the buffer it can grow in place (see attention.append)."""
+    return t.detach() if t.requires_grad else t
 
 
 class Layer(nn.Module):
@@ -258,10 +264,10 @@ class BlockRecurrentTransformer(nn.Module):
         mems = xl_memories
         lengths = mems.lengths.to(dev) if mems is not None else torch.zeros(b, dtype=torch.long,
                                                                               device=dev)
-        init = self.initial_states(b)
         if states is None:
-            states = init
+            states = self.initial_states(b)
         if reset is not None:
+            init = self.initial_states(b)
             reset = reset.to(dev)
             lengths = torch.where(reset, 0, lengths)
             states = torch.where(reset[None, :, None, None], init, states.to(init.dtype))
@@ -287,10 +293,10 @@ class BlockRecurrentTransformer(nn.Module):
         logits = self.to_logits(self.norm(x))
 
         comp = cfg.use_compressed_mem
-        states_out = torch.stack(new_states).detach() if new_states else init.detach()
+        states_out = (stack(new_states, 0) if new_states else states).detach()
         keep_kv = bool(new_kv) and new_kv[0] is not None  # all layers end in the same block
         new_mems = XLMemories(
-            keys=tuple(c[0].detach() for c in caches), values=tuple(c[1].detach() for c in caches),
+            keys=tuple(_detached(c[0]) for c in caches), values=tuple(_detached(c[1]) for c in caches),
             lengths=lengths + n,
             compressed_keys=tuple(c[2][0].detach() for c in caches) if comp else None,
             compressed_values=tuple(c[2][1].detach() for c in caches) if comp else None,

@@ -75,6 +75,43 @@ def test_chunking_invariance(kw):
             torch.testing.assert_close(mems.keys[-1], full_mems.keys[-1], atol=2e-5, rtol=1e-4)
 
 
+def test_decoding_steps_never_change_memories_handed_out():
+    """Decoding steps grow the cache in place; memories already returned keep their values, and
+    continuing twice from the same memories gives the same result as from a copy."""
+    model = tiny()
+    seq = torch.randint(0, VOCAB, (2, 40))  # W = 16: the cache ends inside a block
+    copy = lambda m: XLMemories.from_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    with torch.no_grad():
+        _, mems, states = model(seq[:, :35])
+        chain = [mems]
+        for i in range(35, 40):  # one token at a time, each step from the last
+            _, mems, states = model(seq[:, i:i + 1], xl_memories=mems, states=states)
+            chain.append(mems)
+        snapshots = [copy(m) for m in chain]
+        a = model(seq[:, 37:38], xl_memories=chain[2], states=states)  # branch from the middle
+        b = model(seq[:, 37:38], xl_memories=copy(chain[2]), states=states)
+        c = model(seq[:, 38:39], xl_memories=chain[2], states=states)  # and again, another token
+        d = model(seq[:, 38:39], xl_memories=copy(chain[2]), states=states)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(c[0], d[0], rtol=0, atol=0)
+    for m, snap in zip(chain, snapshots):
+        for t, u in zip(m.keys + m.values, snap.keys + snap.values):
+            assert torch.equal(t, u)
+
+
+def test_inference_mode_then_training():
+    """Rotary tables and masks first built under torch.inference_mode also serve training."""
+    model, n = tiny(), 20 * tiny().config.block_width
+    seq = torch.randint(0, VOCAB, (1, 2 * n))
+    with torch.inference_mode():
+        _, mems, _ = model(seq[:, :n])  # grows the tables
+        model(seq[:, n:], xl_memories=mems)
+    model.train()
+    _, mems, states = model(seq[:, :n])
+    logits, _, _ = model(seq[:, n:], xl_memories=mems, states=states)
+    logits.mean().backward()
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(use_compressed_mem=True), dict(gate="lstm")])
 def test_flash_and_plain_paths_agree(kw):
     fused = tiny(use_flash_attn=True, **kw)
