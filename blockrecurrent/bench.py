@@ -15,14 +15,15 @@ cross-entropy + backward + AdamW step per segment; inference runs the forward un
 torch.inference_mode. tokens/s counts batch_size * N tokens over the wall time of the stream.
 
 Peak memory is the high-water mark of resident memory *above the resident memory at the start of
-the stream* (model, optimizer state and torch itself excluded). On CPU the kernel's per-process
-peak (VmHWM) is reset before each stream (write "5" to /proc/self/clear_refs, Linux >= 4.0) after
-glibc's free heap is returned to the system (malloc_trim), so one process can measure many streams
-honestly; freed tensors reused within a stream are not double counted. It is taken on the first
-pass of each model and length only (that pass then pays fresh page faults; with 3 or more
-repeats the median drops it). On CUDA it is the caching
-allocator's max_memory_allocated above the allocation at the start. Where neither is available the
-figure is reported as missing rather than guessed.
+the stream* (model, optimizer state and torch itself excluded), measured in a separate, untimed
+pass of each model and length before any timed work. On CPU the kernel's per-process peak (VmHWM) is reset before the
+pass (write "5" to /proc/self/clear_refs, Linux >= 4.0) after glibc's free heap is returned to the
+system (malloc_trim), and during the pass glibc serves blocks of 64 KiB and more by mmap, so that
+freed tensors go back to the system at once and the peak is that of live data. (With glibc's
+default heap, fragments left over the passes add a few MiB that grow slowly with the number of
+segments: not memory the model keeps, but a length-dependent figure all the same.) On CUDA it is
+the caching allocator's max_memory_allocated above the allocation at the start. Where neither is
+available the figure is reported as missing rather than guessed.
 
 Model FLOPs are counted from the config (matmuls only, 2 FLOPs per multiply-add; norms, softmax,
 rotary and gates are left out, as is usual): forward per token, training = 3x forward. MFU is the
@@ -194,6 +195,16 @@ def _malloc_trim() -> None:
         pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
 def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -222,6 +233,24 @@ class PeakMemory:
             return True
         except OSError:
             return False
+
+    @contextlib.contextmanager
+    def exact(self):
+        """On CPU with glibc: for the duration, blocks of 64 KiB and more are mmapped, so that
+        freed tensors leave the resident set at once (run before any timed work: blocks already
+        in the heap would be reused). Afterwards large blocks come from the heap again."""
+        exact = self.method == "rss_hwm_reset" and _mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        try:
+            yield
+        finally:
+            if exact:
+                _mallopt(_M_MMAP_THRESHOLD, 32 * _MIB)
+
+    def measure(self, fn) -> int | None:
+        """Run fn() and return the peak memory it used above the level before it."""
+        self.start()
+        fn()
+        return self.peak()
 
     def start(self) -> None:
         gc.collect()
@@ -371,6 +400,18 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
             flops_per_token={"infer": flops_per_token(cfg), "train": flops_per_token(cfg, True)},
             flops_breakdown=flops_breakdown(cfg))
 
+    # Memory first, in untimed passes, after a two-segment warm-up (the optimizer state is
+    # allocated at the first step: not part of a stream's peak).
+    with meter.exact():
+        for dtype in dtypes:
+            for mode in modes:
+                for r in runners.values():
+                    r.stream(tokens, min(2 * r.segment, tokens.shape[1] - 1), mode, dtype)
+        mems = {(dtype, mode, n, name): meter.measure(lambda: r.stream(tokens, n, mode, dtype))
+                for dtype in dtypes for mode in modes for n in lengths
+                for name, r in runners.items()}
+        log(f"[bench] memory passes: {time.perf_counter() - t_begin:.0f}s")
+
     results, pair_ratios = [], []
     for dtype in dtypes:
         for mode in modes:
@@ -381,21 +422,13 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                 r.stream(tokens, min(2 * r.segment, tokens.shape[1] - 1), mode, dtype)
                 log(f"[bench] warm-up {r.name} {mode} {dtype}: {time.perf_counter() - t0:.1f}s")
             runs = {(name, n): [] for name in runners for n in lengths}
-            mems = {(name, n): [] for name in runners for n in lengths}
             cpu = {(name, n): [] for name in runners for n in lengths}
             for rep in range(repeats):
                 for n in lengths:
                     pass_times, pass_cpu = {}, {}
                     for name, r in runners.items():
-                        # Memory on the first pass only: start() hands freed heap back to the
-                        # system, so that pass pays fresh page faults; the median of the timed
-                        # passes drops it as the slow one when there are 3 or more.
-                        if rep == 0:
-                            meter.start()
                         c0 = _cpu_seconds()
                         seg_times = r.stream(tokens, n, mode, dtype)
-                        if rep == 0:
-                            mems[name, n].append(meter.peak())
                         cpu[name, n].append(_cpu_seconds() - c0)
                         runs[name, n].append(seg_times)
                         pass_times[name] = sum(seg_times)
@@ -413,14 +446,14 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                 info = models_info[name]
                 tps = [batch_size * n / sum(s) for s in seg_lists]
                 seg_ms = [1e3 * t for s in seg_lists for t in s]
-                peak = [m for m in mems[name, n] if m is not None]
+                peak = mems[dtype, mode, n, name]
                 fpt = info["flops_per_token"][mode]
                 rate = _median(tps)
                 results.append(dict(
                     model=name, mode=mode, dtype=dtype, length=n, batch_size=batch_size,
                     segment=info["segment"], tokens_per_s=rate, tokens_per_s_runs=tps,
                     segment_ms_median=_median(seg_ms),
-                    peak_mem_mib=peak[0] / _MIB if peak else None,
+                    peak_mem_mib=peak / _MIB if peak is not None else None,
                     model_tflops_per_s=fpt * rate / 1e12,
                     # Throughput per second of process CPU time: on a shared CPU with one
                     # thread, scheduling noise (waiting for a core) drops out of it.
