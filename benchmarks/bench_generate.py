@@ -9,7 +9,7 @@ and the per-CPU-second table (exact with one thread) shows the work done despite
 
 Random weights (speed does not depend on them). Greedy decoding, batch 1 by default. Targets
 (issue 4): decode at 64k within 10% of decode at 1k; prefill tokens/s flat in prompt length
-(linear time); cached decoding >= 20x faster than naive.
+(linear time) and its peak memory flat too; cached decoding >= 20x faster than naive.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import PRESETS, BlockRecurrentTransformer, preset  # noqa: E402
+from blockrecurrent.bench import PeakMemory  # noqa: E402
 from blockrecurrent.generation import generate  # noqa: E402
 
 
@@ -87,6 +88,14 @@ def main(argv=None) -> dict:
     longest = torch.randint(0, config.num_tokens, (args.batch, max(args.contexts)), generator=gen)
     generate(model, longest[:, :config.max_seq_len], 4, do_sample=False)  # warm up
 
+    # Prefill memory first, in untimed passes (see blockrecurrent.bench: live data, measured
+    # before any timed work): the peak above the memory before the call.
+    meter, prefill_mib = PeakMemory(torch.device("cpu")), {}
+    with meter.exact():
+        for n in args.contexts:
+            peak = meter.measure(lambda: generate(model, longest[:, :n], 0, return_state=True))
+            prefill_mib[n] = None if peak is None else peak / 2 ** 20
+
     # Prefill: generate with 0 new tokens reads the prompt and keeps the state to decode from.
     rows, start = [], {}
     for n in args.contexts:
@@ -97,7 +106,7 @@ def main(argv=None) -> dict:
             cpu.append(c)
         rows.append(dict(context=n, prefill_seconds=statistics.median(wall),
                          prefill_cpu_seconds=statistics.median(cpu), decode_wall=[],
-                         decode_cpu=[]))
+                         decode_cpu=[], prefill_peak_mib=prefill_mib[n]))
         print(f"  prefill {n} tokens: {rows[-1]['prefill_seconds']:.2f} s", flush=True)
 
     # Decoding, interleaved with the naive baseline. return_state=True makes exactly one model
@@ -145,6 +154,9 @@ def main(argv=None) -> dict:
                   f"{r['cached_over_naive' + sfx]:>11.1f}x")
         print(f"naive (a full forward over the last {config.max_seq_len} tokens per token): "
               f"{nv:.2f} tokens/s ({len(naive_wall)} tokens)")
+    print("\nprefill peak memory above the start, MiB (" + meter.method + "): " + ", ".join(
+        f"{r['context']}: " + ("-" if r["prefill_peak_mib"] is None else
+                               f"{r['prefill_peak_mib']:.1f}") for r in rows))
 
     result = dict(preset=args.preset, config=config.to_dict(), batch=args.batch,
                   threads=torch.get_num_threads(), new_tokens=args.new_tokens,

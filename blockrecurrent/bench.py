@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from .config import PRESETS, BlockRecurrentConfig, preset
 from .model import BlockRecurrentTransformer
-from .train import make_optimizer
+from .train import load_train_config, make_optimizer
 
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")
@@ -675,6 +675,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--md", type=Path, help="write the tables as markdown")
+    parser.add_argument("model_overrides", nargs="*", metavar="key=value",
+                        help="model settings over the preset, values as TOML "
+                             "(e.g. depth=12 recurrent_layers=[10])")
     return parser
 
 
@@ -683,13 +686,17 @@ def main(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     common = dict(modes=args.modes, baselines=not args.no_baselines, compile=args.compile,
                   device=args.device, out_json=args.json, out_md=args.md)
+    if args.model_overrides and (args.config or args.reference):
+        raise ValueError("key=value model settings apply to a --preset; edit the config file "
+                         "instead")
     if args.reference:
         if args.batch_size is not None or args.lengths is not None:
             raise ValueError("--reference fixes batch 4 and a 2048-token stream; drop "
                              "--batch-size/--lengths or benchmark a --preset/--config instead")
         return run_reference(dtypes=args.dtypes or DTYPES, repeats=args.repeats or 5, **common)
     config = (BlockRecurrentConfig.from_json(args.config) if args.config
-              else preset(args.preset))
+              else load_train_config(preset=args.preset,
+                                     overrides=[f"model.{o}" for o in args.model_overrides])[0])
     return run_benchmark(config, batch_size=args.batch_size or 1,
                          lengths=args.lengths or (1024, 4096, 16384),
                          dtypes=args.dtypes or "auto", repeats=args.repeats or 3, **common)
@@ -699,7 +706,11 @@ def cli(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m blockrecurrent.bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter))
-    main(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, TypeError) as err:  # bad settings: a message, not a traceback
+        parser.error(str(err))
     return 0
 
 

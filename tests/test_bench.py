@@ -122,5 +122,15 @@ def test_command_line(tmp_path, capsys):
     assert [(r["model"], r["mode"], r["length"]) for r in res["results"]] == \
         [("slide", "infer", 16)]
     assert "| infer | fp32 | slide | 1 x 16 |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="--reference"):
-        B.cli(["--reference", "--lengths", "4096"])
+    assert B.cli(["--preset", "tiny", "depth=3", "recurrent_layers=[2]", "--lengths", "16",
+                  "--modes", "infer", "--no-baselines", "--repeats", "1",
+                  "--json", str(tmp_path / "o.json")]) == 0
+    cfg = json.loads((tmp_path / "o.json").read_text())["config"]
+    assert (cfg["depth"], cfg["recurrent_layers"], cfg["dim"]) == (3, [2], 64)  # tiny, overridden
+    capsys.readouterr()
+    for bad, message in ((["--reference", "--lengths", "4096"], "--reference fixes"),
+                         (["--preset", "tiny", "dept=3"], "unknown model setting 'dept'"),
+                         (["--config", str(cfg_path), "depth=3"], "apply to a --preset")):
+        with pytest.raises(SystemExit) as exit:
+            B.cli(bad)
+        assert exit.value.code == 2 and message in capsys.readouterr().err
