@@ -18,7 +18,7 @@ Peak memory is the high-water mark of resident memory *above the resident memory
 the stream* (model, optimizer state and torch itself excluded), measured in a separate, untimed
 pass of each model and length before any timed work. On CPU the kernel's per-process peak (VmHWM) is reset before the
 pass (write "5" to /proc/self/clear_refs, Linux >= 4.0) after glibc's free heap is returned to the
-system (malloc_trim), and during the pass glibc serves blocks of 64 KiB and more by mmap, so that
+system (malloc_trim), and during the pass glibc serves blocks of 16 KiB and more by mmap, so that
 freed tensors go back to the system at once and the peak is that of live data. (With glibc's
 default heap, fragments left over the passes add a few MiB that grow slowly with the number of
 segments: not memory the model keeps, but a length-dependent figure all the same.) On CUDA it is
@@ -236,10 +236,10 @@ class PeakMemory:
 
     @contextlib.contextmanager
     def exact(self):
-        """On CPU with glibc: for the duration, blocks of 64 KiB and more are mmapped, so that
+        """On CPU with glibc: for the duration, blocks of 16 KiB and more are mmapped, so that
         freed tensors leave the resident set at once (run before any timed work: blocks already
         in the heap would be reused). Afterwards large blocks come from the heap again."""
-        exact = self.method == "rss_hwm_reset" and _mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        exact = self.method == "rss_hwm_reset" and _mallopt(_M_MMAP_THRESHOLD, 16 * 1024)
         try:
             yield
         finally:

@@ -164,13 +164,13 @@ class RecurrentCell(nn.Module):
             # backward pass (quadratic in blocks per call); unbind's backward is one stack.
             # The state reads keys without positions: undo the rotation (block 0 is all zeros).
             lo, hi = complete[0], complete[-1] + 1
-            first = max(lo - 1, 1)
+            first = max(lo - 1, 1)  # the first block with keys (block 0 is empty)
             windows = []
             for fr in (k_frame, v_frame):
                 fb = fr[:, first * W - plan.origin:hi * W - plan.origin]
                 if fr is k_frame:
                     fb = self.rotary(fb, (first - 1) * W, inverse=True)
-                if first > lo - 1:
+                if first > lo - 1:  # the window of block 1 starts with the empty block 0
                     fb = torch.cat([fb.new_zeros(b, W, *fb.shape[2:]), fb], dim=1)
                 fb = fb.view(b, hi - lo + 1, W, *fr.shape[2:])
                 windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
@@ -200,7 +200,7 @@ class RecurrentCell(nn.Module):
         cross_out, done, i = [], 0, 0
         for part in plan.parts:
             m, kc = part.q_len, part.count
-            # (b, k, s, h, d); a view when the part is one block (always when decoding)
+            # (b, k, s, h, d); a view when the part is one block
             sk, sv = (stack(t, dim=1) for t in zip(*state_kv[i:i + kc]))
             qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
             t = lambda y: y.transpose(2, 3)
