@@ -364,7 +364,7 @@ def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple, plan: WindowPl
 
 
 class WindowAttention(nn.Module):
-    """The attention of an ordinary layer: pre-normed input -> q, k, v -> window attention -> out."""
+    """An ordinary layer's attention: pre-normed input -> q, k, v -> window attention -> out."""
 
     def __init__(self, config: BlockRecurrentConfig):
         super().__init__()

@@ -16,10 +16,11 @@ torch.inference_mode. tokens/s counts batch_size * N tokens over the wall time o
 
 Peak memory is the high-water mark of resident memory *above the resident memory at the start of
 the stream* (model, optimizer state and torch itself excluded), measured in a separate, untimed
-pass of each model and length before any timed work. On CPU the kernel's per-process peak (VmHWM) is reset before the
-pass (write "5" to /proc/self/clear_refs, Linux >= 4.0) after glibc's free heap is returned to the
-system (malloc_trim), and during the pass glibc serves blocks of 16 KiB and more by mmap, so that
-freed tensors go back to the system at once and the peak is that of live data. (With glibc's
+pass of each model and length before any timed work. On CPU the kernel's per-process peak
+(VmHWM) is reset before the pass (write "5" to /proc/self/clear_refs, Linux >= 4.0) after glibc's
+free heap is returned to the system (malloc_trim), and during the pass glibc serves blocks of
+16 KiB and more by mmap, so that freed tensors go back to the system at once and the peak is that
+of live data. (With glibc's
 default heap, fragments left over the passes add a few MiB that grow slowly with the number of
 segments: not memory the model keeps, but a length-dependent figure all the same.) On CUDA it is
 the caching allocator's max_memory_allocated above the allocation at the start. Where neither is
