@@ -13,6 +13,8 @@ Each model streams N tokens per batch row segment by segment (segment = its max_
 its memories and states (returned detached) from one segment to the next. Training runs forward +
 cross-entropy + backward + AdamW step per segment; inference runs the forward under
 torch.inference_mode. tokens/s counts batch_size * N tokens over the wall time of the stream.
+A timed pass runs short streams several times back to back (at least 8 segments a pass; a 1k
+stream of 512-token segments is run 4 times), so that short lengths are not timed on a blink.
 
 Peak memory is the high-water mark of resident memory *above the resident memory at the start of
 the stream* (model, optimizer state and torch itself excluded), measured in a separate, untimed
@@ -59,6 +61,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -321,6 +324,14 @@ class Runner:
         return times
 
 
+MIN_PASS_SEGMENTS = 8
+
+
+def streams_per_pass(n: int, segment: int) -> int:
+    """How many streams of n tokens one timed pass runs: enough for MIN_PASS_SEGMENTS segments."""
+    return max(1, math.ceil(MIN_PASS_SEGMENTS / math.ceil(n / segment)))
+
+
 def baseline_configs(config: BlockRecurrentConfig, baselines: bool = True
                      ) -> dict[str, BlockRecurrentConfig]:
     """The recurrent model and, if asked, the Slide and XL baselines built from its config."""
@@ -428,11 +439,15 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                 for n in lengths:
                     pass_times, pass_cpu = {}, {}
                     for name, r in runners.items():
+                        # A pass times whole streams, back to back, at least MIN_PASS_SEGMENTS
+                        # segments in all: a 2-segment stream alone is too short to time.
+                        k = streams_per_pass(n, r.segment)
                         c0 = _cpu_seconds()
-                        seg_times = r.stream(tokens, n, mode, dtype)
-                        cpu[name, n].append(_cpu_seconds() - c0)
+                        seg_times = [t for _ in range(k) for t in r.stream(tokens, n, mode, dtype)]
+                        # Per stream: seconds of CPU and of wall time.
+                        cpu[name, n].append((_cpu_seconds() - c0) / k)
                         runs[name, n].append(seg_times)
-                        pass_times[name] = sum(seg_times)
+                        pass_times[name] = sum(seg_times) / k
                         pass_cpu[name] = cpu[name, n][-1]
                     # Same pass, same machine load: ratio of time per token (same n for both).
                     for name in ("rec", "xl"):
@@ -445,7 +460,8 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                         f"{k} {batch_size * n / t:,.0f} tok/s" for k, t in pass_times.items()))
             for (name, n), seg_lists in runs.items():
                 info = models_info[name]
-                tps = [batch_size * n / sum(s) for s in seg_lists]
+                k = streams_per_pass(n, info["segment"])
+                tps = [batch_size * n * k / sum(s) for s in seg_lists]
                 seg_ms = [1e3 * t for s in seg_lists for t in s]
                 peak = mems[dtype, mode, n, name]
                 fpt = info["flops_per_token"][mode]
@@ -460,7 +476,7 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                     # thread, scheduling noise (waiting for a core) drops out of it.
                     tokens_per_cpu_s=_median([batch_size * n / max(c, 1e-9)
                                               for c in cpu[name, n]]),
-                    cpu_share=_median([c / sum(s) for c, s in zip(cpu[name, n], seg_lists)])
+                    cpu_share=_median([k * c / sum(s) for c, s in zip(cpu[name, n], seg_lists)])
                     / torch.get_num_threads(),
                     mfu=fpt * rate / peaks[dtype]["flops_per_s"]))
 

@@ -113,8 +113,9 @@ class Layer(nn.Module):
             y, cache, state, state_kv = self.attn(self.attn_norm(x), cache, state, plan, state_kv)
         else:
             y, cache = self.attn(self.attn_norm(x), cache, plan)
-        x = x + self.drop(y)
-        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+        drop = self.drop if self.training else (lambda t: t)  # no call per decoding step
+        x = x + drop(y)
+        x = x + drop(self.mlp(self.mlp_norm(x)))
         return x, cache, state, state_kv
 
 
@@ -195,7 +196,7 @@ class BlockRecurrentTransformer(nn.Module):
         b, n = seq.shape
         if b == 0 or n == 0:
             raise ValueError(f"seq must not be empty, got shape {tuple(seq.shape)}")
-        lo, hi = int(seq.min()), int(seq.max())
+        lo, hi = (int(t) for t in torch.aminmax(seq))
         if lo < 0 or hi >= cfg.num_tokens:
             raise ValueError(f"token ids must lie in [0, num_tokens={cfg.num_tokens}), "
                              f"got values in [{lo}, {hi}]")

@@ -134,3 +134,9 @@ def test_command_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             B.cli(bad)
         assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_short_streams_are_timed_several_times_a_pass():
+    assert [B.streams_per_pass(n, seg) for n, seg in
+            ((1024, 512), (4096, 512), (65536, 512), (2048, 1024), (1000, 512), (16, 16))] == \
+        [4, 1, 1, 4, 4, 8]
