@@ -197,6 +197,28 @@ def test_reset_rows_start_fresh_and_others_continue():
     torch.testing.assert_close(out_states[:, 1:], cont_states, atol=2e-5, rtol=1e-4)
 
 
+def test_token_by_token_after_a_reset_row():
+    """Decoding one token at a time right after one row starts a new document: the steps inside
+    that document's first block need its mask (the other row still reads the old cache), later
+    ones take the single-token path; both equal full calls."""
+    model = tiny()
+    W = model.config.block_width
+    docs = torch.randint(0, VOCAB, (2, 2 * W))
+    new = torch.randint(0, VOCAB, (2, W + 7))  # crosses the reset row's first block boundary
+    with torch.no_grad():
+        _, mems, states = model(docs)
+        # Row 0 starts a new document at a block boundary; row 1 goes on with its own.
+        steps = [model(new[:, :1], xl_memories=mems, states=states,
+                       reset=torch.tensor([True, False]))]
+        for i in range(1, new.shape[1]):
+            _, mems_i, states_i = steps[-1]
+            steps.append(model(new[:, i:i + 1], xl_memories=mems_i, states=states_i))
+        out = torch.cat([s[0] for s in steps], dim=1)
+        fresh, _, _ = model(new[:1])
+        cont, _, _ = model(torch.cat([docs[1:], new[1:]], dim=1))
+    torch.testing.assert_close(out[:1], fresh, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1:], cont[:, 2 * W:], atol=2e-5, rtol=1e-4)
+
 def test_reset_inside_a_block_is_refused():
     model = tiny()
     _, mems, states = model(torch.randint(0, VOCAB, (2, 5)))
