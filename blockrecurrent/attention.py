@@ -133,9 +133,8 @@ class Part:
     count: int
     q_off: int
     q_len: int
-    window_mask: Tensor | None  # (b|1, count, 1, q_len, W+q_off+q_len-key_start)
+    window_mask: Tensor  # (b|1, count, 1, q_len, W+q_off+q_len)
     compressed_mask: Tensor | None = None  # (b|1, count, 1, 1, W)
-    key_start: int = 0  # keys before it are never read (a single query's window is a slice)
 
 
 class WindowPlan:
@@ -189,9 +188,6 @@ class WindowPlan:
 
     def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
         W, dev = self.W, self.doc_start.device
-        if self.all_valid and k_first >= 2 and q_len == 1 and not self.compress:
-            # One query (a decoding step) reads the last W keys: a slice, no mask.
-            return Part(k_first, count, q_off, q_len, None, key_start=q_off + 1)
         ks = torch.arange(k_first, k_first + count, device=dev)
         band = _band(W, q_off, q_len, dev)  # (m, j), shared read-only between calls
         if self.all_valid and k_first >= 2:
@@ -305,7 +301,7 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
         done += kc * m
         k0 = (part.k_first - 1) * W - lo  # keys from the start of the previous block
         if kc == 1:
-            keys = slice(k0 + part.key_start, k0 + W + part.q_off + m)
+            keys = slice(k0, k0 + W + part.q_off + m)
             kp, vp = k_frame[:, keys].unsqueeze(1), v_frame[:, keys].unsqueeze(1)  # (b, 1, j, h, d)
         else:  # full blocks: keys of block k-1 and block k side by side
             blocks = lambda t: t[:, k0:k0 + (kc + 1) * W].view(b, kc + 1, W, *t.shape[2:])
@@ -353,13 +349,14 @@ def append(cache: Tensor | None, new: Tensor, capacity: int) -> Tensor:
 
 
 def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple, plan: WindowPlan, *,
-                   scale: float, flash: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, flash: bool, dropout: float = 0.0
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """The attention of a decoding step (`plan.single`): the query q (b, 1, h, d) reads the last
     keys of the cache and its own key k; q and k come rotated. Returns the output (b, 1, h, d)
     and the next cache's keys and values: the cache grown by the new token."""
     keys, values = (append(c, new, 2 * plan.W) for c, new in ((cache[0], k), (cache[1], v)))
     t = lambda x: x[:, plan.step_keys:].transpose(1, 2)  # (b, h, j, d)
-    out = attend(q.transpose(1, 2), t(keys), t(values), None, scale, flash)
+    out = attend(q.transpose(1, 2), t(keys), t(values), None, scale, flash, dropout)
     return out.transpose(1, 2), keys, values
 
 
@@ -380,11 +377,13 @@ class WindowAttention(nn.Module):
         """x (b, n, e); cache = (keys, values, compressed or None) from the last call."""
         b, n, _ = x.shape
         h, scale = self.heads, self.dim_head ** -0.5
+        drop = self.dropout if self.training else 0.0
         qkv = self.qkv(x).view(b, n, 3 * h, self.dim_head)
         qk = self.rotary(qkv[:, :, :2 * h], plan.L)  # at positions after the L cached tokens
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, 2 * h:]
         if plan.single:
-            y, keys, values = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash)
+            y, keys, values = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash,
+                                             dropout=drop)
             return self.out(y.reshape(b, n, -1)), (keys, values, None)
         k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
         compressed, next_comp = None, None
@@ -392,7 +391,7 @@ class WindowAttention(nn.Module):
             compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
                                                            self.rotary)
         y = window_attention(q, k_frame, v_frame, plan, self.rotary, scale=scale,
-                             flash=self.flash, dropout=self.dropout if self.training else 0.0,
+                             flash=self.flash, dropout=drop,
                              compressed=compressed, c=self.compressor.c if self.compressor else 1)
         y = self.out(y.reshape(b, n, -1))
         return y, (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp)

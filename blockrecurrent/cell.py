@@ -142,16 +142,38 @@ class RecurrentCell(nn.Module):
         # cache holds rotated keys).
         q = self.rotary(normed(q, self.scales[0]), plan.L)
         k = self.rotary(F.normalize(k, dim=-1), plan.L)
+        drop = self.dropout if self.training else 0.0
         if plan.single:  # a decoding step: no block completes, the state stays
             self_out, keys, values = step_attention(q, k, v, cache, plan, scale=1.0,
-                                                    flash=self.flash)
+                                                    flash=self.flash, dropout=drop)
             kv = state_kv if state_kv is not None else self.state_keys_values(state)
-            t = lambda y: y.transpose(1, 2)  # (b, h, ., d)
-            cross = t(attend(t(normed(q2, self.scales[1])), t(kv[0]), t(kv[1]), None, 1.0,
-                             self.flash))
-            y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross.reshape(b, n, -1)],
-                                         dim=-1))
-            return y, (keys, values, None), state, kv
+            block_kv, next_cache, parts = [kv], (keys, values, None), [(1, n)]
+        else:
+            self_out, block_kv, state, kv, next_cache = self._blocks(q, k, v, cache, state, plan,
+                                                                     state_kv, drop)
+            parts = [(part.count, part.q_len) for part in plan.parts]
+
+        # Every block's tokens read the state that block started from: (K_s, V_s) in block_kv.
+        cross_out, done, i = [], 0, 0
+        for kc, m in parts:
+            # (b, k, s, h, d); a view when the part is one block
+            sk, sv = (stack(t, dim=1) for t in zip(*block_kv[i:i + kc]))
+            qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
+            t = lambda y: y.transpose(2, 3)
+            out = attend(t(qp), t(sk), t(sv), None, 1.0, self.flash, drop)
+            cross_out.append(t(out).reshape(b, kc * m, -1))
+            done, i = done + kc * m, i + kc
+        cross = cat(cross_out, dim=1)
+        y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
+        return y, next_cache, state, kv
+
+    def _blocks(self, q: Tensor, k: Tensor, v: Tensor, cache: tuple, state: Tensor,
+                plan: WindowPlan, state_kv, drop: float):
+        """A call over the frame: the state through every block that completes, then window
+        attention of all blocks at once. q, k rotated. Returns the self-attention output
+        (b, n, h, d), the (K_s, V_s) of each query block's incoming state, the last state, its
+        (K_s, V_s) if the call ends inside a block (else None), and the next cache."""
+        b = q.shape[0]
         k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
         W = plan.W
 
@@ -174,40 +196,27 @@ class RecurrentCell(nn.Module):
                     fb = torch.cat([fb.new_zeros(b, W, *fb.shape[2:]), fb], dim=1)
                 fb = fb.view(b, hi - lo + 1, W, *fr.shape[2:])
                 windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
-        kv, state_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
+        kv, block_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
         for blk in blocks:
             if complete and blk <= complete[-1]:  # block complete: advance the state
                 sk, sv, sq, sq2 = self.state_projections(state)
                 sk = F.normalize(sk, dim=-1)
-                state_kv.append((sk, sv))
+                block_kv.append((sk, sv))
                 tk, tv = windows[0][blk - lo], windows[1][blk - lo]  # (b, 2W, h, d)
                 state = self.update(state, sk, sv, sq, sq2, tk, tv, plan.state_key_mask(blk))
                 kv = None
             else:  # the call ends inside this block: its tokens only read K_s, V_s
                 kv = kv if kv is not None else self.state_keys_values(state)
-                state_kv.append(kv)
+                block_kv.append(kv)
 
         # Vertical direction: all blocks at once.
         compressed, next_comp = None, None
         if self.compressor is not None:
             compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
                                                            self.rotary)
-        drop = self.dropout if self.training else 0.0
         self_out = window_attention(q, k_frame, v_frame, plan,
                                     self.rotary, scale=1.0, flash=self.flash, dropout=drop,
                                     compressed=compressed,
                                     c=self.compressor.c if self.compressor else 1)
-        cross_out, done, i = [], 0, 0
-        for part in plan.parts:
-            m, kc = part.q_len, part.count
-            # (b, k, s, h, d); a view when the part is one block
-            sk, sv = (stack(t, dim=1) for t in zip(*state_kv[i:i + kc]))
-            qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
-            t = lambda y: y.transpose(2, 3)
-            out = attend(t(qp), t(sk), t(sv), None, 1.0, self.flash, drop)
-            cross_out.append(t(out).reshape(b, kc * m, -1))
-            done, i = done + kc * m, i + kc
-        cross = cat(cross_out, dim=1)
-        y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
-        return y, (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp), \
-            state, kv
+        next_cache = (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp)
+        return self_out, block_kv, state, kv, next_cache
