@@ -33,6 +33,15 @@ from .attention import (CompressedMemory, Rotary, WindowPlan, attend, cat, stack
 from .config import BlockRecurrentConfig
 
 
+def retention_bias(shape, max_blocks: float = 64.0) -> Tensor:
+    """Gate biases b with sigmoid(b) spread over timescales of 2 to `max_blocks` blocks: b =
+    log(u), u ~ U(1, max_blocks - 1), the "chrono" initialisation of LSTM forget gates (Tallec &
+    Ollivier 2018). A channel with g = sigmoid(b) keeps g^k of what it held k blocks ago; the
+    paper's b ~ N(0, 0.1) starts every channel near g = 0.5 (1/32 left after 5 blocks), and Adam
+    moves b by about lr per step, far too slowly to learn long retention in a short run."""
+    return torch.empty(shape).uniform_(1.0, max_blocks - 1.0).log()
+
+
 class FixedGate(nn.Module):
     """s' = s * g + z * (1 - g), g = sigmoid(b) a learned per-channel constant (Rec:fixed)."""
 

@@ -5,6 +5,7 @@
     brt generate CHECKPOINT [--prompt TEXT | --prompt-file FILE] ...  -> generation.generate_text
     brt compare  [--config FILE] [--preset NAME] [--out DIR] [key=value ...]  -> evaluate.compare
     brt bench    ...                                                          -> bench.main
+    brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes
     brt run      [--out DIR] [--quick] [key=value ...]                        -> cli.main_job
 
 Mistakes a user can make (a missing directory, an unknown option) print `error: <message>` and
@@ -61,7 +62,8 @@ def cmd_eval(args) -> int:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
         dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
-        device=args.device, out_dir=out)
+        device=args.device, out_dir=out, reset_state=args.reset_state,
+        name=f"eval-{args.split}" + ("-state-reset" if args.reset_state != "carry" else ""))
     print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "
           f"{human_count(res['non_embedding_params'])} non-embedding)")
     print(f"data: {res['data']!r}, {args.split} split: {res['documents']} documents, "
@@ -100,6 +102,35 @@ def cmd_bench(args) -> int:
     from . import bench
 
     bench.main(args)
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .config import BlockRecurrentConfig
+    from .probes import PROBE_MODEL, evaluate_saved, probe_table, run_probes, write_probe_report
+    from .train import _parse_value
+
+    settings = dict(PROBE_MODEL)
+    for item in _overrides(args.overrides):
+        key, value = item.split("=", 1)
+        key = key.strip().removeprefix("model.")
+        if key not in BlockRecurrentConfig.__dataclass_fields__ or key == "extra":
+            raise ValueError(f"unknown model setting {key!r}; see BlockRecurrentConfig")
+        settings[key] = _parse_value(value, object)
+    if isinstance(settings.get("recurrent_layers"), list):
+        settings["recurrent_layers"] = tuple(settings["recurrent_layers"])
+    task = dict(kind=args.kind, num_keys=args.keys, distances=args.distances,
+                queries=args.queries, lead=args.lead)
+    if args.model is not None:
+        rows = evaluate_saved(args.model, **task)
+    else:
+        rows = run_probes(BlockRecurrentConfig(**settings), **task, models=args.models,
+                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          seeds=args.seeds,
+                          save_dir=Path(args.out) / "models" if args.save_models else None)
+    paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
+    print(probe_table(rows, markdown=False))
+    print("wrote " + ", ".join(p for p in paths.values() if p))
     return 0
 
 
@@ -443,6 +474,10 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--cache-dir", default="data_cache",
                    help="directory for the tokenized held-out documents (default: %(default)s)")
+    p.add_argument("--reset-state", choices=("carry", "every-segment"), default="carry",
+                   help="carry the recurrent state across segments (default), or reset it to "
+                        "the initial state at every segment (the state ablation; the window's "
+                        "cache still carries)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write eval-<split>.json and .png (default: CHECKPOINT/eval)")
 
@@ -496,6 +531,39 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
             p.set_defaults(func=unavailable)
         else:
             bench.add_arguments(p)
+
+    p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
+            "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "
+            "recall tasks (keys placed d blocks before the questions, after filler) and print "
+            "accuracy by distance and number of keys; writes probe.json, probe.md, probe.png. "
+            "key=value settings change the probe model (default: 2 layers, dim 64, W = S = 16).")
+    p.add_argument("--kind", choices=("keys", "pairs"), default="keys",
+                   help="keys: recall K keys in order; pairs: K key->value pairs, questions "
+                        "key -> value (default: %(default)s)")
+    p.add_argument("--keys", type=_positive_int, nargs="+", default=[1, 2, 4], metavar="K",
+                   help="numbers of keys (or pairs) to store (default: 1 2 4)")
+    p.add_argument("--distances", type=_positive_int, nargs="+", default=[1, 2, 3, 4, 5, 6],
+                   metavar="D", help="blocks from the keys to the questions (default: 1-6)")
+    p.add_argument("--queries", type=_positive_int, default=1,
+                   help="pairs: questions at the end (default: %(default)s)")
+    p.add_argument("--lead", type=int, default=2,
+                   help="filler blocks before the keys (default: %(default)s)")
+    p.add_argument("--models", nargs="+", choices=("recurrent", "slide"),
+                   default=["recurrent", "slide"], help="models to train (default: both)")
+    p.add_argument("--steps", type=_positive_int, default=300,
+                   help="training steps per run (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="sequences per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 2e-3)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="evaluate this saved model instead of training new ones")
+    p.add_argument("--save-models", action="store_true",
+                   help="save every trained model under OUT/models/")
+    p.add_argument("--out", default="runs/probe", metavar="DIR",
+                   help="output directory (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="probe model settings, e.g. gate=lstm num_state_vectors=32")
 
     p = add("run", cmd_run, "the main job: train, evaluate and sample; write a report",
             "Train the small model on the built-in corpus (the CPython standard library), "

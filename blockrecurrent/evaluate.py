@@ -33,6 +33,7 @@ from .data import DocumentLanes, TokenizedCorpus
 from .model import BlockRecurrentTransformer
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
+RESET_STATE = ("carry", "every-segment")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 LN2 = math.log(2)
@@ -173,8 +174,14 @@ def cheapest_batch_size(corpus: TokenizedCorpus, max_batch: int = 8, max_docs=No
 def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch_size: int = 8,
              segment_len: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              dtype=None, max_docs: int | None = None, max_tokens: int | None = None,
-             device=None, progress: bool = True, desc: str = "eval") -> dict:
+             device=None, progress: bool = True, desc: str = "eval",
+             reset_state: str = "carry") -> dict:
     """Loss of `model` on every document of `corpus`, each read once in full from its start.
+
+    reset_state: "carry" (the default, as in training) carries the recurrent states from segment
+    to segment; "every-segment" starts every segment from the learned initial state while the
+    block caches still carry the window across segments: the state ablation, whose difference
+    from "carry" by position is the gain due to the state.
 
     segment_len: tokens per model call (default model.config.max_seq_len; a multiple of
     block_width, so documents start on block boundaries). max_docs: only the first max_docs
@@ -195,6 +202,8 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
                         f"got {type(corpus).__name__}")
     segment_len, buckets, dtype = _check_args(model, batch_size, segment_len, buckets, dtype,
                                               max_docs, max_tokens)
+    if reset_state not in RESET_STATE:
+        raise ValueError(f"reset_state must be one of {RESET_STATE}, got {reset_state!r}")
     cfg = model.config
     if corpus.vocab_size > cfg.num_tokens:
         raise ValueError(f"the corpus was tokenized with a vocabulary of {corpus.vocab_size} but "
@@ -220,6 +229,8 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     start = time.perf_counter()
     try:
         for batch in lanes:
+            if reset_state == "every-segment":
+                states = None  # the learned initial state; the caches still carry the window
             with autocast:
                 logits, mems, states = model(batch["inputs"].to(device), xl_memories=mems,
                                              states=states, reset=batch["reset"].to(device))
@@ -271,6 +282,7 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
         "per_document": per_doc,
         "segment_len": segment_len,
         "batch_size": batch_size,
+        "reset_state": reset_state,
         "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
         "padding_fraction": lanes.padding_fraction,
         "seconds": seconds,
@@ -332,6 +344,35 @@ def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
+def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, **kwargs) -> dict:
+    """The same model evaluated with the state carried and with it reset at every segment
+    (`evaluate` keywords otherwise), and the gain due to the state by position bucket:
+    {"carry": ..., "reset": ..., "gain": [{"label", "tokens", "carry", "reset",
+    "gain_bits", "gain_percent"}]} where gain = reset - carry bits per token (> 0: the state
+    helps)."""
+    carry = evaluate(model, corpus, reset_state="carry", desc="eval, state carried", **kwargs)
+    reset = evaluate(model, corpus, reset_state="every-segment", desc="eval, state reset",
+                     **kwargs)
+    gain = []
+    for c, r in zip(carry["buckets"] + [dict(carry, label="all")],
+                    reset["buckets"] + [dict(reset, label="all")]):
+        ok = c["bits_per_token"] is not None
+        gain.append({"label": c["label"], "tokens": c["tokens"], "carry": c["bits_per_token"],
+                     "reset": r["bits_per_token"],
+                     "gain_bits": r["bits_per_token"] - c["bits_per_token"] if ok else None,
+                     "gain_percent": 100 * (r["bits_per_token"] / c["bits_per_token"] - 1)
+                     if ok else None})
+    return {"carry": carry, "reset": reset, "gain": gain}
+
+
+def ablation_table(ablation: dict, markdown: bool = False) -> str:
+    header = ["positions", "tokens", "state carried", "state reset", "gain (bits/token)",
+              "gain (%)"]
+    rows = [[g["label"], f"{g['tokens']:,}", _fmt(g["carry"]), _fmt(g["reset"]),
+             _fmt(g["gain_bits"]), _fmt(g["gain_percent"], 2)] for g in ablation["gain"]]
+    return _table(header, rows, markdown)
+
+
 def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str = "test",
                         text_field: str | None = None, val_fraction: float = 0.05,
                         test_fraction: float = 0.05, cache_dir="data_cache",
@@ -339,7 +380,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
                         buckets: Sequence[int] = DEFAULT_BUCKETS, dtype=None,
                         max_docs: int | None = None, max_tokens: int | None = None,
                         device: str = "cpu", out_dir=None, name: str | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, reset_state: str = "carry") -> dict:
     """Load a saved model directory (config.json, model.safetensors, tokenizer files), evaluate
     it on the held-out `split` of `data` (the other arguments as in `evaluate`) and, with
     out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
@@ -366,7 +407,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
                           test_fraction=test_fraction, cache_dir=cache_dir)
     results = evaluate(model, corpus, batch_size=batch_size, segment_len=segment_len,
                        buckets=buckets, dtype=dtype, max_docs=max_docs, max_tokens=max_tokens,
-                       device=device, progress=progress, desc=f"eval {split}")
+                       device=device, progress=progress, desc=f"eval {split}",
+                       reset_state=reset_state)
     results.update(model_dir=str(model_dir), data=os.fspath(data), split=split)
     if out_dir is not None:
         results["report"] = write_eval_report(results, out_dir, name or f"eval-{split}")

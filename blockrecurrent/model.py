@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import WindowAttention, WindowPlan, stack
-from .cell import FixedGate, LSTMGate, RecurrentCell, mlp
+from .cell import FixedGate, LSTMGate, RecurrentCell, mlp, retention_bias
 from .config import BlockRecurrentConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -140,29 +140,40 @@ class BlockRecurrentTransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Every initialisation of the model, in one place."""
-        std, depth = 0.02, self.config.depth
+        """Every initialisation of the model, in one place.
+
+        Linear layers start at std 1/sqrt(fan_in), the variance scaling of the official code
+        (meliad). Under Adam, whose steps are about lr per weight whatever the weight's size,
+        small weights take large relative steps: with GPT-2's std 0.02 a step of lr 2e-3 moves a
+        weight by 10% of its size, and on the recall probe the state lost in the first 50 steps
+        what it held at initialisation (linear probes of the key fell from 0.99 to 0.4) and
+        recall stayed at chance. Embeddings keep std 0.02: their fast relative steps let the
+        tokens to be remembered become distinct early (the probe learns faster than at std 1)."""
+        cfg = self.config
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                fan_in = module.weight[0].numel()
+                nn.init.normal_(module.weight, std=fan_in ** -0.5)
+                if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+        # After the generic loop: these override what it set for their children.
+        for module in self.modules():
             if isinstance(module, RecurrentCell):
                 nn.init.normal_(module.state_ids, std=1.0)  # paper: ids added after the norm
                 nn.init.normal_(module.initial_state, std=0.1)
-                module.scales.fill_(self.config.dim_head ** 0.5)
+                module.scales.fill_(cfg.dim_head ** 0.5)
             elif isinstance(module, FixedGate):
-                nn.init.normal_(module.bias, std=0.1)  # g = sigmoid(b) starts near 0.5
+                module.bias.copy_(retention_bias(module.bias.shape))
             elif isinstance(module, LSTMGate):
-                nn.init.normal_(module.proj.weight, std=1e-3)  # gates start at their +-1 offsets
-                nn.init.zeros_(module.proj.bias)
-        for layer in self.layers:
-            # Projections into the residual stream: GPT-2's 1/sqrt(2 * depth) scaling.
-            out = layer.attn.token_out if layer.recurrent else layer.attn.out
-            for w in (out.weight, layer.mlp[2].weight):
-                nn.init.normal_(w, std=std / (2 * depth) ** 0.5)
+                # The official code's gate kernels: variance scaling 0.1, bias N(0, 0.1), so the
+                # gates start near their +1 (forget) and -1 (input) offsets.
+                fan_in = module.proj.weight.shape[1]
+                nn.init.normal_(module.proj.weight, std=(0.1 / fan_in) ** 0.5)
+                nn.init.normal_(module.proj.bias, std=0.1)
 
     @property
     def recurrent_cells(self) -> list[RecurrentCell]:

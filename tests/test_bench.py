@@ -119,8 +119,10 @@ def test_command_line(tmp_path, capsys):
     assert B.cli(["--config", str(cfg_path), "--lengths", "16", "--modes", "infer",
                   "--no-baselines", "--repeats", "1", "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
-    assert [(r["model"], r["mode"], r["length"]) for r in res["results"]] == \
-        [("slide", "infer", 16)]
+    # "auto" dtypes: bf16 too where this CPU has native bf16 kernels (AVX512-BF16 / AMX)
+    dtypes = ["fp32", "bf16"] if B.bf16_is_fast(torch.device("cpu")) else ["fp32"]
+    assert [(r["model"], r["mode"], r["length"], r["dtype"]) for r in res["results"]] == \
+        [("slide", "infer", 16, d) for d in dtypes]
     assert "| infer | fp32 | slide | 1 x 16 |" in capsys.readouterr().out
     assert B.cli(["--preset", "tiny", "depth=3", "recurrent_layers=[2]", "--lengths", "16",
                   "--modes", "infer", "--no-baselines", "--repeats", "1",

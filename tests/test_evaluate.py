@@ -203,3 +203,29 @@ def test_cheapest_batch_size(corpus):
     g = cheapest_batch_size(corpus, max_batch=8)
     assert 1 <= g <= 8
     assert cheapest_batch_size(corpus, max_batch=1) == 1
+
+
+def test_state_ablation_resets_only_the_state(model, corpus):
+    """Resetting the state at every segment changes the losses of documents longer than one
+    segment (their first segment is unchanged), and nothing for a model without state."""
+    from blockrecurrent.evaluate import ablation_table, state_ablation
+
+    ab = state_ablation(model, corpus, batch_size=2, buckets=BUCKETS, progress=False)
+    carry, reset = ab["carry"], ab["reset"]
+    assert reset["reset_state"] == "every-segment" and carry["reset_state"] == "carry"
+    assert carry["tokens"] == reset["tokens"]
+    first = [b for b in carry["buckets"] if b["end"] is not None and b["end"] <= 32]
+    for b, r in zip(first, reset["buckets"]):  # positions inside the first segment
+        assert b["loss"] == pytest.approx(r["loss"], rel=1e-6)
+    assert carry["loss"] != pytest.approx(reset["loss"], rel=1e-6)
+    gain = {g["label"]: g for g in ab["gain"]}
+    assert gain["all"]["gain_bits"] == pytest.approx(
+        reset["bits_per_token"] - carry["bits_per_token"])
+    assert "state reset" in ablation_table(ab)
+
+    torch.manual_seed(0)
+    slide = BlockRecurrentTransformer(preset("tiny", max_seq_len=32, recurrent_layers=())).eval()
+    ab = state_ablation(slide, corpus, batch_size=2, buckets=BUCKETS, progress=False)
+    assert ab["carry"]["loss"] == ab["reset"]["loss"]
+    with pytest.raises(ValueError, match="reset_state"):
+        evaluate(model, corpus, reset_state="never", progress=False)

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from blockrecurrent import BlockRecurrentConfig
+from blockrecurrent.probes import (IGNORE, PROBE_MODEL, RecallTask, probe_table, run_probes,
+                                   write_probe_report)
+
+
+def test_keys_task_layout():
+    task = RecallTask(block_width=8, kind="keys", num_keys=2, distance=3, lead=1)
+    seq, targets = task.batch(64, torch.Generator().manual_seed(0))
+    assert seq.shape == targets.shape == (64, task.length) and task.length == 5 * 8
+    A, marker = task.alphabet, 2 * task.alphabet
+    src = seq[:, 8:16]
+    for row in range(64):
+        keys = src[row][src[row] < A]  # the source block's keys, in order
+        assert keys.tolist() == seq[row, -2:].tolist()
+        assert seq[row, -3] == marker
+        # Nothing outside the source block and the questions is a key or the marker.
+        rest = torch.cat([seq[row, :8], seq[row, 16:-3]])
+        assert (rest > marker).all()
+    assert (targets[:, :-3] == IGNORE).all() and (targets[:, -3:-1] == seq[:, -2:]).all()
+    assert (targets[:, -1] == IGNORE).all()
+    # 3 blocks of 8 minus the question tail: 21 tokens > 2 layers x 7 tokens of reach.
+    assert task.min_gap == 3 * 8 - 2 and task.beyond_reach(depth=2)
+    assert not RecallTask(block_width=8, distance=1).beyond_reach(depth=2)
+
+
+def test_pairs_task_layout():
+    task = RecallTask(block_width=16, kind="pairs", num_keys=4, queries=2, distance=2)
+    seq, targets = task.batch(32, torch.Generator().manual_seed(1))
+    A = task.alphabet
+    for row in range(32):
+        src = seq[row, 32:48].tolist()
+        pairs = {src[i]: src[i + 1] for i in range(0, 16, 2) if src[i] < A}
+        assert len(pairs) == 4 and all(A <= v < 2 * A for v in pairs.values())
+        q = seq[row, -4:].tolist()
+        assert pairs[q[0]] == q[1] and pairs[q[2]] == q[3] and q[0] != q[2]
+        assert targets[row, -4] == q[1] and targets[row, -2] == q[3]
+    assert (targets != IGNORE).sum() == 32 * 2
+
+
+def test_bad_tasks_are_rejected():
+    with pytest.raises(ValueError, match="kind"):
+        RecallTask(block_width=8, kind="copy")
+    with pytest.raises(ValueError, match="do not fit"):
+        RecallTask(block_width=4, num_keys=4)
+    with pytest.raises(ValueError, match="queries"):
+        RecallTask(block_width=16, kind="pairs", num_keys=2, queries=3)
+    with pytest.raises(TypeError, match="distance"):
+        RecallTask(block_width=16, distance=0)
+    with pytest.raises(ValueError, match="unknown probe model"):
+        run_probes(models=("xl",))
+
+
+def test_the_state_recalls_beyond_the_window_and_slide_does_not(tmp_path):
+    """The paper's claim in miniature, through the probe suite: one key, three blocks before the
+    question (beyond two window layers' reach), after a block of filler, so the state that
+    stores it is not the initial one."""
+    base = BlockRecurrentConfig(**{**PROBE_MODEL, "block_width": 8, "num_state_vectors": 8})
+    rows = run_probes(base, num_keys=(1,), distances=(3,), lead=1, steps=150, log=None)
+    acc = {r["model"]: r["accuracy"] for r in rows}
+    assert rows[0]["beyond_reach"]
+    assert acc["recurrent"] > 0.9
+    assert acc["slide"] < 1 / 8 + 0.07
+    paths = write_probe_report(rows, tmp_path)
+    assert json.loads((tmp_path / "probe.json").read_text())[0]["model"] == "recurrent"
+    assert "recurrent K=1" in probe_table(rows) and paths["md"].endswith("probe.md")
