@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+PROBE_DISTANCES = (2, 4, 6)  # the main job's recall probe, in blocks
+
 # Errors that mean "the user asked for something impossible", not "the program is broken".
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, ImportError)
@@ -190,8 +192,11 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     import torch
 
     from .data import load_documents, load_tokenizer, split_documents
-    from .evaluate import (auto_batch_size, check_reusable, eval_device, eval_table, evaluate,
-                           load_heldout, train_or_reuse, write_eval_report)
+    from .config import BlockRecurrentConfig
+    from .evaluate import (ablation_table, auto_batch_size, check_reusable, eval_device,
+                           eval_table, evaluate, load_heldout, state_ablation, train_or_reuse,
+                           write_eval_report)
+    from .probes import PROBE_MODEL, probe_table, run_probes, write_probe_report
     from .generation import generate_text
     from .model import BlockRecurrentTransformer
     from .train import load_train_config
@@ -213,12 +218,12 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     started = time.perf_counter()
     _warn_if_busy()
 
-    print(f"[1/3] training ({config or 'preset small'}) -> {tc.out_dir}", file=sys.stderr)
+    print(f"[1/5] training ({config or 'preset small'}) -> {tc.out_dir}", file=sys.stderr)
     summary = train_or_reuse(model_config, tc, "main job")
     train_dir = Path(tc.out_dir)
     model_dir = Path(summary["model_dir"])
 
-    print("[2/3] evaluating on the held-out test documents", file=sys.stderr)
+    print("[2/5] evaluating on the held-out test documents", file=sys.stderr)
     device = eval_device(tc)
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
     tokenizer = load_tokenizer(model_dir)
@@ -230,7 +235,19 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     results.update(model_dir=str(model_dir), data=tc.data, split="test")
     results["report"] = write_eval_report(results, out, "eval-test")
 
-    print("[3/3] sampling a continuation of a held-out document", file=sys.stderr)
+    # Does the state help? The same model with its state reset at every segment (the window's
+    # cache still carried), and a short recall probe of the cell against Slide.
+    print("[3/5] the state ablation: the same evaluation, state reset at every segment",
+          file=sys.stderr)
+    ablation = state_ablation(model, corpus, carry=results, batch_size=batch,
+                              max_tokens=max_eval_tokens, device=device)
+    print("[4/5] recall probe: the recurrent cell against Slide", file=sys.stderr)
+    probe_rows = run_probes(BlockRecurrentConfig(**PROBE_MODEL), num_keys=(1,),
+                            distances=PROBE_DISTANCES[:1] if quick else PROBE_DISTANCES,
+                            steps=20 if quick else 300, log=None)
+    probe_paths = write_probe_report(probe_rows, out / "probe", title="recall probe, K=1")
+
+    print("[5/5] sampling a continuation of a held-out document", file=sys.stderr)
     test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
     prompt_doc, prompt = _sample_prompt(test_docs)
     sample = generate_text(model_dir, prompt=prompt, max_new_tokens=sample_tokens,
@@ -248,9 +265,13 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
            "params": model.num_params(non_embedding=False),
            "non_embedding_params": model.num_params(),
            "torch_threads": torch.get_num_threads(), "device": device,
+           "state_ablation": ablation["gain"], "probe": probe_rows,
+           "probe_report": probe_paths,
            "wall_seconds": time.perf_counter() - started}
     (out / "results.json").write_text(json.dumps(job, indent=2, default=str) + "\n")
-    readme = _report_markdown(job, out, train_dir, model_dir, eval_table(results, markdown=True))
+    readme = _report_markdown(job, out, train_dir, model_dir, eval_table(results, markdown=True),
+                              ablation_table(ablation, markdown=True),
+                              probe_table(probe_rows, markdown=True))
     (out / "README.md").write_text(readme)
     print(eval_table(results))
     print(f"test bits per byte: {results['bits_per_byte']:.4f} over {results['documents']} "
@@ -279,7 +300,8 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
-def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str) -> str:
+def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
+                     ablation: str, probe: str) -> str:
     from .evaluate import human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
@@ -342,6 +364,25 @@ the whole set (exact for the byte tokenizer); empty buckets show n/a.
 {trend}
 
 {chr(10).join(plots)}
+
+## Does the state help?
+
+The same model and documents, evaluated once more with the recurrent state reset to its learned
+initial value at the start of every segment ({mc.get("max_seq_len")} tokens) while the block
+caches still carry the sliding window across segments. The gain (state reset minus state
+carried, in bits per token; positive: the state helps) is what the state contributes at each
+position beyond what the window sees:
+
+{ablation}
+
+A recall probe of the cell itself (`brt probe`): fresh 2-layer models (dim 64, W = S = 16)
+trained for {job["probe"][0]["steps"]} steps to recall one key placed d blocks before the
+question, after filler; "slide" has no recurrent layer ("(w)": the key is within its windows'
+reach). Chance is {job["probe"][0]["chance"]:.3f}.
+
+{probe}
+
+{"![recall probe](probe/probe.png)" if job["probe_report"].get("png") else ""}
 
 ## Sample
 

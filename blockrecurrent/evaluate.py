@@ -344,13 +344,17 @@ def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:
     return None
 
 
-def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, **kwargs) -> dict:
+def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *,
+                   carry: dict | None = None, **kwargs) -> dict:
     """The same model evaluated with the state carried and with it reset at every segment
-    (`evaluate` keywords otherwise), and the gain due to the state by position bucket:
+    (`evaluate` keywords otherwise; `carry`: the carried evaluation if already made with the
+    same keywords), and the gain due to the state by position bucket:
     {"carry": ..., "reset": ..., "gain": [{"label", "tokens", "carry", "reset",
     "gain_bits", "gain_percent"}]} where gain = reset - carry bits per token (> 0: the state
     helps)."""
-    carry = evaluate(model, corpus, reset_state="carry", desc="eval, state carried", **kwargs)
+    if carry is None:
+        carry = evaluate(model, corpus, reset_state="carry", desc="eval, state carried",
+                         **kwargs)
     reset = evaluate(model, corpus, reset_state="every-segment", desc="eval, state reset",
                      **kwargs)
     gain = []

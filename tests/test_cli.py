@@ -11,7 +11,7 @@ from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cli import build_parser, main
 from blockrecurrent.data import ByteTokenizer
 
-COMMANDS = ("train", "eval", "generate", "compare", "bench", "run")
+COMMANDS = ("train", "eval", "generate", "compare", "bench", "probe", "run")
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,40 @@ def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
         assert "![test loss by position](eval-test.png)" in readme
     res = json.loads((out / "results.json").read_text())
     assert res["train_summary"]["step"] == 2 and res["eval"]["tokens"] > 0
+    # The state section: the ablation by position and the recall probe.
+    assert "## Does the state help?" in readme and "state reset" in readme
+    gain = {g["label"]: g for g in res["state_ablation"]}
+    assert gain["all"]["tokens"] == res["eval"]["tokens"]
+    assert gain["all"]["carry"] == pytest.approx(res["eval"]["bits_per_token"])
+    assert {r["model"] for r in res["probe"]} == {"recurrent", "slide"}
+    assert (out / "probe" / "probe.json").is_file()
     # The exported model works with the other commands.
     code, _, err = run(capsys, "generate", out / "train" / "model", "--prompt", "def",
                        "--max-new-tokens", "4", "--threads", "1")
     assert code == 0, err
+
+
+def test_probe_command(capsys, tmp_path):
+    """brt probe trains both models on a tiny setting, writes the report, and evaluates a saved
+    model; bad settings exit 2 before any training."""
+    out = tmp_path / "probe"
+    code, stdout, err = run(capsys, "probe", "--threads", "1", "--keys", "1", "--distances", "3",
+                            "--lead", "1", "--steps", "3", "--save-models", "--out", out,
+                            "block_width=8", "num_state_vectors=8", "gate=lstm")
+    assert code == 0, err
+    assert "recurrent K=1" in stdout and (out / "probe.md").is_file()
+    rows = json.loads((out / "probe.json").read_text())
+    assert [r["model"] for r in rows] == ["recurrent", "slide"] and rows[0]["steps"] == 3
+    saved = out / "models" / "recurrent-keys-K1-d3-s0"
+    assert json.loads((saved / "config.json").read_text())["gate"] == "lstm"
+    code, stdout, err = run(capsys, "probe", "--threads", "1", "--model", saved, "--keys", "1",
+                            "--distances", "2", "3", "--out", tmp_path / "eval")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "eval" / "probe.json").read_text())) == 2
+    code, _, err = run(capsys, "probe", "--out", tmp_path / "bad", "gatee=lstm")
+    assert code == 2 and "unknown model setting 'gatee'" in err
+    code, _, err = run(capsys, "probe", "--keys", "20", "--out", tmp_path / "bad")
+    assert code == 2 and "do not fit" in err
 
 
 def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
