@@ -545,15 +545,17 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
     p = add("compare", cmd_compare, "train and compare the recurrent model with Slide and XL",
-            "Train the recurrent model and the Slide and XL baselines from one config at equal "
-            "training tokens, evaluate all on the same held-out documents, and write "
-            "comparison.md, comparison.json and comparison.png.")
+            "Train the recurrent model, Slide at the same depth (the ablation of the state), "
+            "Slide with one more layer and XL from one config at equal training tokens and "
+            "optimizer steps, evaluate all on the same held-out documents (longest first), add "
+            "the recurrent model's state ablation, and write comparison.md, comparison.json "
+            "and comparison.png.")
     train_options(p)
     p.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="output directory, one sub-directory per model (default: %(default)s)")
     p.add_argument("--no-extra-layer", action="store_true",
-                   help="give the baselines the same depth instead of one more layer (by "
-                        "default they get one, as the paper's Slide:13L, to match parameters)")
+                   help="leave out Slide with one more layer (the paper's Slide:13L, matching "
+                        "the recurrent cell's parameters) and give XL the same depth")
     p.add_argument("--eval-batch-size", type=_positive_int, default=None,
                    help="documents read side by side in evaluation (default: 8 on a GPU; on a "
                         "CPU the number that leaves the least padding)")

@@ -34,6 +34,7 @@ from .model import BlockRecurrentTransformer
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
 RESET_STATE = ("carry", "every-segment")
+SELECT = ("first", "longest")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 LN2 = math.log(2)
@@ -130,12 +131,17 @@ def lane_plan(lengths, lanes: int) -> tuple[np.ndarray, int]:
     return order, max((int(lengths[d].sum()) for d in members if d), default=0)
 
 
-def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int
+def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int, select: str = "first"
             ) -> tuple[TokenizedCorpus, np.ndarray]:
     """The documents to evaluate as a corpus of their own, laid out for balanced lanes (see
     lane_plan) -> (corpus, original index of each of its documents). The results do not depend
-    on the layout: every row is reset at a document start."""
+    on the layout: every row is reset at a document start. select: which documents max_docs /
+    max_tokens keep, "first" in corpus order or "longest" first (fills the late positions)."""
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
     usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has nothing to predict
+    if select == "longest":
+        usable = usable[np.argsort(-corpus.doc_lengths[usable], kind="stable")]
     if max_docs is not None:
         usable = usable[:max_docs]
     if max_tokens is not None:  # whole documents only; always at least one
@@ -175,9 +181,11 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
              segment_len: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
              dtype=None, max_docs: int | None = None, max_tokens: int | None = None,
              device=None, progress: bool = True, desc: str = "eval",
-             reset_state: str = "carry") -> dict:
+             reset_state: str = "carry", select: str = "first") -> dict:
     """Loss of `model` on every document of `corpus`, each read once in full from its start.
 
+    select: which whole documents max_docs / max_tokens keep: "first" in corpus order, or the
+    "longest" first (so that every position bucket has tokens).
     reset_state: "carry" (the default, as in training) carries the recurrent states from segment
     to segment; "every-segment" starts every segment from the learned initial state while the
     block caches still carry the window across segments: the state ablation, whose difference
@@ -211,7 +219,7 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
                          f"model's own tokenizer (load_tokenizer(model_dir))")
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    sub, original = _select(corpus, max_docs, max_tokens, batch_size)
+    sub, original = _select(corpus, max_docs, max_tokens, batch_size, select)
     batch_size = min(batch_size, len(sub))
     lanes = DocumentLanes(sub, batch_size, segment_len, shuffle=False, loop=False)
     nb = len(buckets)
@@ -502,47 +510,46 @@ def write_eval_report(results: dict, out_dir: str | os.PathLike, name: str = "ev
 
 # --- comparison with the baselines -------------------------------------------------------
 
-MODEL_NAMES = {"recurrent": "Rec", "slide": "Slide", "xl": "XL"}
-
-
 def baseline_configs(config, extra_layer: bool = True) -> dict:
-    """The recurrent config and its two baselines (paper section 4), keyed by the trainer's
-    `baseline` names:
-    - "slide": the same sliding window and block cache, no recurrent layer. With extra_layer,
-      one more ordinary layer stands in for the recurrent cell's extra parameters, as the
-      paper's "Slide:13L" beside its 12-layer recurrent model;
-    - "xl": Slide trained on segments of one window (max_seq_len = block_width): Transformer-XL
-      with segment = window, the paper's "XL:W"."""
+    """The recurrent config and its baselines (paper section 4), name -> (model config, the
+    trainer's `baseline`):
+    - "slide": the same layers, window and block cache without the recurrent state: Rec:NL
+      against Slide:NL is the clean ablation of the state;
+    - "slide+1" (with extra_layer): one more ordinary layer standing in for the recurrent cell's
+      extra parameters, as the paper's Slide:13L beside its 12-layer recurrent model;
+    - "xl": Transformer-XL with segment = window (max_seq_len = block_width), the paper's XL:W,
+      as deep as the deepest Slide."""
     import dataclasses
 
     if not config.recurrent_layers:
         raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
                          "drop model.recurrent_layers=() from the settings")
-    slide = dataclasses.replace(config, recurrent_layers=(),
-                                depth=config.depth + (1 if extra_layer else 0))
-    return {"recurrent": config, "slide": slide,
-            "xl": dataclasses.replace(slide, max_seq_len=config.block_width)}
+    slide = dataclasses.replace(config, recurrent_layers=())
+    plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
+    if extra_layer:
+        slide = dataclasses.replace(slide, depth=config.depth + 1)
+        plan["slide+1"] = (slide, "slide")
+    plan["xl"] = (dataclasses.replace(slide, max_seq_len=config.block_width), "xl")
+    return plan
 
 
 def _label(name: str, config) -> str:
     """The paper's names: Rec:fixed:skip, Slide:13L, XL:512."""
     if name == "recurrent":
         return f"Rec:{config.gate}:{config.variant} ({config.depth}L)"
-    if name == "slide":
+    if name.startswith("slide"):
         return f"Slide:{config.depth}L"
     return f"XL:{config.block_width} ({config.depth}L)"
 
 
-def _scaled_train_config(tc, name: str, factor: int, out_dir: Path):
+def _scaled_train_config(tc, baseline: str, factor: int, out_dir: Path):
     """The training settings of one model: its baseline, its own out_dir, and (XL) `factor`
-    times the steps, so that steps x batch x segment, the training tokens, stay equal. Warmup,
-    evaluation, logging and checkpoint intervals scale along, so they fall at equal tokens."""
+    times the lanes, so that both the optimizer steps and the training tokens (steps x batch x
+    segment) stay equal."""
     import dataclasses
 
-    scaled = {k: getattr(tc, k) * factor for k in ("max_steps", "warmup_steps", "eval_interval",
-                                                     "log_interval", "save_interval")
-              if hasattr(tc, k)}
-    return dataclasses.replace(tc, baseline=name, out_dir=str(out_dir), **scaled)
+    return dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
+                               batch_size=tc.batch_size * factor)
 
 
 def _run_settings(model_config, train_config) -> dict:
@@ -602,14 +609,15 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
             extra_layer: bool = True, eval_batch_size: int | None = None,
             max_eval_tokens: int | None = None,
             splits: Sequence[str] = ("val", "test"), progress: bool = True) -> dict:
-    """Train the recurrent model and the Slide and XL baselines from one config (the trainer's
-    `load_train_config(config, preset, overrides)`) at equal training tokens, evaluate all on
-    the same held-out documents, and write out_dir/comparison.{md,json,png}.
+    """Train the recurrent model and its baselines (see baseline_configs) from one config (the
+    trainer's `load_train_config(config, preset, overrides)`) at equal training tokens and
+    equal optimizer steps, evaluate all on the same held-out documents (the longest first, so
+    that late positions are filled), add the state ablation of the recurrent model, and write
+    out_dir/comparison.{md,json,png}.
 
-    Each model trains in out_dir/<recurrent|slide|xl>. XL's segment is one window, so it takes
-    max_seq_len / block_width times the steps. With extra_layer the baselines get one more
-    ordinary layer in place of the recurrent cell's extra parameters (the paper's Slide:13L);
-    parameter counts are printed and tabulated. A model whose out_dir already holds a finished
+    Each model trains in out_dir/<name>. XL's segment is one window, so it reads
+    max_seq_len / block_width times the lanes per step. Parameter counts are printed and
+    tabulated. A model whose out_dir already holds a finished
     run with the same settings (summary.json) is reused, an interrupted one resumed, so an
     interrupted comparison continues where it stopped. Evaluation reads every model with the
     recurrent model's segment length (the results do not depend on it: memories are carried),
@@ -630,15 +638,15 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     out = Path(out_dir)
     segment = model_config.max_seq_len
     plan = {}
-    for name, mc in baseline_configs(model_config, extra_layer).items():
-        trained = apply_baseline(mc, name)  # what the trainer builds (num_tokens aside)
-        tci = _scaled_train_config(tc, name, segment // trained.max_seq_len, out / name)
+    for name, (mc, baseline) in baseline_configs(model_config, extra_layer).items():
+        trained = apply_baseline(mc, baseline)  # what the trainer builds (num_tokens aside)
+        tci = _scaled_train_config(tc, baseline, segment // trained.max_seq_len, out / name)
         check_reusable(mc, tci)  # other settings in the way: fail now, not after hours
         plan[name] = (mc, tci)
 
     print("models (parameters without embeddings):", file=sys.stderr)
     for name, (mc, tci) in plan.items():
-        trained = apply_baseline(mc, name)
+        trained = apply_baseline(mc, tci.baseline)
         print(f"  {_label(name, mc):24s} {BlockRecurrentTransformer(trained).num_params():>12,}  "
               f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}",
               file=sys.stderr)
@@ -661,13 +669,22 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
                 corpora[key] = load_heldout(tc.data, tokenizer, split, text_field=tc.text_field,
                                             cache_dir=tc.cache_dir or None)
             batch = eval_batch_size or auto_batch_size(corpora[key], device, max_eval_tokens)
-            res = evaluate(model, corpora[key], batch_size=batch, segment_len=segment,
-                           max_tokens=max_eval_tokens, device=device, progress=progress,
-                           desc=f"eval {name} {split}")
+            kw = dict(batch_size=batch, segment_len=segment, max_tokens=max_eval_tokens,
+                      device=device, progress=progress, select="longest")
+            res = evaluate(model, corpora[key], desc=f"eval {name} {split}", **kw)
+            if name == "recurrent" and split == splits[-1]:
+                run["state_ablation"] = state_ablation(model, corpora[key], carry=res,
+                                                       **kw)["gain"]
             res.pop("per_document")
             run["eval"][split] = res
 
     markdown = comparison_markdown(runs, splits)
+    gain = runs["recurrent"].get("state_ablation")
+    if gain:
+        markdown += ("\n\nThe state ablation of the recurrent model (" + splits[-1] +
+                     " split): the same model with its state reset to the initial state at every"
+                     " segment, the window's cache still carried; gain = reset - carried bits "
+                     "per token.\n\n" + ablation_table({"gain": gain}, markdown=True))
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(markdown + "\n")
     (out / "comparison.json").write_text(json.dumps(

@@ -188,25 +188,30 @@ def test_probe_command(capsys, tmp_path):
 
 
 def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
-    """Three tiny models at equal training tokens; a rerun reuses the finished runs."""
+    """Four tiny models at equal training tokens and steps; a rerun reuses the finished runs."""
     out = tmp_path / "cmp"
     argv = ["compare", "--threads", "1", "--config", tiny_config(tmp_path, corpus_dir),
             "--out", out, "--max-eval-tokens", "2000"]
     code, stdout, err = run(capsys, *argv)
     assert code == 0, err
     res = json.loads((out / "comparison.json").read_text())["models"]
-    assert list(res) == ["recurrent", "slide", "xl"]
-    rec, slide, xl = res.values()
-    # Equal segment positions: XL's segment is one block (16 of 64), so 4x the steps.
-    assert rec["summary"]["step"] == 2 and xl["summary"]["step"] == 8
-    assert slide["model_config"]["depth"] == rec["model_config"]["depth"] + 1
-    assert slide["model_config"]["recurrent_layers"] == []
-    assert xl["train_config"]["baseline"] == "xl" and xl["train_config"]["max_steps"] == 8
+    assert list(res) == ["recurrent", "slide", "slide+1", "xl"]
+    rec, slide, slide1, xl = res.values()
+    # Equal steps and segment positions: XL's segment is one block (16 of 64), so 4x the lanes.
+    assert rec["summary"]["step"] == xl["summary"]["step"] == slide["summary"]["step"] == 2
+    assert xl["train_config"]["batch_size"] == 4 * rec["train_config"]["batch_size"]
+    assert slide["model_config"]["depth"] == rec["model_config"]["depth"]
+    assert slide1["model_config"]["depth"] == rec["model_config"]["depth"] + 1
+    assert slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"] == []
+    assert xl["train_config"]["baseline"] == "xl" and xl["model_config"]["depth"] == 3
     assert rec["eval"]["test"]["tokens"] == xl["eval"]["test"]["tokens"]  # same documents
+    gain = {g["label"]: g for g in rec["state_ablation"]}
+    assert gain["all"]["carry"] == pytest.approx(rec["eval"]["test"]["bits_per_token"])
     table = (out / "comparison.md").read_text()
-    assert "| Rec:fixed:skip (2L) |" in table and "| Slide:3L |" in table and "XL:16" in table
+    assert "| Rec:fixed:skip (2L) |" in table and "| Slide:2L |" in table
+    assert "| Slide:3L |" in table and "XL:16" in table and "state ablation" in table
     code, _, err = run(capsys, *argv)
-    assert code == 0 and err.count("reusing the finished run") == 3
+    assert code == 0 and err.count("reusing the finished run") == 4
     # Other settings with the same out_dir: refused before any work.
     code, _, err = run(capsys, *argv, "lr=0.002")
     assert code == 2 and "other settings" in err

@@ -229,3 +229,20 @@ def test_state_ablation_resets_only_the_state(model, corpus):
     assert ab["carry"]["loss"] == ab["reset"]["loss"]
     with pytest.raises(ValueError, match="reset_state"):
         evaluate(model, corpus, reset_state="never", progress=False)
+
+
+def test_select_longest_documents_first(model, corpus):
+    """With max_tokens, select="longest" keeps the longest whole documents (late positions
+    filled), "first" the first ones in corpus order."""
+    text = corpus.doc_lengths - 1  # tokens to predict per document: doc0 longest, doc5 next
+    budget = int(text[0] + text[1])
+    assert text[5] > text[1]
+    first = evaluate(model, corpus, max_tokens=budget, buckets=BUCKETS, progress=False)
+    longest = evaluate(model, corpus, max_tokens=int(text[0] + text[5]), buckets=BUCKETS,
+                       progress=False, select="longest")
+    names = lambda res: sorted(d["name"] for d in res["per_document"])
+    assert names(first) == ["doc0", "doc1"]
+    assert names(longest) == ["doc0", "doc5"]
+    assert longest["buckets"][-1]["tokens"] == text[0] + text[5] - 2 * 128
+    with pytest.raises(ValueError, match="select"):
+        evaluate(model, corpus, select="random", progress=False)
