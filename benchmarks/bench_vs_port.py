@@ -57,6 +57,18 @@ def port_stream(model, opt, tokens, n, segment, mode, dtype) -> float:
     return time.perf_counter() - t0
 
 
+def load_port(port_path: str | None):
+    """The port's model class, from `port_path` (a pip --target folder) or the environment."""
+    if port_path:
+        sys.path.insert(0, port_path)
+    try:
+        from block_recurrent_transformer_pytorch import BlockRecurrentTransformer as Port
+    except ImportError:
+        sys.exit("the port is not installed: pip install --no-deps --target DIR "
+                 "block-recurrent-transformer-pytorch==0.4.4 einops beartype, then --port-path DIR")
+    return Port
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--port-path", help="folder holding block_recurrent_transformer_pytorch")
@@ -69,13 +81,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.port_path:
-        sys.path.insert(0, args.port_path)
-    try:
-        from block_recurrent_transformer_pytorch import BlockRecurrentTransformer as Port
-    except ImportError:
-        sys.exit("the port is not installed: pip install --no-deps --target DIR "
-                 "block-recurrent-transformer-pytorch==0.4.4 einops beartype, then --port-path DIR")
+    Port = load_port(args.port_path)
 
     cfg = BlockRecurrentConfig(**REFERENCE_CONFIG)
     torch.manual_seed(0)

@@ -53,14 +53,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     factories = {"ours": BlockRecurrentTransformer}
     if "port" in args.impl:
-        if args.port_path:
-            sys.path.insert(0, args.port_path)
-        try:
-            from block_recurrent_transformer_pytorch import BlockRecurrentTransformer as Port
-        except ImportError:
-            sys.exit("the port is not installed: pip install --no-deps --target DIR "
-                     "block-recurrent-transformer-pytorch==0.4.4 einops beartype; --port-path DIR")
-        factories["port"] = port_factory(Port)
+        from bench_vs_port import load_port  # beside this script
+
+        factories["port"] = port_factory(load_port(args.port_path))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = BlockRecurrentConfig(**PROBE_MODEL)

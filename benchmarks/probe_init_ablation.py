@@ -1,0 +1,84 @@
+"""Why the state learns: the recall probe under the initialisations this project tried, in one
+script, one fresh model per (variant, K, distance), the probe's settings otherwise (2 layers,
+dim 64, W = S = 16, Adam 2e-3, batch 32, 300 steps).
+
+    python benchmarks/probe_init_ablation.py --variants gpt2 fan-in-g0.5 default --distances 2 4 6
+
+Variants (all the same architecture; only the initial values differ):
+- gpt2: what this project used before: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
+  on the residual projections, fixed-gate biases N(0, 0.1) (g near 0.5);
+- fan-in-g0.5: linear layers at std 1/sqrt(fan_in) (the official code's variance scaling),
+  embeddings 0.02, but the paper's gate biases N(0, 0.1);
+- default: the model's own init (fan-in, and gate biases spread over 2-64 block timescales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
+from blockrecurrent.cell import FixedGate  # noqa: E402
+from blockrecurrent.probes import PROBE_MODEL, probe_table, run_probes  # noqa: E402
+
+
+@torch.no_grad()
+def gpt2_init(model: BlockRecurrentTransformer) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    depth = model.config.depth
+    for layer in model.layers:
+        out = layer.attn.token_out if layer.recurrent else layer.attn.out
+        for w in (out.weight, layer.mlp[2].weight):
+            nn.init.normal_(w, std=0.02 / (2 * depth) ** 0.5)
+    paper_gate(model)
+
+
+@torch.no_grad()
+def paper_gate(model: BlockRecurrentTransformer) -> None:
+    for m in model.modules():
+        if isinstance(m, FixedGate):
+            nn.init.normal_(m.bias, std=0.1)
+
+
+VARIANTS = {"gpt2": gpt2_init, "fan-in-g0.5": paper_gate, "default": lambda model: None}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--keys", type=int, nargs="+", default=[1])
+    ap.add_argument("--distances", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/probe-init")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        def factory(cfg, init=VARIANTS[name]):
+            model = BlockRecurrentTransformer(cfg)
+            init(model)
+            return model
+        rows = run_probes(BlockRecurrentConfig(**PROBE_MODEL), num_keys=args.keys,
+                          distances=args.distances, models=("recurrent",), steps=args.steps,
+                          seeds=args.seeds, factory=factory,
+                          log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        print(f"\n{name}:\n{probe_table(rows)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
