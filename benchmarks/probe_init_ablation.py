@@ -24,9 +24,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
+from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.cell import FixedGate  # noqa: E402
-from blockrecurrent.probes import PROBE_MODEL, probe_table, run_probes  # noqa: E402
+from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def main(argv=None):
             model = BlockRecurrentTransformer(cfg)
             init(model)
             return model
-        rows = run_probes(BlockRecurrentConfig(**PROBE_MODEL), num_keys=args.keys,
+        rows = run_probes(preset("probe"), num_keys=args.keys,
                           distances=args.distances, models=("recurrent",), steps=args.steps,
                           seeds=args.seeds, factory=factory,
                           log=lambda s, name=name: print(f"[{name}] {s}", flush=True))

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.probes import PROBE_MODEL, probe_table, run_probes  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
+from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
 
 
 def port_factory(port_cls):
@@ -58,7 +58,7 @@ def main(argv=None):
         factories["port"] = port_factory(load_port(args.port_path))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = BlockRecurrentConfig(**PROBE_MODEL)
+    base = preset("probe")
     for impl in args.impl:
         rows = run_probes(base, kind=args.kind, num_keys=args.keys, distances=args.distances,
                           models=args.models, steps=args.steps, seeds=args.seeds,

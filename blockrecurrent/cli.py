@@ -108,25 +108,18 @@ def cmd_bench(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .config import BlockRecurrentConfig
-    from .probes import PROBE_MODEL, evaluate_saved, probe_table, run_probes, write_probe_report
-    from .train import _parse_value
+    from .probes import evaluate_saved, probe_table, run_probes, write_probe_report
+    from .train import load_train_config
 
-    settings = dict(PROBE_MODEL)
-    for item in _overrides(args.overrides):
-        key, value = item.split("=", 1)
-        key = key.strip().removeprefix("model.")
-        if key not in BlockRecurrentConfig.__dataclass_fields__ or key == "extra":
-            raise ValueError(f"unknown model setting {key!r}; see BlockRecurrentConfig")
-        settings[key] = _parse_value(value, object)
-    if isinstance(settings.get("recurrent_layers"), list):
-        settings["recurrent_layers"] = tuple(settings["recurrent_layers"])
+    # Model settings over the probe preset, parsed as the trainer parses model.key=value.
+    config = load_train_config(preset="probe", overrides=[
+        "model." + o.strip().removeprefix("model.") for o in _overrides(args.overrides)])[0]
     task = dict(kind=args.kind, num_keys=args.keys, distances=args.distances,
                 queries=args.queries, lead=args.lead)
     if args.model is not None:
         rows = evaluate_saved(args.model, **task)
     else:
-        rows = run_probes(BlockRecurrentConfig(**settings), **task, models=args.models,
+        rows = run_probes(config, **task, models=args.models,
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           seeds=args.seeds,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
@@ -192,11 +185,11 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     import torch
 
     from .data import load_documents, load_tokenizer, split_documents
-    from .config import BlockRecurrentConfig
+    from .config import preset
     from .evaluate import (ablation_table, auto_batch_size, check_reusable, eval_device,
                            eval_table, evaluate, load_heldout, state_ablation, train_or_reuse,
                            write_eval_report)
-    from .probes import PROBE_MODEL, probe_table, run_probes, write_probe_report
+    from .probes import probe_table, run_probes, write_probe_report
     from .generation import generate_text
     from .model import BlockRecurrentTransformer
     from .train import load_train_config
@@ -242,7 +235,7 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     ablation = state_ablation(model, corpus, carry=results, batch_size=batch,
                               max_tokens=max_eval_tokens, device=device)
     print("[4/5] recall probe: the recurrent cell against Slide", file=sys.stderr)
-    probe_rows = run_probes(BlockRecurrentConfig(**PROBE_MODEL), num_keys=(1,),
+    probe_rows = run_probes(preset("probe"), num_keys=(1,),
                             distances=PROBE_DISTANCES[:1] if quick else PROBE_DISTANCES,
                             steps=20 if quick else 300, log=None)
     probe_paths = write_probe_report(probe_rows, out / "probe", title="recall probe, K=1")

@@ -38,15 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BlockRecurrentConfig
+from .config import BlockRecurrentConfig, preset
 from .model import BlockRecurrentTransformer
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
 
-# The probe model of the state issue: 2 layers, dim 64, 4 x 16 heads, W = S = 16, layer 2 recurrent.
-PROBE_MODEL = dict(num_tokens=64, dim=64, depth=2, heads=4, dim_head=16, block_width=16,
-                   num_state_vectors=16, recurrent_layers=(2,))
 
 
 @dataclass(frozen=True)
@@ -140,6 +137,14 @@ class RecallTask:
         return seq, targets
 
 
+def task_grid(block_width: int, kind: str, num_keys: Iterable[int], distances: Iterable[int],
+              queries: int = 1, lead: int = 2, vocab: int = 64) -> list[RecallTask]:
+    """One task per (K, distance); `queries` is capped at K for "pairs"."""
+    return [RecallTask(block_width=block_width, kind=kind, num_keys=k, distance=d,
+                       queries=min(queries, k) if kind == "pairs" else 1, lead=lead, vocab=vocab)
+            for k in num_keys for d in distances]
+
+
 def _logits(model: nn.Module, seq: Tensor) -> Tensor:
     """Our model and the port both return (logits, memories, states) for a sequence."""
     return model(seq)[0]
@@ -204,7 +209,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). Returns one row per run."""
-    base = base if base is not None else BlockRecurrentConfig(**PROBE_MODEL)
+    base = base if base is not None else preset("probe")
     if not isinstance(base, BlockRecurrentConfig):
         raise TypeError(f"base must be a BlockRecurrentConfig, got {type(base).__name__}")
     models, num_keys, distances, seeds = list(models), list(num_keys), list(distances), list(seeds)
@@ -216,9 +221,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    tasks = [RecallTask(block_width=base.block_width, kind=kind, num_keys=k, distance=d,
-                        queries=min(queries, k) if kind == "pairs" else 1, lead=lead)
-             for k in num_keys for d in distances]  # every setting checked before any work
+    tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
     rows = []
     for task in tasks:
         for name in models:
@@ -253,18 +256,12 @@ def evaluate_saved(model_dir, *, kind: str = "keys", num_keys: Iterable[int] = (
                    ) -> list[dict]:
     """Recall accuracy of a saved model (no training) on the given settings."""
     model = BlockRecurrentTransformer.from_pretrained(model_dir)
-    cfg = model.config
-    rows = []
-    for k in num_keys:
-        for d in distances:
-            task = RecallTask(block_width=cfg.block_width, kind=kind, num_keys=k, distance=d,
-                              queries=min(queries, k) if kind == "pairs" else 1, lead=lead,
-                              vocab=min(64, cfg.num_tokens))
-            rows.append(dict(model=str(model_dir), kind=kind, num_keys=k, distance=d,
-                             queries=task.queries, lead=lead, seed=None,
-                             accuracy=recall_accuracy(model, task), chance=task.chance,
-                             beyond_reach=task.beyond_reach(cfg.depth)))
-    return rows
+    return [dict(model=str(model_dir), kind=kind, num_keys=task.num_keys,
+                 distance=task.distance, queries=task.queries, lead=lead, seed=None,
+                 accuracy=recall_accuracy(model, task), chance=task.chance,
+                 beyond_reach=task.beyond_reach(model.config.depth))
+            for task in task_grid(model.config.block_width, kind, num_keys, distances, queries,
+                                  lead, vocab=min(64, model.config.num_tokens))]
 
 
 # --- reports ------------------------------------------------------------------------------

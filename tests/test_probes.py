@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 
-from blockrecurrent import BlockRecurrentConfig
-from blockrecurrent.probes import (IGNORE, PROBE_MODEL, RecallTask, probe_table, run_probes,
-                                   write_probe_report)
+from blockrecurrent import preset
+from blockrecurrent.probes import IGNORE, RecallTask, probe_table, run_probes, write_probe_report
 
 
 def test_keys_task_layout():
@@ -59,7 +58,7 @@ def test_the_state_recalls_beyond_the_window_and_slide_does_not(tmp_path):
     """The paper's claim in miniature, through the probe suite: one key, three blocks before the
     question (beyond two window layers' reach), after a block of filler, so the state that
     stores it is not the initial one."""
-    base = BlockRecurrentConfig(**{**PROBE_MODEL, "block_width": 8, "num_state_vectors": 8})
+    base = preset("probe", block_width=8, num_state_vectors=8)
     rows = run_probes(base, num_keys=(1,), distances=(3,), lead=1, steps=150, log=None)
     acc = {r["model"]: r["accuracy"] for r in rows}
     assert rows[0]["beyond_reach"]
