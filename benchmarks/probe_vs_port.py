@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--keys", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--distances", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     ap.add_argument("--models", nargs="+", default=["recurrent", "slide"])
+    ap.add_argument("--window", default="sliding", choices=["sliding", "block"],
+                    help="our model's window (the port's is always block-causal)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -58,8 +60,9 @@ def main(argv=None):
         factories["port"] = port_factory(load_port(args.port_path))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = preset("probe")
     for impl in args.impl:
+        # The port's window is block-causal: its rows' "within reach" marks follow that window.
+        base = preset("probe", window="block" if impl == "port" else args.window)
         rows = run_probes(base, kind=args.kind, num_keys=args.keys, distances=args.distances,
                           models=args.models, steps=args.steps, seeds=args.seeds,
                           factory=factories[impl],
@@ -67,6 +70,8 @@ def main(argv=None):
         for r in rows:
             r["impl"] = impl
         name = f"{impl}-{args.kind}-K{'_'.join(map(str, args.keys))}"
+        if impl == "ours" and args.window != "sliding":
+            name += f"-{args.window}"
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{impl}:\n{probe_table(rows)}\n", flush=True)
 

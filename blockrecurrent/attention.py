@@ -6,8 +6,9 @@ j keys per block, h heads, d head width, e model width, s state slots.
 Every call works on a *frame*: one empty block, then the layer's cache (the previous complete block
 and the current partial block, L < 2W tokens, starting on a block boundary), then the n new tokens.
 Blocks are aligned to positions in the document, so feeding a stream in any chunk sizes gives the
-same blocks and the same windows. A query at frame position f attends to keys f-W < f' <= f that
-belong to its document; that window always lies inside its own block and the one before, so full
+same blocks and the same windows. A query at frame position f attends to keys f-W < f' <= f
+(window "sliding"), or to all keys from the start of the previous block up to f (window "block"),
+that belong to its document; either window lies inside its own block and the one before, so full
 blocks are processed together as a batch of (W queries x 2W keys) attentions, the banded
 computation of the official code, at a cost linear in length.
 
@@ -116,13 +117,14 @@ class Rotary(nn.Module):
 
 @functools.lru_cache(maxsize=4096)
 @torch.inference_mode(False)  # the cached mask may later be used with autograd
-def _band(W: int, q_off: int, q_len: int, device: torch.device) -> Tensor:
+def _band(W: int, q_off: int, q_len: int, sliding: bool, device: torch.device) -> Tensor:
     """(m, j) True where query q_off+i of a block may read key j, counted from the start of the
-    previous block: the window (i + q_off, i + q_off + W]. Cached: decoding asks for the same
-    few hundred masks over and over; callers never modify it."""
+    previous block: the window (i + q_off, i + q_off + W] if sliding, else [0, i + q_off + W].
+    Cached: decoding asks for the same few hundred masks over and over; callers never modify it."""
     q = torch.arange(q_off, q_off + q_len, device=device)
     j = torch.arange(W + q_off + q_len, device=device)
-    return (j[None, :] <= q[:, None] + W) & (j[None, :] > q[:, None])
+    causal = j[None, :] <= q[:, None] + W
+    return causal & (j[None, :] > q[:, None]) if sliding else causal
 
 
 @dataclass
@@ -146,6 +148,7 @@ class WindowPlan:
     def __init__(self, config: BlockRecurrentConfig, cache_len: int, n: int, lengths: Tensor):
         W = config.block_width
         self.W, self.L, self.n = W, cache_len, n
+        self.sliding = config.window == "sliding"
         self.a, self.e = W + cache_len, W + cache_len + n  # frame positions of the new tokens
         self.num_blocks = math.ceil(self.e / W)  # frame blocks, the empty block 0 included
         self.frame_len = self.num_blocks * W
@@ -160,10 +163,11 @@ class WindowPlan:
         self.first_cached_block = max(1, self.e // W - 1)
         # A decoding step: one token that completes no block, in a document that started at or
         # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
-        # no frame, no masks (`step_attention`), and the state does not move.
+        # no frame, no masks (`step_attention`), and the state does not move. The cache holds
+        # the previous complete block and the token's own block so far: all a "block" window reads.
         self.single = (n == 1 and self.all_valid and not self.compress
                        and (cache_len + 1) % W != 0)
-        self.step_keys = max(0, cache_len + 1 - W)
+        self.step_keys = max(0, cache_len + 1 - W) if self.sliding else 0
         self.parts = [] if self.single else self._split(config)
         # The frame is materialised from `origin` on: keys before the first query block's window
         # are never read (most of the frame when decoding), except by the compressor, which
@@ -189,7 +193,7 @@ class WindowPlan:
     def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
         W, dev = self.W, self.doc_start.device
         ks = torch.arange(k_first, k_first + count, device=dev)
-        band = _band(W, q_off, q_len, dev)  # (m, j), shared read-only between calls
+        band = _band(W, q_off, q_len, self.sliding, dev)  # (m, j), shared read-only between calls
         if self.all_valid and k_first >= 2:
             mask = band[None, None, None]
         else:

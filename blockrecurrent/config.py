@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 GATES = ("fixed", "lstm")
 VARIANTS = ("skip", "dual")
+WINDOWS = ("sliding", "block")
 
 
 @dataclass
@@ -24,6 +25,10 @@ class BlockRecurrentConfig:
     heads: int = 8  # attention heads
     max_seq_len: int = 1024  # training segment: tokens per backprop step (paper: 4096 = 8 blocks)
     block_width: int = 512  # block W = attention window; the state advances once per block
+    # Which keys of [previous block; block] a token reads: "sliding" the last W tokens (itself
+    # included), "block" all of the previous block and its own block up to itself (W to 2W-1
+    # tokens, the official code's and the port's window). Same cost either way.
+    window: str = "sliding"
     num_state_vectors: int = 512  # state slots S of each recurrent layer
     # 1-based indices of the recurrent layers; () gives the paper's "Slide" baseline.
     # None picks the layer two below the top, as the paper does (layer 10 of 12).
@@ -54,6 +59,7 @@ class BlockRecurrentConfig:
               f"must be a multiple of block_width={self.block_width}")
         check(self.gate in GATES, "gate", f"choose one of {GATES}")
         check(self.variant in VARIANTS, "variant", f"choose one of {VARIANTS}")
+        check(self.window in WINDOWS, "window", f"choose one of {WINDOWS}")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_mult > 0, "mlp_mult", "must be positive")
         check(self.rotary_base > 1, "rotary_base", "must be greater than 1")

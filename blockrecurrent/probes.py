@@ -17,9 +17,10 @@ sequence (a key there is far easier to store).
   marker and `queries` questions `key value`; the model predicts each value from its key.
 
 Accuracy is over the answer tokens; chance is 1 / alphabet. A model whose sliding windows reach
-back `depth * (W - 1)` tokens (every layer adds W - 1) can see a key directly when the distance in
-tokens is within that reach; `beyond_reach` marks the settings where no answer is in reach, so
-that anything above chance there is carried by the state.
+back `depth * (W - 1)` tokens (every layer adds W - 1; a block window reaches back to the start
+of the block before, so `depth` block windows see `depth` whole blocks back) can see a key
+directly when it is within that reach; `beyond_reach` marks the settings where no answer is in
+reach, so that anything above chance there is carried by the state.
 
 The models train from scratch on fresh batches (Adam, lr 2e-3, batch 32, 300 steps by default,
 the probe of the project's state issue) and are evaluated on 1,024 held-out sequences.
@@ -93,16 +94,23 @@ class RecallTask:
         return 1.0 / self.alphabet
 
     @property
+    def first_question(self) -> int:
+        """Position of the first question token (the marker for "keys")."""
+        tail = self.num_keys + 1 if self.kind == "keys" else 2 * self.queries + 1
+        return self.length - tail
+
+    @property
     def min_gap(self) -> int:
         """Fewest tokens between an answer in the source block and the first question."""
-        W = self.block_width
-        tail = self.num_keys + 1 if self.kind == "keys" else 2 * self.queries + 1
-        last_source = (self.lead + 1) * W - 1
-        return (self.length - tail) - last_source
+        return self.first_question - ((self.lead + 1) * self.block_width - 1)
 
-    def beyond_reach(self, depth: int) -> bool:
-        """No answer within the `depth` sliding windows of W tokens (each reaches W - 1 back)."""
-        return self.min_gap > depth * (self.block_width - 1)
+    def beyond_reach(self, depth: int, window: str = "sliding") -> bool:
+        """No answer within `depth` windows: each sliding window reaches W - 1 tokens back, each
+        block window back to the start of the block before the query's."""
+        W = self.block_width
+        if window == "sliding":
+            return self.min_gap > depth * (W - 1)
+        return (self.lead + 1) * W <= (self.first_question // W - depth) * W
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(seq, targets), each (size, length); targets are IGNORE except at the questions."""
@@ -236,7 +244,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
                            distance=task.distance, queries=task.queries, lead=task.lead,
                            seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
-                           beyond_reach=task.beyond_reach(config.depth), steps=steps,
+                           beyond_reach=task.beyond_reach(config.depth, config.window), steps=steps,
                            seconds=time.perf_counter() - t0)
                 rows.append(row)
                 if save_dir is not None and hasattr(model, "save_pretrained"):
@@ -259,7 +267,7 @@ def evaluate_saved(model_dir, *, kind: str = "keys", num_keys: Iterable[int] = (
     return [dict(model=str(model_dir), kind=kind, num_keys=task.num_keys,
                  distance=task.distance, queries=task.queries, lead=lead, seed=None,
                  accuracy=recall_accuracy(model, task), chance=task.chance,
-                 beyond_reach=task.beyond_reach(model.config.depth))
+                 beyond_reach=task.beyond_reach(model.config.depth, model.config.window))
             for task in task_grid(model.config.block_width, kind, num_keys, distances, queries,
                                   lead, vocab=min(64, model.config.num_tokens))]
 
@@ -307,7 +315,7 @@ def write_probe_report(rows: list[dict], out_dir, title: str = "recall probe") -
     write_json(out / "probe.json", rows)
     chance = rows[0]["chance"] if rows else None
     text = (f"# {title}\n\nAccuracy on the answer tokens (chance {chance:.3f}); '(w)' marks "
-            f"settings where an answer is within the sliding windows' reach.\n\n"
+            f"settings where an answer is within the windows' reach.\n\n"
             f"{probe_table(rows)}\n")
     write_atomic(out / "probe.md", lambda f: f.write(text.encode()))
     png = None

@@ -38,10 +38,12 @@ def unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def window_mask(n: int, W: int) -> Tensor:
-    """Query i reads keys i-W < j <= i."""
+def window_mask(n: int, W: int, window: str = "sliding") -> Tensor:
+    """Query i reads keys i-W < j <= i ("sliding"), or keys from the start of the block before
+    its own up to itself ("block")."""
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    return (j <= i) & (j > i - W)
+    first = i - W + 1 if window == "sliding" else (i // W - 1) * W
+    return (j <= i) & (j >= first)
 
 
 def gate(module, state: Tensor, z: Tensor, h: Tensor, kind: str) -> Tensor:
@@ -56,11 +58,12 @@ def gate(module, state: Tensor, z: Tensor, h: Tensor, kind: str) -> Tensor:
     return state * f + z * i
 
 
-def ordinary_attention(attn, x: Tensor, W: int, base: float) -> Tensor:
-    """x (n, e) normed -> (n, e): sliding-window attention, 1/sqrt(d) scaling."""
-    n, (h, d) = x.shape[0], (attn.heads, attn.dim_head)
+def ordinary_attention(attn, cfg, x: Tensor) -> Tensor:
+    """x (n, e) normed -> (n, e): window attention, 1/sqrt(d) scaling."""
+    n, (h, d), base = x.shape[0], (attn.heads, attn.dim_head), cfg.rotary_base
     q, k, v = (x @ attn.qkv.weight.T).view(n, 3, h, d).unbind(1)
-    y = softmax_attention(rotate(q, base) * d ** -0.5, rotate(k, base), v, window_mask(n, W))
+    y = softmax_attention(rotate(q, base) * d ** -0.5, rotate(k, base), v,
+                          window_mask(n, cfg.block_width, cfg.window))
     return y.reshape(n, h * d) @ attn.out.weight.T
 
 
@@ -71,9 +74,9 @@ def recurrent_attention(cell, cfg, x: Tensor, state: Tensor) -> tuple[Tensor, Te
     sc = cell.scales  # token self, token cross, state self, state cross
     k, v, q, q2 = (x @ cell.token_proj.weight.T).view(n, 4, h, d).unbind(1)
     k, q, q2 = unit(k), unit(q) * sc[0][:, None], unit(q2) * sc[1][:, None]
-    # Vertical: tokens over the sliding window (rotary on queries and keys of this attention only).
+    # Vertical: tokens over the window (rotary on queries and keys of this attention only).
     self_out = softmax_attention(rotate(q, cfg.rotary_base), rotate(k, cfg.rotary_base), v,
-                                 window_mask(n, W))
+                                 window_mask(n, W, cfg.window))
     cross_out = torch.empty_like(self_out)
     for t in range(0, -(-n // W)):
         blk = slice(t * W, min(n, (t + 1) * W))
@@ -117,7 +120,7 @@ def reference_forward(model, seq: Tensor) -> tuple[Tensor, Tensor]:
                 y, s = recurrent_attention(layer.attn, cfg, xn, layer.attn.initial_state)
                 row_states.append(s)
             else:
-                y = ordinary_attention(layer.attn, xn, cfg.block_width, cfg.rotary_base)
+                y = ordinary_attention(layer.attn, cfg, xn)
             x = x + y
             x = x + layer.mlp(layer.mlp_norm(x))
         logits.append(model.to_logits(model.norm(x)))

@@ -27,7 +27,9 @@ def perturbed(**kw) -> BlockRecurrentTransformer:
 @pytest.mark.parametrize("kw", [
     dict(), dict(gate="lstm"), dict(variant="dual"), dict(gate="lstm", variant="dual"),
     dict(use_flash_attn=False), dict(recurrent_layers=(1, 3)), dict(recurrent_layers=()),
-], ids=["fixed-skip", "lstm-skip", "fixed-dual", "lstm-dual", "plain", "two-recurrent", "slide"])
+    dict(window="block"), dict(window="block", recurrent_layers=(), use_flash_attn=False),
+], ids=["fixed-skip", "lstm-skip", "fixed-dual", "lstm-dual", "plain", "two-recurrent", "slide",
+        "block-window", "block-window-slide-plain"])
 @pytest.mark.parametrize("n", [16, 37, 80])
 def test_model_equals_the_naive_reference(kw, n):
     """Logits and states equal a per-block implementation of the paper's equations (dense
@@ -43,9 +45,10 @@ def test_model_equals_the_naive_reference(kw, n):
         torch.testing.assert_close(states, ref_states, atol=2e-5, rtol=1e-4)
 
 
-def test_reference_agrees_with_chunked_calls():
+@pytest.mark.parametrize("window", ["sliding", "block"])
+def test_reference_agrees_with_chunked_calls(window):
     """The reference also pins the cached path: chunks with carried memories give its logits."""
-    model = perturbed(gate="lstm")
+    model = perturbed(gate="lstm", window=window)
     seq = torch.randint(0, VOCAB, (1, 70))
     ref, _ = reference_forward(model, seq)
     mems = states = None

@@ -56,7 +56,8 @@ class Calls:
     dict(gate="lstm", variant="dual"),
     dict(use_compressed_mem=True),
     dict(recurrent_layers=(1, 2)),
-], ids=["default", "plain-attn", "lstm-dual", "compressed", "two-recurrent"])
+    dict(window="block"),
+], ids=["default", "plain-attn", "lstm-dual", "compressed", "two-recurrent", "block-window"])
 def test_decoding_logits_equal_full_forward(overrides):
     model = make_model(**overrides)
     p = prompt(2, 21)

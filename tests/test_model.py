@@ -61,7 +61,9 @@ CHUNKINGS = [[1] * 150, [5] * 30, [16] * 9 + [6], [56, 94], [3, 29, 7, 100, 11],
 @pytest.mark.parametrize("kw", [
     dict(), dict(use_flash_attn=False), dict(use_compressed_mem=True, compressed_mem_factor=4),
     dict(gate="lstm", variant="dual"), dict(recurrent_layers=()), dict(recurrent_layers=(1, 3)),
-], ids=["fixed-skip", "plain", "compressed", "lstm-dual", "slide", "two-recurrent"])
+    dict(window="block"), dict(window="block", use_compressed_mem=True),
+], ids=["fixed-skip", "plain", "compressed", "lstm-dual", "slide", "two-recurrent", "block-window",
+        "block-window-compressed"])
 def test_chunking_invariance(kw):
     """Feeding a stream in any chunk sizes with carried memories and states equals one call."""
     model = tiny(**kw)
@@ -125,9 +127,11 @@ def test_flash_and_plain_paths_agree(kw):
     torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-4)
 
 
-def test_window_attention_matches_a_dense_reference():
-    """One ordinary layer equals dense attention with the mask i-W < j <= i and absolute rotary."""
-    model = tiny(depth=1, recurrent_layers=(), use_flash_attn=False)
+@pytest.mark.parametrize("window", ["sliding", "block"])
+def test_window_attention_matches_a_dense_reference(window):
+    """One ordinary layer equals dense attention with absolute rotary and the mask i-W < j <= i
+    (sliding) or (i // W - 1) * W <= j <= i (block: the previous block and its own so far)."""
+    model = tiny(depth=1, recurrent_layers=(), use_flash_attn=False, window=window)
     cfg, layer = model.config, model.layers[0]
     W, h, d = cfg.block_width, cfg.heads, cfg.dim_head
     seq = torch.randint(0, VOCAB, (2, 75))
@@ -139,7 +143,8 @@ def test_window_attention_matches_a_dense_reference():
         rot = Rotary(d, n, cfg.rotary_base)  # absolute positions 0..n-1
         q, k = rot(q, 0), rot(k, 0)
         i = torch.arange(n)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
+        first = i - W + 1 if window == "sliding" else (i // W - 1) * W
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= first[:, None])
         att = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * d ** -0.5)
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
         y = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(2, n, h * d)

@@ -25,6 +25,10 @@ def test_keys_task_layout():
     # 3 blocks of 8 minus the question tail: 21 tokens > 2 layers x 7 tokens of reach.
     assert task.min_gap == 3 * 8 - 2 and task.beyond_reach(depth=2)
     assert not RecallTask(block_width=8, distance=1).beyond_reach(depth=2)
+    # Block windows: each layer reaches back to the start of the block before the query's.
+    assert task.beyond_reach(depth=2, window="block")
+    assert not task.beyond_reach(depth=3, window="block")
+    assert not RecallTask(block_width=8, distance=2).beyond_reach(depth=2, window="block")
 
 
 def test_pairs_task_layout():
