@@ -4,9 +4,11 @@ and the lm-eval command against `brt eval`."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,31 +326,43 @@ def test_task_writers_check_input(tmp_path):
         H.write_rolling_task(tmp_path, ["x"], name="a b")
 
 
+def readme_blocks(lang):
+    """The fenced `lang` blocks of the README's Hugging Face section."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Hugging Face transformers and lm-evaluation-harness", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_python_snippet(trained, capsys):
+    (code,) = readme_blocks("python")
+    exec(code.replace("runs/brt/model", str(trained["bpe"])), {})
+    assert capsys.readouterr().out.strip()
+
+
 def test_lm_eval_rolling_loglikelihood_equals_brt_eval(trained, corpus, tmp_path):
-    """The documented lm_eval command (hf model type, local tasks) on a `brt train` directory:
-    bits per byte over the held-out documents equal `brt eval`'s, and a multiple-choice task runs."""
+    """The README's lm_eval commands (hf model type, local tasks) on a `brt train` directory:
+    bits per byte over the held-out documents equal `brt eval`'s; the multiple-choice task runs."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     d = trained["byte"]
-    H.write_heldout_task(d, tmp_path / "tasks", split="test")
-    H.write_choice_task(tmp_path / "tasks", [("the cat sat on a", ["mat", "dog"], 0),
-                                              ("dogs barked at", ["night", "home"], 0)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    (script,) = readme_blocks("bash")
+    script = script.replace("runs/brt/model", str(d)).rstrip() + f" --output_path {tmp_path / 'out'}"
+    bin_dir = os.path.dirname(sys.executable)  # the environment's python and lm_eval
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [shutil.which("lm_eval", path=os.path.dirname(sys.executable)) or "lm_eval",
-           "--model", "hf", "--model_args",
-           f"pretrained={d},trust_remote_code=True,max_length=1000000,dtype=float32",
-           "--tasks", "brt_heldout,brt_choice", "--include_path", str(tmp_path / "tasks"),
-           "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "out")]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    result_file = next((tmp_path / "out").rglob("results*.json"))
-    results = json.loads(result_file.read_text())["results"]
+    results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]
     assert 0 <= results["brt_choice"]["acc,none"] <= 1
 
     docs = D.split_documents(D.load_documents(str(corpus)))["test"]
     model = BlockRecurrentTransformer.from_pretrained(d)
     ours = evaluate(model, D.tokenize_corpus(docs, D.load_tokenizer(d)), batch_size=1,
                     progress=False)
+    print("lm-eval - brt eval, bits per byte:",
+          results["brt_heldout"]["bits_per_byte,none"] - ours["bits_per_byte"])
     assert results["brt_heldout"]["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"],
                                                                          rel=1e-5)
