@@ -20,7 +20,8 @@ xLSTM take, by name); the model's forward then makes its own cache on the first 
 it as `outputs.cache`, `_update_model_kwargs_for_generation` passes it back, and
 `prepare_inputs_for_generation` feeds one new token per step (`next_sequence_length=1`).
 Beam search calls `cache.reorder_cache(beam_idx)` (`_beam_search`); `_is_stateful = True`
-makes assisted generation refuse the model, since the state cannot be rolled back. The cache
+makes `_validate_generation_mode` refuse assisted generation, since the state cannot be rolled
+back. The cache
 here (BlockRecurrentCache) is a plain object, like xLSTMCache, holding our XLMemories and states.
 
 Padding: the state reads every token of a block, so a pad token cannot be skipped. Right
