@@ -312,6 +312,19 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         return torch.cat(pieces, dim=1), mems, states
 
 
+def add_hf_files(model_dir) -> None:
+    """Make a directory saved before transformers support loadable by transformers: re-save
+    the model (config.json gains model_type and auto_map, block_recurrent_hf.py is written;
+    the weights are unchanged) and its tokenizer (tokenizer.json, tokenizer_config.json keys,
+    generation_config.json)."""
+    from blockrecurrent.data import load_tokenizer
+
+    model_dir = Path(model_dir)
+    BlockRecurrentTransformer.from_pretrained(model_dir).save_pretrained(model_dir)
+    if (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file():
+        load_tokenizer(model_dir).save(model_dir)
+
+
 # --- lm-evaluation-harness tasks from local files -------------------------------------------
 
 def _write_task(directory, name: str, records: list[dict], spec: dict) -> Path:
@@ -391,5 +404,5 @@ def register() -> None:
 
 register()
 __all__ = ["BlockRecurrentHFConfig", "BlockRecurrentForCausalLM", "BlockRecurrentCache",
-           "hf_config", "register", "write_rolling_task", "write_choice_task",
+           "hf_config", "register", "add_hf_files", "write_rolling_task", "write_choice_task",
            "write_heldout_task", "HF_SHIM_FILE"]

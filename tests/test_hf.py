@@ -140,6 +140,23 @@ with torch.no_grad():
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(want, rel=1e-6)
 
 
+def test_add_hf_files_to_an_older_directory(saved, tmp_path):
+    d, model = saved
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    for name in ("block_recurrent_hf.py", "tokenizer.json", "generation_config.json"):
+        (old / name).unlink()
+    model.config.to_json(old / "config.json")  # no transformers keys
+    (old / "tokenizer_config.json").write_text('{"kind": "byte"}')
+    weights = (old / "model.safetensors").read_bytes()
+    H.add_hf_files(old)
+    assert (old / "model.safetensors").read_bytes() == weights
+    x = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(hf_model(old)(x).logits, model(x)[0])
+    assert AutoTokenizer.from_pretrained(old)("ab")["input_ids"] == [97, 98]
+
+
 def test_strict_loading(saved, tmp_path):
     d, _ = saved
     shutil.copytree(d, tmp_path / "m")
