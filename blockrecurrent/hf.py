@@ -115,7 +115,8 @@ class BlockRecurrentCache:
         """Tokens read so far."""
         return 0 if self.xl_memories is None else int(self.xl_memories.lengths.max())
 
-    def __len__(self) -> int:
+    @property
+    def batch_size(self) -> int:  # not __len__: an empty cache must not read as False
         return 0 if self.xl_memories is None else self.xl_memories.batch_size
 
     def batch_select_indices(self, indices: Tensor) -> None:
@@ -128,7 +129,7 @@ class BlockRecurrentCache:
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.xl_memories is not None:
-            self.batch_select_indices(torch.arange(len(self)).repeat_interleave(repeats))
+            self.batch_select_indices(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
         raise ValueError("a BlockRecurrentCache cannot be cropped: the recurrent state cannot "
@@ -184,7 +185,8 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         """Wrap an existing model, sharing its parameters."""
         if not isinstance(model, BlockRecurrentTransformer):
             raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
-        hf = cls(hf_config(model.config))
+        with torch.device("meta"):  # its own submodules are replaced at once: no init work
+            hf = cls(hf_config(model.config))
         for name, child in model.named_children():
             hf.add_module(name, child)
         hf.__dict__["brt"] = model
@@ -261,7 +263,7 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"cache must be a BlockRecurrentCache, got {type(cache).__name__} "
                             f"(transformers' own caches cannot hold a recurrent state)")
         b, n = input_ids.shape if input_ids.dim() == 2 else (None, None)
-        padded = _check_mask(attention_mask, n, cache is not None and len(cache) > 0,
+        padded = _check_mask(attention_mask, n, cache is not None and cache.batch_size > 0,
                              bool(use_cache))
         use_cache = not padded if use_cache is None else use_cache
         keep = logits_to_keep

@@ -111,6 +111,8 @@ def test_auto_classes_load_save_pretrained_dir(saved):
 def test_hf_save_pretrained_writes_our_format(tmp_path, tie):
     model = BlockRecurrentTransformer(preset("tiny", tie_embeddings=tie, use_compressed_mem=True))
     hf = H.BlockRecurrentForCausalLM.from_brt(model.eval())
+    assert all(p is q for p, q in zip(hf.parameters(), model.parameters()))
+    assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
     hf.save_pretrained(tmp_path)
     again = BlockRecurrentTransformer.from_pretrained(tmp_path).eval()
     loaded = hf_model(tmp_path)
@@ -252,9 +254,9 @@ def test_cache_select_and_reorder(saved):
         step = hf(x[[2, 0, 0], 20:], cache=cache).logits[:, -1]
         full = model(x)[0][:, -1]
         torch.testing.assert_close(step, full[[2, 0, 0]], rtol=1e-5, atol=1e-5)
-        assert cache.get_seq_length() == 21 and len(cache) == 3
+        assert cache.get_seq_length() == 21 and cache.batch_size == 3
         cache.batch_select_indices(torch.tensor([1]))
-        assert len(cache) == 1 and cache.states.shape[1] == 1
+        assert cache.batch_size == 1 and cache.states.shape[1] == 1
     with pytest.raises(ValueError, match="rolled back"):
         cache.crop(5)
 
