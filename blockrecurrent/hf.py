@@ -2,9 +2,11 @@
 
     import blockrecurrent.hf                       # registers model_type "block_recurrent"
     model = AutoModelForCausalLM.from_pretrained("runs/brt/model")   # a `brt train` directory
-    tok = AutoTokenizer.from_pretrained("runs/brt/model")
-    out = model.generate(**tok("<|doc|>def f(", return_tensors="pt"), max_new_tokens=32)
+    tok = AutoTokenizer.from_pretrained("runs/brt/model", add_bos_token=True)  # bos first
+    out = model.generate(**tok("def f(", return_tensors="pt"), max_new_tokens=32)
 
+Importing registers the classes with AutoConfig.register / AutoModelForCausalLM.register, as
+transformers' Auto Classes docs ("Extending the Auto Classes") describe for custom models.
 Without the import, `trust_remote_code=True` loads the directory too: save_pretrained writes
 config.json with `model_type` and an `auto_map` naming block_recurrent_hf.py, a two-line file
 that imports these classes from the installed package (transformers' own
@@ -21,8 +23,8 @@ it as `outputs.cache`, `_update_model_kwargs_for_generation` passes it back, and
 `prepare_inputs_for_generation` feeds one new token per step (`next_sequence_length=1`).
 Beam search calls `cache.reorder_cache(beam_idx)` (`_beam_search`); `_is_stateful = True`
 makes `_validate_generation_mode` refuse assisted generation, since the state cannot be rolled
-back. The cache
-here (BlockRecurrentCache) is a plain object, like xLSTMCache, holding our XLMemories and states.
+back. The cache here (BlockRecurrentCache) is a plain object, like xLSTMCache, holding our
+XLMemories and states.
 
 Padding: the state reads every token of a block, so a pad token cannot be skipped. Right
 padding is harmless when scoring (a position's logits only depend on the tokens before it),
