@@ -15,6 +15,19 @@ GATES = ("fixed", "lstm")
 VARIANTS = ("skip", "dual")
 WINDOWS = ("sliding", "block")
 
+# Written into config.json beside the fields so that Hugging Face transformers loads the same
+# directory (blockrecurrent.hf; the auto_map names the file save_pretrained writes for
+# trust_remote_code). from_dict ignores these keys, so files with and without them load.
+MODEL_TYPE = "block_recurrent"
+HF_SHIM_FILE = "block_recurrent_hf.py"
+HF_KEYS = {
+    "model_type": MODEL_TYPE,
+    "architectures": ["BlockRecurrentForCausalLM"],
+    "auto_map": {"AutoConfig": "block_recurrent_hf.BlockRecurrentHFConfig",
+                 "AutoModelForCausalLM": "block_recurrent_hf.BlockRecurrentForCausalLM"},
+}
+_HF_ONLY = (*HF_KEYS, "transformers_version")
+
 
 @dataclass
 class BlockRecurrentConfig:
@@ -90,6 +103,10 @@ class BlockRecurrentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BlockRecurrentConfig":
+        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ValueError(f"config has model_type={d['model_type']!r}, not {MODEL_TYPE!r}: "
+                             f"it is not a Block-Recurrent Transformer")
+        d = {k: v for k, v in d.items() if k not in _HF_ONLY}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

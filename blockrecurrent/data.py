@@ -207,6 +207,46 @@ class _RedecodeStream:
         return self.feed([], final=True)
 
 
+def _hf_files(directory: Path, bos_token: str, bos_id: int) -> None:
+    """What transformers needs to load the tokenizer saved here (AutoTokenizer,
+    pipeline): tokenizer_config.json keys for PreTrainedTokenizerFast, merged into ours, and
+    generate's bos/eos/pad ids. The document-start token is all three: a model ends a document
+    by starting the next, and the padding of our batches is bos. add_bos_token is off, as in
+    `encode`; a caller starting a document prepends bos (lm-eval's rolling loglikelihood does)."""
+    config = json.loads((directory / _CONFIG).read_text("utf-8"))
+    write_json(directory / _CONFIG, {**config, "tokenizer_class": "PreTrainedTokenizerFast",
+                                     "bos_token": bos_token, "eos_token": bos_token,
+                                     "pad_token": bos_token, "add_bos_token": False,
+                                     "split_special_tokens": True})
+    write_json(directory / "generation_config.json",
+               {"bos_token_id": bos_id, "eos_token_id": bos_id, "pad_token_id": bos_id})
+
+
+def _byte_level_chars() -> list[str]:
+    """The printable character standing for each byte in byte-level BPE (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    moved = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
+
+
+def byte_tokenizer_json() -> dict:
+    """ByteTokenizer as a Hugging Face tokenizer.json (written without the tokenizers package):
+    byte-level pre-tokenization, one vocabulary entry per byte (id = byte value), no merges,
+    and <|doc|> = 256 as a special token."""
+    char = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [{"id": ByteTokenizer.bos_id, "content": DOC_TOKEN, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+        "pre_tokenizer": char, "post_processor": None, "decoder": char,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {c: i for i, c in enumerate(_byte_level_chars())}, "merges": []},
+    }
+
+
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; id 256 is the document-start token."""
     kind, vocab_size, bos_id, fingerprint = "byte", 257, 256, "byte-v1"
@@ -226,7 +266,10 @@ class ByteTokenizer:
         return _ByteStream()
 
     def save(self, directory: str | os.PathLike) -> None:
+        """tokenizer_config.json, and the same tokenizer as tokenizer.json for transformers."""
         write_json(Path(directory) / _CONFIG, {"kind": self.kind})
+        write_json(Path(directory) / "tokenizer.json", byte_tokenizer_json())
+        _hf_files(Path(directory), DOC_TOKEN, self.bos_id)
 
 
 def _import_tokenizers():
@@ -274,6 +317,7 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> None:
         write_atomic(Path(directory) / "tokenizer.json", lambda f: f.write(self._tok.to_str().encode("utf-8")))
         write_json(Path(directory) / _CONFIG, {"kind": self.kind, "bos_token": self.bos_token})
+        _hf_files(Path(directory), self.bos_token, self.bos_id)
 
 
 class BPETokenizer(HFTokenizer):

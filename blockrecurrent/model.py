@@ -23,9 +23,13 @@ from torch import Tensor, nn
 
 from .attention import WindowAttention, WindowPlan, stack
 from .cell import FixedGate, LSTMGate, RecurrentCell, mlp, retention_bias
-from .config import BlockRecurrentConfig
+from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# What transformers imports from a saved directory under trust_remote_code (see config.HF_KEYS):
+# the code stays in the installed package, so a saved directory never holds a stale copy of it.
+_HF_SHIM = ('"""Lets transformers load this directory with trust_remote_code=True."""\n'
+            "from blockrecurrent.hf import BlockRecurrentForCausalLM, BlockRecurrentHFConfig\n")
 
 
 @dataclass
@@ -333,7 +337,8 @@ class BlockRecurrentTransformer(nn.Module):
 
     # --- save / load ---------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (weights only: nothing is ever unpickled)."""
+        """Write config.json and model.safetensors (weights only: nothing is ever unpickled), and
+        the small file through which transformers loads the directory (blockrecurrent.hf)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -344,7 +349,8 @@ class BlockRecurrentTransformer(nn.Module):
         # Temporary names and rename: an interrupted save never leaves a half-written file.
         tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(json.dumps(self.config.to_dict(), indent=2))
+        tmp_c.write_text(json.dumps({**HF_KEYS, **self.config.to_dict()}, indent=2))
+        (directory / HF_SHIM_FILE).write_text(_HF_SHIM)
         os.replace(tmp_w, directory / WEIGHTS_FILE)
         os.replace(tmp_c, directory / CONFIG_FILE)
 

@@ -294,11 +294,22 @@ def test_config_json_round_trip(tmp_path):
     assert BlockRecurrentConfig(depth=12).recurrent_layers == (10,)  # the paper's placement
 
 
+def test_config_reads_files_with_and_without_transformers_keys():
+    cfg = preset("tiny")
+    d = cfg.to_dict()
+    hf = {"model_type": "block_recurrent", "architectures": ["BlockRecurrentForCausalLM"],
+          "auto_map": {}, "transformers_version": "5.24.0", **d}
+    assert BlockRecurrentConfig.from_dict(d) == BlockRecurrentConfig.from_dict(hf) == cfg
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        BlockRecurrentConfig.from_dict({**d, "model_type": "llama"})
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_load_round_trip(tmp_path, tie):
     model = tiny(tie_embeddings=tie, use_compressed_mem=True)
     model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "block_recurrent_hf.py", "config.json", "model.safetensors"]
     loaded = BlockRecurrentTransformer.from_pretrained(tmp_path / "m").eval()
     assert loaded.config == model.config
     seq = torch.randint(0, VOCAB, (1, 40))
