@@ -34,9 +34,12 @@ from blockrecurrent.data import (ByteTokenizer, DocumentLanes, load_documents,  
                                  split_documents, tokenize_corpus)
 
 
-def build(impl: str, config: BlockRecurrentConfig, port_cls):
+def build(impl: str, config: BlockRecurrentConfig, port_cls, frozen: bool = False):
     if impl == "ours":
-        return BlockRecurrentTransformer(config)
+        model = BlockRecurrentTransformer(config)
+        for cell in model.recurrent_cells if frozen else ():
+            cell.update = lambda state, *args: state  # the state never leaves its initial value
+        return model
     return port_cls(num_tokens=config.num_tokens, dim=config.dim, depth=config.depth,
                     dim_head=config.dim_head, heads=config.heads,
                     max_seq_len=config.max_seq_len, block_width=config.block_width,
@@ -102,7 +105,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--port-path", help="folder holding block_recurrent_transformer_pytorch")
     ap.add_argument("--impl", nargs="+", default=["ours", "port"], choices=["ours", "port"])
     ap.add_argument("--models", nargs="+", default=["recurrent", "slide"],
-                    choices=["recurrent", "slide"])
+                    choices=["recurrent", "slide", "frozen"],
+                    help="frozen (ours only): the recurrent model with a state that never moves "
+                         "(tokens read the learned initial state), to separate the cost of the "
+                         "recurrent layer from that of the state's motion")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--segment", type=int, default=256, help="tokens per training segment")
@@ -137,13 +143,15 @@ def main(argv=None) -> dict:
             for window in (args.window if impl == "ours" else ["block"])]
     for kind in args.models:
         for impl, window in runs:
+            if kind == "frozen" and impl != "ours":
+                continue
             config = BlockRecurrentConfig(
                 num_tokens=tok.vocab_size, dim=args.dim, depth=args.depth, heads=args.heads,
                 dim_head=args.dim_head, max_seq_len=args.segment, block_width=args.block_width,
                 num_state_vectors=args.block_width, window=window,
-                recurrent_layers=(args.recurrent_layer,) if kind == "recurrent" else ())
+                recurrent_layers=() if kind == "slide" else (args.recurrent_layer,))
             torch.manual_seed(args.seed)
-            model = build(impl, config, port_cls)
+            model = build(impl, config, port_cls, frozen=kind == "frozen")
             row = dict(impl=impl, model=kind, window=window, steps=args.steps,
                        params=sum(p.numel() for p in model.parameters()))
             row.update(train(model, impl, train_c, args))

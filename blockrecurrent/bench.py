@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import PRESETS, BlockRecurrentConfig, preset
+from .config import PRESETS, BlockRecurrentConfig
 from .model import BlockRecurrentTransformer
 from .train import load_train_config, make_optimizer
 

@@ -1,8 +1,7 @@
-"""Evaluation: bits per byte overall and by position in the document; side-by-side comparison.
+"""Evaluation: bits per byte overall and by position in the document, and the state ablation.
 
     results = evaluate(model, corpus)            # every held-out document once, in full
     write_eval_report(results, "report", "eval-test")   # eval-test.json + eval-test.png
-    compare(preset="small", out_dir="runs/compare")      # recurrent vs Slide vs XL
 
 Documents are streamed through `DocumentLanes` exactly as in training: each batch row reads one
 document segment after segment, carrying the XL memories and recurrent states between segments,
@@ -19,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -508,223 +506,12 @@ def write_eval_report(results: dict, out_dir: str | os.PathLike, name: str = "ev
     return {"json": str(json_path), "png": str(png_path) if drawn else None}
 
 
-# --- comparison with the baselines -------------------------------------------------------
-
-def baseline_configs(config, extra_layer: bool = True) -> dict:
-    """The recurrent config and its baselines (paper section 4), name -> (model config, the
-    trainer's `baseline`):
-    - "slide": the same layers, window and block cache without the recurrent state: Rec:NL
-      against Slide:NL is the clean ablation of the state;
-    - "slide+1" (with extra_layer): one more ordinary layer standing in for the recurrent cell's
-      extra parameters, as the paper's Slide:13L beside its 12-layer recurrent model;
-    - "xl": Transformer-XL with segment = window (max_seq_len = block_width), the paper's XL:W,
-      as deep as the deepest Slide."""
-    import dataclasses
-
-    if not config.recurrent_layers:
-        raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
-                         "drop model.recurrent_layers=() from the settings")
-    slide = dataclasses.replace(config, recurrent_layers=())
-    plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
-    if extra_layer:
-        slide = dataclasses.replace(slide, depth=config.depth + 1)
-        plan["slide+1"] = (slide, "slide")
-    plan["xl"] = (dataclasses.replace(slide, max_seq_len=config.block_width), "xl")
-    return plan
-
-
-def _label(name: str, config) -> str:
-    """The paper's names: Rec:fixed:skip, Slide:13L, XL:512."""
-    if name == "recurrent":
-        return f"Rec:{config.gate}:{config.variant} ({config.depth}L)"
-    if name.startswith("slide"):
-        return f"Slide:{config.depth}L"
-    return f"XL:{config.block_width} ({config.depth}L)"
-
-
-def _scaled_train_config(tc, baseline: str, factor: int, out_dir: Path):
-    """The training settings of one model: its baseline, its own out_dir, and (XL) `factor`
-    times the lanes, so that both the optimizer steps and the training tokens (steps x batch x
-    segment) stay equal."""
-    import dataclasses
-
-    return dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
-                               batch_size=tc.batch_size * factor)
-
-
-def _run_settings(model_config, train_config) -> dict:
-    return json.loads(json.dumps({"model_config": model_config.to_dict(),
-                                  "train_config": train_config.to_dict()}))
-
-
-def check_reusable(model_config, train_config) -> bool:
-    """True when train_config.out_dir holds a finished run (summary.json) of these settings;
-    ValueError when it holds one of other settings. Checked before any work is done."""
-    prior = Path(train_config.out_dir) / "summary.json"
-    if not prior.is_file():
-        return False
-    saved = json.loads(prior.read_text())
-    if {k: saved.get(k) for k in ("model_config", "train_config")} != \
-            _run_settings(model_config, train_config):
-        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings; "
-                         f"choose another output directory or delete {train_config.out_dir}")
-    return True
-
-
-def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
-    """The trainer's summary of a run in train_config.out_dir: reused when a finished run of the
-    same settings is there (its summary.json), resumed from its latest checkpoint when an
-    interrupted one is, trained from scratch otherwise. So an interrupted job just reruns."""
-    from .train import latest_checkpoint, train
-
-    out = Path(train_config.out_dir)
-    if check_reusable(model_config, train_config):
-        print(f"{label}: reusing the finished run in {out}", file=sys.stderr)
-        return json.loads((out / "summary.json").read_text())["summary"]
-    resume = latest_checkpoint(out) is not None
-    print(f"{label}: {'resuming' if resume else 'training'} in {out}", file=sys.stderr)
-    summary = train(model_config, train_config, resume=resume)
-    if summary.get("status") != "completed":
-        raise KeyboardInterrupt  # stopped by a signal; its checkpoint lets a rerun resume
-    (out / "summary.json").write_text(json.dumps(
-        {**_run_settings(model_config, train_config), "summary": summary}, indent=2,
-        default=str) + "\n")
-    return summary
-
-
-def eval_device(train_config) -> str:
-    """Where to evaluate a model the trainer made: CUDA when it trained there (or could)."""
-    return "cuda" if torch.cuda.is_available() and train_config.device != "cpu" else "cpu"
-
-
 def auto_batch_size(corpus: TokenizedCorpus, device: str, max_tokens=None) -> int:
     """8 lanes on a GPU; on a CPU, where time follows the positions computed (padding
     included), the batch size with the least padding (cheapest_batch_size)."""
     if torch.device(device).type != "cpu":
         return 8
     return cheapest_batch_size(corpus, 8, max_tokens=max_tokens)
-
-
-def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/compare", *,
-            extra_layer: bool = True, eval_batch_size: int | None = None,
-            max_eval_tokens: int | None = None,
-            splits: Sequence[str] = ("val", "test"), progress: bool = True) -> dict:
-    """Train the recurrent model and its baselines (see baseline_configs) from one config (the
-    trainer's `load_train_config(config, preset, overrides)`) at equal training tokens and
-    equal optimizer steps, evaluate all on the same held-out documents (the longest first, so
-    that late positions are filled), add the state ablation of the recurrent model, and write
-    out_dir/comparison.{md,json,png}.
-
-    Each model trains in out_dir/<name>. XL's segment is one window, so it reads
-    max_seq_len / block_width times the lanes per step. Parameter counts are printed and
-    tabulated. A model whose out_dir already holds a finished
-    run with the same settings (summary.json) is reused, an interrupted one resumed, so an
-    interrupted comparison continues where it stopped. Evaluation reads every model with the
-    recurrent model's segment length (the results do not depend on it: memories are carried),
-    eval_batch_size documents side by side (None: auto_batch_size)."""
-    from .data import load_tokenizer
-    from .train import apply_baseline, load_train_config
-
-    if not isinstance(extra_layer, bool):
-        raise TypeError(f"extra_layer must be a bool, got {type(extra_layer).__name__}")
-    _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
-    _check_int("max_eval_tokens", max_eval_tokens, 1, allow_none=True)
-    if isinstance(splits, str) or not splits or any(s not in ("val", "test") for s in splits):
-        raise ValueError(f"splits must be a non-empty sequence of 'val' and/or 'test', "
-                         f"got {splits!r}")
-    model_config, tc = load_train_config(config, preset, list(overrides))
-    if tc.baseline != "recurrent":
-        raise ValueError(f"compare trains all three models itself; drop baseline={tc.baseline}")
-    out = Path(out_dir)
-    segment = model_config.max_seq_len
-    plan = {}
-    for name, (mc, baseline) in baseline_configs(model_config, extra_layer).items():
-        trained = apply_baseline(mc, baseline)  # what the trainer builds (num_tokens aside)
-        tci = _scaled_train_config(tc, baseline, segment // trained.max_seq_len, out / name)
-        check_reusable(mc, tci)  # other settings in the way: fail now, not after hours
-        plan[name] = (mc, tci)
-
-    print("models (parameters without embeddings):", file=sys.stderr)
-    for name, (mc, tci) in plan.items():
-        trained = apply_baseline(mc, tci.baseline)
-        print(f"  {_label(name, mc):24s} {BlockRecurrentTransformer(trained).num_params():>12,}  "
-              f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}",
-              file=sys.stderr)
-    runs = {}
-    for name, (mc, tci) in plan.items():
-        summary = train_or_reuse(mc, tci, name)
-        runs[name] = {"label": _label(name, mc), "summary": summary, **_run_settings(mc, tci)}
-
-    corpora = {}  # (tokenizer fingerprint, split) -> corpus: the same documents for every model
-    device = eval_device(tc)
-    for name, run in runs.items():
-        model_dir = Path(run["summary"]["model_dir"])
-        model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
-        tokenizer = load_tokenizer(model_dir)
-        run.update(params=model.num_params(non_embedding=False),
-                   non_embedding_params=model.num_params(), eval={})
-        for split in splits:
-            key = (tokenizer.fingerprint, split)
-            if key not in corpora:
-                corpora[key] = load_heldout(tc.data, tokenizer, split, text_field=tc.text_field,
-                                            cache_dir=tc.cache_dir or None)
-            batch = eval_batch_size or auto_batch_size(corpora[key], device, max_eval_tokens)
-            kw = dict(batch_size=batch, segment_len=segment, max_tokens=max_eval_tokens,
-                      device=device, progress=progress, select="longest")
-            res = evaluate(model, corpora[key], desc=f"eval {name} {split}", **kw)
-            if name == "recurrent" and split == splits[-1]:
-                run["state_ablation"] = state_ablation(model, corpora[key], carry=res,
-                                                       **kw)["gain"]
-            res.pop("per_document")
-            run["eval"][split] = res
-
-    markdown = comparison_markdown(runs, splits)
-    gain = runs["recurrent"].get("state_ablation")
-    if gain:
-        markdown += ("\n\nThe state ablation of the recurrent model (" + splits[-1] +
-                     " split): the same model with its state reset to the initial state at every"
-                     " segment, the window's cache still carried; gain = reset - carried bits "
-                     "per token.\n\n" + ablation_table({"gain": gain}, markdown=True))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(markdown + "\n")
-    (out / "comparison.json").write_text(json.dumps(
-        {"models": runs, "max_eval_tokens": max_eval_tokens, "extra_layer": extra_layer},
-        indent=2, default=str) + "\n")
-    split = "test" if "test" in splits else splits[0]
-    _plot_buckets({r["label"]: r["eval"][split] for r in runs.values()}, out / "comparison.png",
-                  f"held-out {split} documents: loss by position")
-    return {"models": runs, "markdown": markdown, "out_dir": str(out)}
-
-
-def comparison_markdown(runs: dict, splits: Sequence[str] = ("val", "test")) -> str:
-    """The comparison table: one row per model."""
-    split = "test" if "test" in splits else splits[0]
-    labels = [b["label"] for b in next(iter(runs.values()))["eval"][split]["buckets"]]
-    header = ["model", "params", "non-emb. params", "train tokens", "train time", "train tok/s",
-              *(f"{s} bits/byte" for s in splits), *(f"{split} bits/token {lab}" for lab in labels),
-              "eval tok/s"]
-    rows = []
-    for run in runs.values():
-        s, ev = run["summary"], run["eval"]
-        secs = s.get("elapsed_s") or 0.0
-        tokens = s.get("tokens_seen") or 0
-        rows.append([run["label"], human_count(run["params"]),
-                     human_count(run["non_embedding_params"]), human_count(tokens), _duration(secs),
-                     f"{tokens / secs:,.0f}" if secs else "n/a",
-                     *(_fmt(ev[sp]["bits_per_byte"]) for sp in splits),
-                     *(_fmt(b["bits_per_token"]) for b in ev[split]["buckets"]),
-                     f"{ev[split]['tokens_per_s']:,.0f}"])
-    first = next(iter(runs.values()))["eval"][split]
-    note = (f"\n\nTraining tokens are the real (non-padding) tokens seen; every model saw the "
-            f"same number of segment positions (steps x batch x segment). Evaluation: "
-            f"{first['documents']} held-out {split} documents, {first['tokens']:,} tokens, each "
-            f"read once from its start with memories carried. Bits per token by position of the "
-            f"token in its document; empty buckets show n/a.")
-    return _table(header, rows, markdown=True) + note
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def human_count(n: float) -> str:

@@ -38,7 +38,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
