@@ -9,8 +9,8 @@
     brt run      [--out DIR] [--quick] [key=value ...]                     -> report.main_job
 
 Mistakes a user can make (a missing directory, an unknown option) print `error: <message>` and
-exit with status 2; a run that diverges (non-finite loss) exits with 1, an interrupted one
-(checkpointed, resumable) with 130; `brt --traceback ...` shows the full traceback instead. Heavy modules (torch,
+exit with status 2, as does a run that diverges (non-finite loss); an interrupted run
+(checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full traceback instead. Heavy modules (torch,
 the trainer) are imported inside the subcommands, so `brt --help` is quick.
 """
 
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted: {err}", file=sys.stderr)
             return 130
         print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

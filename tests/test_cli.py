@@ -166,14 +166,14 @@ def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
 
 def test_failed_and_interrupted_runs_exit_with_a_one_line_message(capsys, tmp_path, corpus_dir,
                                                                   monkeypatch):
-    """A diverging run exits 1 with 'training diverged' (no traceback); an interrupted one 130."""
+    """A diverging run exits 2 with 'training diverged' (no traceback); an interrupted one 130."""
     import blockrecurrent.train as T
 
     monkeypatch.setattr(T, "lm_loss_sum", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     config = tiny_config(tmp_path, corpus_dir)
     code, _, err = run(capsys, "train", "--threads", "1", "--config", config,
                        f"out_dir={tmp_path / 'nan'}", "max_nonfinite=1")
-    assert code == 1 and "\nerror: training diverged: " in err and "Traceback" not in err
+    assert code == 2 and "\nerror: training diverged: " in err and "Traceback" not in err
     monkeypatch.undo()
     monkeypatch.setattr(T, "train", lambda *a, **k: {"status": "interrupted", "step": 1})
     code, _, err = run(capsys, "train", "--threads", "1", "--config", config,
