@@ -61,11 +61,12 @@ def main(argv=None) -> None:
     ap.add_argument("--keys", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--distance", type=int, default=4)
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 300])
+    ap.add_argument("--window", default="sliding", choices=["sliding", "block"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = preset("probe")
+    base = preset("probe", window=args.window)
     W = base.block_width
     for K in args.keys:
         task = RecallTask(block_width=W, num_keys=K, distance=args.distance)
@@ -78,7 +79,8 @@ def main(argv=None) -> None:
             seq, _ = task.batch(3072, torch.Generator().manual_seed(1))
             source = seq[:, task.lead * W:(task.lead + 1) * W]
             keys = torch.stack([row[row < task.alphabet][:K] for row in source])  # (N, K) in order
-            print(f"K={K} d={args.distance} after {steps} steps: recall {acc:.2f}")
+            print(f"K={K} d={args.distance} {args.window} window, after {steps} steps: "
+                  f"recall {acc:.2f}")
             for b, x in enumerate(states_by_block(model, seq, W)):
                 if b < task.lead:
                     continue
