@@ -79,11 +79,23 @@ def test_generate(capsys, model_dir, tmp_path):
                          "8", "--temperature", "0.8", "--top-k", "20", "--seed", "0")
     assert code == 0, err
     assert "prefill:" in err
+    # The same seed gives the same text.
+    code, same, _ = run(capsys, "generate", model_dir, "--prompt", "def f(", "--max-new-tokens",
+                        "8", "--temperature", "0.8", "--top-k", "20", "--seed", "0")
+    assert code == 0 and same == out
+    # Greedy from a prompt file prints what the model's own greedy decoding gives after bos +
+    # the prompt, stopping where the model starts a new document.
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("import os\n")
     code, again, _ = run(capsys, "generate", model_dir, "--prompt-file", prompt,
                          "--max-new-tokens", "8", "--temperature", "0")
     assert code == 0
+    tok = ByteTokenizer()
+    model = BlockRecurrentTransformer.from_pretrained(model_dir)
+    ids = model.generate([tok.bos_id] + tok.encode("import os\n"), 8, do_sample=False)[0].tolist()
+    ids = ids[:ids.index(tok.bos_id)] if tok.bos_id in ids else ids
+    expected = tok.decode(ids)
+    assert again == expected + ("" if expected.endswith("\n") or not expected else "\n")
 
 
 @pytest.mark.parametrize("argv, message", [
