@@ -13,9 +13,10 @@ from elsewhere without breaking the lanes' order, so it takes the next `grad_acc
 segments of every lane (state carried between them, backward after each) before one optimizer step.
 
 Under torchrun, each of the world_size processes owns `batch_size` of the batch_size * world_size
-global lanes; the model is wrapped in DistributedDataParallel here (it knows nothing of it), the
-loss is normalised by the *global* count of real tokens so that a run matches one process with
-the whole batch, and only rank 0 writes files.
+global lanes; the model is wrapped here (wrap_model: DistributedDataParallel, or FSDP2 with
+parallel="fsdp"; it knows nothing of it), the loss is normalised by the *global* count of real
+tokens so that a run matches one process with the whole batch, and only rank 0 writes files
+(with FSDP every rank writes its own shards and lanes).
 
 A checkpoint, out_dir/checkpoints/step_0000100/, is also a model directory that
 BlockRecurrentTransformer.from_pretrained and `brt generate` read directly:
@@ -28,6 +29,10 @@ BlockRecurrentTransformer.from_pretrained and `brt generate` read directly:
     rng_rank{r}.pt                      rank r's torch / cuda / numpy / python RNG states
 It is written to a temporary directory and renamed, so it exists whole or not at all;
 checkpoints/latest names the newest. At the end the model is exported to out_dir/model/.
+With parallel="fsdp" the weights and optimizer are sharded instead (torch.distributed.checkpoint):
+    dcp/                                .metadata and one __{r}_0.distcp per rank: model, optimizer
+    (no config.json / model.safetensors / optimizer.pt; the rest as above, each rank writing its own
+    lanes_rank{r}.* and rng_rank{r}.pt), resumable with another number of processes: _load_sharded.
 """
 
 from __future__ import annotations
@@ -871,7 +876,7 @@ class Trainer:
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=self.env.world_size == 1)
-        except Exception as err:
+        except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
             raise ValueError(f"cannot read {path / 'dcp'}: {err}; the checkpoint is incomplete, "
                              "corrupted or from another model") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],

@@ -471,6 +471,12 @@ def test_fsdp_matches_one_process_and_resumes_resharded(corpus, single, tmp_path
     assert_same_run(one, fsdp, keys=("loss", "grad_norm"))
     lanes = json.loads((one / "checkpoints" / "step_0000004" / "lanes_rank0.json").read_text())
     assert lanes["config"]["world_size"] == 1 and len(lanes["pos"]) == 4
+    meta = one / "checkpoints" / "step_0000004" / "dcp" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:100])
+    before = tree_digest(one)
+    with pytest.raises(ValueError, match=r"cannot read .*step_0000004/dcp"):
+        T.train(*settings(corpus, one, *MULTI, "parallel=fsdp", "max_steps=6"), resume=True)
+    assert tree_digest(one) == before
 
 
 @pytest.mark.slow
@@ -484,8 +490,7 @@ def test_two_nodes_over_loopback_match_one_node(corpus, single, tmp_path):
     out = tmp_path / "nodes"
     launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
               "--rdzv_id=brt-test"]
-    procs = [torchrun(corpus, out, "parallel=fsdp", launch=[*launch, f"--node_rank={n}"], run=False)
-             for n in (0, 1)]
+    procs = [torchrun(corpus, out, "parallel=fsdp", launch=launch, run=False) for _ in range(2)]
     try:
         for p in procs:
             _, err = p.communicate(timeout=300)
