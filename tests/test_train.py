@@ -479,7 +479,6 @@ def test_fsdp_matches_one_process_and_resumes_resharded(corpus, single, tmp_path
     assert tree_digest(one) == before
 
 
-@pytest.mark.slow
 def test_two_nodes_over_loopback_match_one_node(corpus, single, tmp_path):
     """Two torchrun launches (two "nodes", one process each) meeting at a c10d rendezvous on
     127.0.0.1, as the README's multi-node command does across machines."""
