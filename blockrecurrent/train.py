@@ -372,6 +372,14 @@ def _write_rank_files(directory: Path, rank: int, part: dict) -> None:
     torch.save(part["rng"], directory / f"rng_rank{rank}.pt")
 
 
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns at every save/load of a single process (no process group); that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints (temporary directories start with a dot), oldest first."""
     found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
@@ -824,8 +832,9 @@ class Trainer:
         try:
             if self._any_rank(error is not None):
                 raise error or RuntimeError(f"another rank failed to write its files into {tmp}")
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"),
-                     no_dist=env.world_size == 1)
+            with _single_process_dcp():
+                dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"),
+                         no_dist=env.world_size == 1)
             if env.is_main:  # dcp.save returns on rank 0 after every rank's shards are written
                 write_json(tmp / "trainer.json", self._meta())
                 os.replace(tmp, final)
@@ -875,7 +884,8 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # templates to fill
         state = {"model": model_sd, "optimizer": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=self.env.world_size == 1)
+            with _single_process_dcp():
+                dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=self.env.world_size == 1)
         except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
             raise ValueError(f"cannot read {path / 'dcp'}: {err}; the checkpoint is incomplete, "
                              "corrupted or from another model") from None
