@@ -392,12 +392,12 @@ def single(corpus, tmp_path_factory):
     return out
 
 
-def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"), timeout=240, run=True):
-    """`python -m torch.distributed.run LAUNCH -m blockrecurrent.train` with the tests' settings."""
+def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"), timeout=240, run=True,
+             program=("-m", "blockrecurrent.train")):
+    """`python -m torch.distributed.run LAUNCH PROGRAM` with the tests' settings."""
     args = [f"{k}={v}" for k, v in (("data", corpus), ("out_dir", out), ("cache_dir", corpus.parent / "cache"))]
     args += ["batch_size=2", "warmup_steps=2", "lr=3e-3", "log_interval=1", "eval_tokens=2000", *MULTI, *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "blockrecurrent.train", "--preset", "tiny",
-           *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *program, "--preset", "tiny", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if not run:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -447,8 +447,9 @@ def _resume_from_step_2(run, dest):
 def test_fsdp_matches_one_process_and_resumes_resharded(corpus, single, tmp_path):
     """2-process FSDP (with activation checkpointing) == 1 process with the global batch: the
     gradient norms (before clipping) catch gradients summed over ranks instead of averaged; Adam
-    alone would hide a factor 2. Then the sharded step-2 checkpoint resumes with 2 processes
-    (bit-exact) and, resharded, with 1 process holding all 4 lanes."""
+    alone would hide a factor 2. A 2-process run interrupted by SIGINT in step 3 (it finishes
+    the step and saves) and resumed equals the uninterrupted run bit for bit; the sharded step-2
+    checkpoint also resumes, resharded, with 1 process holding all 4 lanes."""
     fsdp = tmp_path / "fsdp"
     torchrun(corpus, fsdp, "parallel=fsdp", "activation_checkpointing=true")
     assert_same_run(fsdp, single, keys=("loss", "grad_norm"))
@@ -459,7 +460,12 @@ def test_fsdp_matches_one_process_and_resumes_resharded(corpus, single, tmp_path
                for name, ext in (("lanes", "json"), ("lanes", "safetensors"), ("rng", "pt")))
     assert json.loads((step / "trainer.json").read_text())["world_size"] == 2
 
-    two = _resume_from_step_2(fsdp, tmp_path / "two")
+    two = tmp_path / "two"
+    proc = torchrun(corpus, two, "parallel=fsdp", "activation_checkpointing=true",
+                    program=(os.path.join(os.path.dirname(__file__), "interrupt_run.py"), "3"))
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (summary["status"], summary["step"], summary["model_dir"]) == ("interrupted", 3, None)
+    assert (two / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     torchrun(corpus, two, "parallel=fsdp", "activation_checkpointing=true", "--resume")
     assert_same_run(two, fsdp, keys=("loss", "grad_norm"), exact=True)
 
