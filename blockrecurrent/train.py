@@ -13,9 +13,10 @@ from elsewhere without breaking the lanes' order, so it takes the next `grad_acc
 segments of every lane (state carried between them, backward after each) before one optimizer step.
 
 Under torchrun, each of the world_size processes owns `batch_size` of the batch_size * world_size
-global lanes; the model is wrapped in DistributedDataParallel here (it knows nothing of it), the
-loss is normalised by the *global* count of real tokens so that a run matches one process with
-the whole batch, and only rank 0 writes files.
+global lanes; the model is wrapped here (wrap_model: DistributedDataParallel, or FSDP2 with
+parallel="fsdp"; it knows nothing of it), the loss is normalised by the *global* count of real
+tokens so that a run matches one process with the whole batch, and only rank 0 writes files
+(with FSDP every rank writes its own shards and lanes).
 
 A checkpoint, out_dir/checkpoints/step_0000100/, is also a model directory that
 BlockRecurrentTransformer.from_pretrained and `brt generate` read directly:
@@ -28,6 +29,10 @@ BlockRecurrentTransformer.from_pretrained and `brt generate` read directly:
     rng_rank{r}.pt                      rank r's torch / cuda / numpy / python RNG states
 It is written to a temporary directory and renamed, so it exists whole or not at all;
 checkpoints/latest names the newest. At the end the model is exported to out_dir/model/.
+With parallel="fsdp" the weights and optimizer are sharded instead (torch.distributed.checkpoint):
+    dcp/                                .metadata and one __{r}_0.distcp per rank: model, optimizer
+    (no config.json / model.safetensors / optimizer.pt; the rest as above, each rank writing its own
+    lanes_rank{r}.* and rng_rank{r}.pt), resumable with another number of processes: _load_sharded.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -69,6 +75,7 @@ from .model import BlockRecurrentTransformer, XLMemories
 
 BASELINES = ("recurrent", "slide", "xl")
 DTYPES = ("auto", "float32", "bfloat16")
+PARALLEL = ("ddp", "fsdp")
 CHECKPOINT_FORMAT = 1
 # Settings that fix the data stream or the vocabulary: a resumed run must keep them.
 _RESUME_FIXED = ("data", "text_field", "tokenizer", "bpe_vocab_size", "batch_size", "seed", "baseline")
@@ -101,6 +108,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA with bf16 support, else float32 (see _autocast_dtype)
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 sharding)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
     seed: int = 0  # model init, data order and dropout
     # evaluation, logging, checkpoints
     out_dir: str = "runs/brt"  # metrics.jsonl, loss.png, checkpoints/, model/
@@ -150,6 +159,7 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
              "device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         need(self.dtype in DTYPES, "dtype", f"choose one of {DTYPES}")
+        need(self.parallel in PARALLEL, "parallel", f"choose one of {PARALLEL}")
         need(self.out_dir != "", "out_dir", "name an output directory")
 
     def to_dict(self) -> dict:
@@ -348,6 +358,28 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _write_rank_files(directory: Path, rank: int, part: dict) -> None:
+    """One rank's data position, carried memories and states, and RNG (Trainer._rank_state)."""
+    from safetensors.torch import save_file
+    save_file(part["tensors"], str(directory / f"lanes_rank{rank}.safetensors"))
+    write_json(directory / f"lanes_rank{rank}.json", part["lanes"])
+    torch.save(part["rng"], directory / f"rng_rank{rank}.pt")
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """DCP warns at every save/load of a single process (no process group); that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _step_dirs(root: Path) -> list[Path]:
     """Complete checkpoints (temporary directories start with a dot), oldest first."""
     found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
@@ -464,6 +496,53 @@ def eval_subset(corpus: D.TokenizedCorpus, max_tokens: int) -> D.TokenizedCorpus
 
 # ------------------------------------------------------------------------------- the trainer
 
+def _checkpoint_layers(model: BlockRecurrentTransformer) -> None:
+    """Per-layer activation checkpointing: each layer keeps only its inputs for backward and
+    recomputes the rest (non-reentrant, RNG restored, so dropout repeats). The forward is
+    replaced on the instance, so parameter names and saved files stay as they are."""
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def wrap_model(model: BlockRecurrentTransformer, cfg: TrainConfig, env: DistEnv,
+               autocast: torch.dtype | None) -> tuple[nn.Module, nn.Module | None]:
+    """The one place that makes the model parallel: returns (module to train, DDP wrapper or
+    None). FSDP2 (fully_shard) turns `model` itself into the sharded module, in place."""
+    if cfg.activation_checkpointing:
+        _checkpoint_layers(model)
+    if env.world_size == 1:
+        return model, None
+    cfg_m = model.config
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        # With one block per segment the last state update never reaches the loss.
+        unused = bool(cfg_m.recurrent_layers) and cfg_m.max_seq_len == cfg_m.block_width
+        ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                      broadcast_buffers=False, find_unused_parameters=unused)
+        return ddp, ddp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # bf16 weights in the matmuls, gradients reduced and the optimizer kept in float32. Only on
+    # CUDA: on CPU, autocast alone decides (bf16 matmuls there are slow, see _autocast_dtype).
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if env.device.type == "cuda" and autocast == torch.bfloat16 else MixedPrecisionPolicy())
+    for layer in model.layers:
+        # A recurrent layer's initial_state is read by the model before the layer runs (to start
+        # reset rows), so its weights stay in the root group, gathered for the whole forward.
+        if not layer.recurrent:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # The layers also return their caches, views that the model only detaches (never writes).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if dist.get_backend() == "gloo" and hasattr(model, "set_force_sum_reduction_for_comms"):
+        # Average as SUM then a division by the world size: some torch versions sent ReduceOp.AVG
+        # to gloo's reduce-scatter, which summed (pytorch issue 162338).
+        model.set_force_sum_reduction_for_comms(True)
+    return model, None
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss was NaN/inf for max_nonfinite optimizer steps in a row."""
 
@@ -489,19 +568,16 @@ class Trainer:
         np.random.seed(cfg.seed + env.rank)
         random.seed(cfg.seed + env.rank)
         self.model.train()
-        self.ddp = None
-        self.train_model = self.model
-        if env.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            # With one block per segment the last state update never reaches the loss.
-            unused = bool(model_config.recurrent_layers) and model_config.max_seq_len == model_config.block_width
-            self.ddp = self.train_model = DistributedDataParallel(
-                self.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=unused)
+        self.autocast = _autocast_dtype(cfg.dtype, dev)
+        # FSDP: sharded weights, DCP checkpoints (also with one process, so that a run can resume
+        # with another number of processes).
+        self.sharded = cfg.parallel == "fsdp"
+        self.fsdp = self.sharded and env.world_size > 1
+        self.train_model, self.ddp = wrap_model(self.model, cfg, env, self.autocast)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
+        # After wrapping: FSDP replaces the parameters by sharded ones.
         self.optimizer = make_optimizer(self.model, lr_at(1, cfg), tuple(cfg.betas), cfg.weight_decay)
-        self.autocast = _autocast_dtype(cfg.dtype, dev)
         self.lanes = D.DocumentLanes(train_corpus, cfg.batch_size, model_config.max_seq_len,
                                      seed=cfg.seed, rank=env.rank, world_size=env.world_size)
         self.eval_corpus = None
@@ -518,6 +594,7 @@ class Trainer:
         self.log_window = [0.0, 0.0, 0.0]  # loss nats, real tokens, all positions since the last log
         self.stop_requested = False
         self.last_loss = self.last_eval = self._tb = None
+        self.last_grad_norm = float("nan")  # before clipping, of the last step
 
     # --- one optimizer step -------------------------------------------------------------
     def _context(self):
@@ -530,8 +607,10 @@ class Trainer:
         loss per real token over all ranks (nan if skipped) and whether any rank asked to stop."""
         cfg, env, dev = self.cfg, self.env, self.env.device
         batches = [self.lanes.next_batch() for _ in range(cfg.grad_accum)]
-        # The loss is the mean over the step's real tokens on all ranks. DDP averages gradients
-        # over ranks, hence the world_size factor: the result matches one process with the whole batch.
+        # The loss is the mean over the step's real tokens on all ranks. DDP and FSDP average
+        # gradients over ranks, hence the world_size factor: the result matches one process with
+        # the whole batch. (FSDP reduce-scatters after each segment's backward, so that no full
+        # gradient is held between segments.)
         local = sum(float(b["loss_mask"].sum()) for b in batches)
         total = env.all_reduce(torch.tensor([local], dtype=torch.float64, device=dev)).item()
         scale = env.world_size / max(total, 1.0)
@@ -551,6 +630,9 @@ class Trainer:
                                                                    dtype=torch.float64, device=dev)]))
         loss, stop = stats[0].item() / max(total, 1.0), stats[1].item() > 0
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor reduced over the shards
+            norm = norm.full_tensor()
+        self.last_grad_norm = float(norm)
         self.step += 1
         positions = cfg.grad_accum * cfg.batch_size * env.world_size * self.model_config.max_seq_len
         if not (math.isfinite(loss) and bool(torch.isfinite(norm))):
@@ -583,20 +665,32 @@ class Trainer:
         env, n = self.env, len(self.eval_corpus)
         sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # nats, tokens
         eval_world = min(env.world_size, n)  # ranks beyond the number of documents add zeros
-        if env.rank < eval_world:
-            lanes = D.DocumentLanes(self.eval_corpus, max(1, min(self.cfg.batch_size, n // eval_world)),
-                                    self.model_config.max_seq_len, rank=env.rank, world_size=eval_world,
-                                    shuffle=False, loop=False)
-            self.model.eval()
-            mems = states = None
-            for batch in lanes:
-                batch = {k: v.to(env.device) for k, v in batch.items()}
-                with self._context():
-                    logits, mems, states = self.model(batch["inputs"], xl_memories=mems, states=states,
-                                                      reset=batch["reset"])
+        lanes = None if env.rank >= eval_world else D.DocumentLanes(
+            self.eval_corpus, max(1, min(self.cfg.batch_size, n // eval_world)), self.model_config.max_seq_len,
+            rank=env.rank, world_size=eval_world, shuffle=False, loop=False)
+        self.model.eval()
+        mems = states = None
+        while True:
+            more = lanes is not None and not lanes.exhausted
+            if self.fsdp:  # every forward gathers weights from all ranks: run in lockstep
+                more_any = torch.tensor([float(more)], device=env.device)
+                if not env.all_reduce(more_any).item():
+                    break
+            elif not more:
+                break
+            if more:
+                batch = {k: v.to(env.device) for k, v in lanes.next_batch().items()}
+            else:  # FSDP, this rank's documents done: a forward on padding, not counted
+                seq = torch.full((1, self.model_config.max_seq_len), self.eval_corpus.bos_id, device=env.device)
+                batch = {"inputs": seq, "reset": None, "loss_mask": torch.zeros_like(seq, dtype=torch.bool)}
+                mems = states = None
+            with self._context():
+                logits, mems, states = self.model(batch["inputs"], xl_memories=mems, states=states,
+                                                  reset=batch["reset"])
+            if more:
                 sums[0] += lm_loss_sum(logits, batch["targets"], batch["loss_mask"]).double()
                 sums[1] += batch["loss_mask"].sum()
-            self.model.train()
+        self.model.train()
         nats, tokens = env.all_reduce(sums).tolist()
         self.last_eval = {"val_loss": nats / max(tokens, 1.0),
                           "val_bpb": nats / math.log(2) / self.eval_corpus.total_bytes}
@@ -629,6 +723,8 @@ class Trainer:
                 "lanes": rank["lanes"], "rng": rank["rng"], "lane_tensors": rank["tensors"]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()'s snapshot. Without "model" and "optimizer" (a sharded checkpoint
+        loads them itself) the rest only; "rng": None starts fresh per-rank streams."""
         meta = {k: state.get(k) for k in ("format", "world_size", "model_config", "step")}
         if meta["format"] != CHECKPOINT_FORMAT:
             raise ValueError(f"trainer state has format {meta['format']!r}, expected {CHECKPOINT_FORMAT}")
@@ -637,8 +733,9 @@ class Trainer:
                              f"{self.env.world_size}; resume with the same number (its lanes are per rank)")
         _check_model_config(meta["model_config"], self.model_config)
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "model" in state or "optimizer" in state:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.lanes.load_state_dict(state["lanes"])
             tensors = state["lane_tensors"]
             mems = {k[len("memories."):]: v.to(self.env.device) for k, v in tensors.items()
@@ -654,7 +751,10 @@ class Trainer:
                 setattr(self, k, int(state[k]))
             self.elapsed, self.log_window = float(state["elapsed"]), [float(x) for x in state["log_window"]]
             self.last_loss, self.last_eval = state.get("last_loss"), state.get("last_eval")  # for the summary
-            _set_rng_state(state["rng"], self.env.device)
+            if state["rng"] is not None:
+                _set_rng_state(state["rng"], self.env.device)
+            else:  # a new stream per rank, from the seed and the step
+                _seed_all(self.cfg.seed + 1 + self.env.rank + 1_000_003 * self.step)
         except (KeyError, TypeError, RuntimeError, IndexError) as err:
             raise ValueError(f"trainer state does not fit this run: {err!r}") from None
 
@@ -666,6 +766,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_XXXXXXX (rank 0, gathering every rank's lanes), atomically;
         update checkpoints/latest and keep the last keep_last."""
+        if self.sharded:
+            return self._save_sharded()
         env, root = self.env, self.out_dir / "checkpoints"
         parts = [self._rank_state()]
         if env.world_size > 1:
@@ -677,25 +779,71 @@ class Trainer:
             root.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 raise FileExistsError(f"{final} already exists; not overwriting it")
-            from safetensors.torch import save_file
             tmp = make_temp_dir(root, f".tmp-{final.name}-")
             try:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save(tmp)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 for r, part in enumerate(parts):
-                    save_file(part["tensors"], str(tmp / f"lanes_rank{r}.safetensors"))
-                    write_json(tmp / f"lanes_rank{r}.json", part["lanes"])
-                    torch.save(part["rng"], tmp / f"rng_rank{r}.pt")
+                    _write_rank_files(tmp, r, part)
                 write_json(tmp / "trainer.json", self._meta())  # written last
                 os.replace(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            write_atomic(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
-            if self.cfg.keep_last:
-                for old in _step_dirs(root)[:-self.cfg.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._point_latest(root, final)
+        env.barrier()
+        return final
+
+    def _point_latest(self, root: Path, final: Path) -> None:
+        write_atomic(root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
+        if self.cfg.keep_last:
+            for old in _step_dirs(root)[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self.env.all_reduce(torch.tensor([float(flag)], device=self.env.device)).item())
+
+    def _save_sharded(self) -> Path:
+        """FSDP checkpoint: model and optimizer through torch.distributed.checkpoint (DCP), each
+        rank writing its shards into dcp/, and each rank its own lanes and RNG files. All ranks
+        write into one temporary directory (on multi-node runs out_dir must be a shared file
+        system), which rank 0 renames once every rank has finished."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        env, root = self.env, self.out_dir / "checkpoints"
+        final = root / f"step_{self.step:07d}"
+        if final.exists():  # seen by every rank: none is left waiting for the others
+            raise FileExistsError(f"{final} already exists; not overwriting it")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # the local shards
+        tmp = [None]
+        if env.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = [make_temp_dir(root, f".tmp-{final.name}-")]
+        if env.world_size > 1:
+            dist.broadcast_object_list(tmp, src=0)
+        tmp, error = tmp[0], None
+        try:
+            _write_rank_files(tmp, env.rank, self._rank_state())
+            if env.is_main:
+                self.tokenizer.save(tmp)
+        except Exception as err:
+            error = err
+        try:
+            if self._any_rank(error is not None):
+                raise error or RuntimeError(f"another rank failed to write its files into {tmp}")
+            with _single_process_dcp():
+                dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"),
+                         no_dist=env.world_size == 1)
+            if env.is_main:  # dcp.save returns on rank 0 after every rank's shards are written
+                write_json(tmp / "trainer.json", self._meta())
+                os.replace(tmp, final)
+        except BaseException:
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if env.is_main:
+            self._point_latest(root, final)
         env.barrier()
         return final
 
@@ -705,6 +853,12 @@ class Trainer:
         path, rank, dev = Path(path), self.env.rank, self.env.device
         from safetensors.torch import load_file
         meta = _read_json(path / "trainer.json")
+        written = (meta.get("train_config") or {}).get("parallel", "ddp")
+        if (written == "fsdp") != self.sharded:
+            raise ValueError(f"{path} was written with parallel={written!r} and this run has "
+                             f"parallel={self.cfg.parallel!r}; resume with parallel={written!r}")
+        if self.sharded:
+            return self._load_sharded(path, meta)
         model = BlockRecurrentTransformer.from_pretrained(path)  # validates config + weights
         lanes_file = path / f"lanes_rank{rank}.safetensors"
         try:
@@ -717,12 +871,92 @@ class Trainer:
                               "rng": _torch_load(path / f"rng_rank{rank}.pt", "cpu"),
                               "lane_tensors": tensors})
 
+    def _load_sharded(self, path: Path, meta: dict) -> None:
+        """Model and optimizer from dcp/, resharded by DCP to this run's processes. The lanes
+        are global (DocumentLanes): with the same global batch, rank r takes global lanes
+        r*batch_size ... with their carried memories from whichever ranks held them, so the data
+        and the memories continue exactly whatever the number of processes. The per-rank RNG
+        streams (dropout) continue exactly only with the same number; otherwise each rank starts
+        a new stream from the seed and the step."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        _check_model_config(meta.get("model_config"), self.model_config)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # templates to fill
+        state = {"model": model_sd, "optimizer": optim_sd}
+        try:
+            with _single_process_dcp():
+                dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=self.env.world_size == 1)
+        except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
+            raise ValueError(f"cannot read {path / 'dcp'}: {err}; the checkpoint is incomplete, "
+                             "corrupted or from another model") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        lanes, tensors, same = self._gather_lanes(path, meta)
+        rng = _torch_load(path / f"rng_rank{self.env.rank}.pt", "cpu") if same else None
+        self.load_state_dict({**meta, "world_size": self.env.world_size, "lanes": lanes, "rng": rng,
+                              "lane_tensors": tensors})
+
+    def _gather_lanes(self, path: Path, meta: dict) -> tuple[dict, dict, bool]:
+        """This rank's lanes state and carried tensors, taken row by row from the checkpoint's
+        ranks; and whether the layout is the one saved (then the RNG state fits too)."""
+        from safetensors.torch import load_file
+        old_world, old_b = meta.get("world_size"), (meta.get("train_config") or {}).get("batch_size")
+        b, rank = self.cfg.batch_size, self.env.rank
+        if not isinstance(old_world, int) or not isinstance(old_b, int) or old_world * old_b != b * self.env.world_size:
+            raise ValueError(f"{path} holds {old_world} x {old_b} lanes (processes x batch_size) and this run "
+                             f"has {self.env.world_size} x {b}; keep the global batch to resume")
+        rows = [divmod(j, old_b) for j in range(rank * b, (rank + 1) * b)]  # (old rank, row)
+        sources = sorted({r for r, _ in rows})
+        states, parts = {}, {}
+        for r in sources:
+            states[r] = _read_json(path / f"lanes_rank{r}.json")
+            file = path / f"lanes_rank{r}.safetensors"
+            try:
+                parts[r] = load_file(str(file))
+            except Exception as err:
+                raise ValueError(f"cannot read {file}: {err}; the checkpoint is incomplete or corrupted") from None
+        if sources == [rank] and old_b == b:  # the saved layout: as written
+            return states[rank], parts[rank], old_world == self.env.world_size
+        now = self.lanes._config()
+        for r, st in states.items():
+            saved = st.get("config", {}) if isinstance(st, dict) else {}
+            want = {**now, "batch_size": old_b, "rank": r, "world_size": old_world}
+            if saved != want:
+                raise ValueError(f"{path / f'lanes_rank{r}.json'} does not fit this run's data "
+                                 f"(saved {saved}, expected {want})")
+        if len({tuple(sorted(p)) for p in parts.values()}) > 1:
+            raise ValueError(f"the ranks of {path} carried different memories (one dropped them after a "
+                             "non-finite step); resume with the same number of processes")
+        lanes = {"format": 1, "config": now, **{k: [states[r][k][i] for r, i in rows]
+                                                 for k in ("epoch", "pos", "offset")}}
+        batches = states[sources[0]]["batches"]
+        lanes.update(batches=batches, seen_targets=batches * b * self.lanes.segment_len,  # counters:
+                     padded_targets=sum(states[r]["padded_targets"] for r in sources) * b // (old_b * len(sources)))
+        dim = {k: 1 if k == "states" else 0 for k in parts[sources[0]]}  # states: (r, b, s, e)
+        tensors = {k: torch.cat([parts[r][k].narrow(d, i, 1) for r, i in rows], dim=d) for k, d in dim.items()}
+        return lanes, tensors, False
+
+    def _full_model(self) -> BlockRecurrentTransformer | None:
+        """The whole model on rank 0 (FSDP: gathered, on the CPU; None on the other ranks)."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        model = BlockRecurrentTransformer(self.model_config)
+        if self.model_config.tie_embeddings:
+            full.setdefault("to_logits.weight", full["token_emb.weight"])
+        model.load_state_dict(full)
+        return model
+
     def export_model(self) -> Path:
         """The final model (and tokenizer) as out_dir/model/, swapped in whole."""
         dest = self.out_dir / "model"
+        model = self._full_model()
         if self.env.is_main:
             tmp = make_temp_dir(self.out_dir, ".tmp-model-")
-            self.model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             self.tokenizer.save(tmp)
             old = self.out_dir / f".old-model-{os.getpid()}"
             if dest.exists():
@@ -794,7 +1028,8 @@ class Trainer:
                     secs = self.elapsed - log_elapsed
                     rec = {"event": "train", "loss": nats / real, "lr": lr_at(self.step, cfg),
                            "tokens": self.tokens_seen, "tokens_per_s": real / max(secs, 1e-9),
-                           "padding_fraction": 1 - real / positions, "nonfinite_skips": self.nonfinite_skips}
+                           "padding_fraction": 1 - real / positions, "grad_norm": self.last_grad_norm,
+                           "nonfinite_skips": self.nonfinite_skips}
                     self._log(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     self.log_window, log_elapsed = [0.0, 0.0, 0.0], self.elapsed
@@ -890,7 +1125,19 @@ def _check_resume(meta: dict, cfg: TrainConfig, path: Path) -> None:
         raise ValueError(f"{path / 'trainer.json'} has format {meta.get('format')!r}, expected "
                          f"{CHECKPOINT_FORMAT}; it was not written by this trainer")
     saved, now = meta.get("train_config") or {}, cfg.to_dict()
-    diff = {k: (saved.get(k), now[k]) for k in _RESUME_FIXED if saved.get(k) != now[k]}
+    written = saved.get("parallel", "ddp")
+    if written != cfg.parallel:
+        raise ValueError(f"the checkpoint {path} was written with parallel={written!r} (its format "
+                         f"follows); resume with parallel={written!r}")
+    fixed = _RESUME_FIXED
+    if written == "fsdp":  # resharded on resume: the global batch (lanes) is what must stay
+        fixed = tuple(k for k in fixed if k != "batch_size")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        old = (meta.get("world_size"), saved.get("batch_size"))
+        if not all(isinstance(v, int) for v in old) or old[0] * old[1] != world * cfg.batch_size:
+            raise ValueError(f"the checkpoint {path} has {old[0]} processes x batch_size {old[1]} lanes and "
+                             f"this run {world} x {cfg.batch_size}; keep processes x batch_size to resume")
+    diff = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
     if diff:
         raise ValueError(f"these settings fix the data stream and differ from the checkpoint "
                          f"{path} ({{name: (checkpoint, now)}}: {diff}); resume with the checkpoint's "
@@ -990,7 +1237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="train settings, or model.key=value; values are TOML (e.g. betas=[0.9,0.99])")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --resume may follow key=value settings
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         model_config, train_config = load_train_config(args.config, args.preset, args.overrides)

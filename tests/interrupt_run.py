@@ -1,0 +1,20 @@
+"""`python -m torch.distributed.run ... tests/interrupt_run.py STEP [trainer arguments]`: the
+trainer's main, with a SIGINT (as from Ctrl-C) sent to rank 0 during optimizer step STEP."""
+import os
+import signal
+import sys
+
+from blockrecurrent import train as T
+
+stop_at = int(sys.argv[1])
+original = T.Trainer.train_step
+
+
+def train_step(self):
+    if self.step + 1 == stop_at and self.env.rank == 0:
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(self)
+
+
+T.Trainer.train_step = train_step
+sys.exit(T.main(sys.argv[2:]))
