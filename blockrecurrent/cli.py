@@ -341,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(with_bench="bench" in argv)  # bench imports torch: only when asked
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse leaves key=value settings that follow an option (`x=1 --resume y=2`)
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit:  # --help (0) or a bad option (2, after argparse's message)
         return exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 2
     try:

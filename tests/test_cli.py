@@ -176,6 +176,16 @@ def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
     assert code == 0, err
 
 
+def test_settings_may_follow_options(capsys):
+    """key=value settings before and after an option are all kept, in order."""
+    args, extra = build_parser(False).parse_known_args(["train", "a=1", "--resume", "b=2"])
+    assert args.overrides == ["a=1"] and extra == ["b=2"]  # what argparse alone does
+    code, _, err = run(capsys, "train", "--preset", "tiny", "--resume", "no_such_field=1")
+    assert code == 2 and "no_such_field" in err and "unrecognized" not in err
+    code, _, err = run(capsys, "train", "--preset", "tiny", "--resume", "--bogus")
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
 def test_failed_and_interrupted_runs_exit_with_a_one_line_message(capsys, tmp_path, corpus_dir,
                                                                   monkeypatch):
     """A diverging run exits 2 with 'training diverged' (no traceback); an interrupted one 130."""
