@@ -280,9 +280,11 @@ class _Decoder:
     def feed_pending(self) -> None:
         if self.pending is not None:
             # The first step reads what the caller passed (a prefill's or a past result's
-            # memories): checked; later steps read the last step's outputs.
+            # memories): checked; later steps read the last step's outputs. With
+            # model.fast_decode False every step is checked, as before the fast step.
+            own = self.steps > 0 and self.model.fast_decode
             self.logits, self.mems, self.states = _step(self.model, self.pending, self.mems,
-                                                        self.states, own=self.steps > 0)
+                                                        self.states, own=own)
             self.steps += 1
             self.pending = None
 
