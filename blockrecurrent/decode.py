@@ -69,7 +69,10 @@ def eligible(model, seq: Tensor, mems, reset) -> bool:
     L = mems.cache_len
     if (L + 1) % cfg.block_width == 0:  # this token completes a block: the state moves
         return False
-    # Every row's document started at or before the cache (WindowPlan.all_valid).
+    # Every row's document started at or before the cache (WindowPlan.all_valid). A fast
+    # step's own memories keep that (lengths and cache grow together): no comparison then.
+    if trusted() and getattr(mems, "_all_valid", False):
+        return True
     return bool((mems.lengths >= L).all())
 
 
@@ -163,6 +166,7 @@ def step(model, seq: Tensor, mems, states: Tensor):
         state_keys=tuple(state_keys) if keep else None,
         state_values=tuple(state_values) if keep else None,
         state_source=tuple(states.unbind(0)) if keep else None)
+    new_mems._all_valid = True  # see eligible
     return logits, new_mems, states
 
 
@@ -313,4 +317,5 @@ class CompiledStep:
             keys=tuple(views[:depth]), values=tuple(views[depth:]), lengths=mems.lengths + 1,
             state_keys=tuple(skeys) if keep else None, state_values=tuple(svals) if keep else None,
             state_source=tuple(states.unbind(0)) if keep else None)
+        new_mems._all_valid = True  # see eligible
         return logits, new_mems, states
