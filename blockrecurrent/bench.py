@@ -820,7 +820,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="benchmark cached decoding instead of streams: tokens/s at each "
                              "--decode-batches size for the fast and the legacy (general) step, "
                              "against the memory-read bound measured in the same run")
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32],
+                        help="with --decode: batch sizes (default 1 8 32)")
     parser.add_argument("--prompt-len", type=int, default=16,
                         help="with --decode: prompt tokens before decoding")
     parser.add_argument("--new-tokens", type=int, default=64,
