@@ -92,7 +92,7 @@ def _mlp(x: Tensor, norm, mlp) -> Tensor:
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary.\u200b_rotate: x (..., d) at the position whose row cos, sin (d,) are."""
+    """Rotary._rotate: x (..., d) at the position whose row cos, sin (d,) are."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
