@@ -110,6 +110,8 @@ def step(model, seq: Tensor, mems, states: Tensor):
     hd = h * d
     first = max(0, L + 1 - W) if cfg.window == "sliding" else 0  # first key the token reads
     x = F.embedding(seq[:, 0], model.token_emb.weight)  # (b, e)
+    e, dt = x.shape[-1:], x.dtype
+    ln, linear, addmm = torch.layer_norm, F.linear, torch.addmm  # no Python wrappers
     rotary = None
     keys, values, state_keys, state_values = [], [], [], []
     r = 0
@@ -119,21 +121,23 @@ def step(model, seq: Tensor, mems, states: Tensor):
             attn.rotary._fit(L + 1)
             rotary = attn.rotary
             cos, sin = rotary.cos[L], rotary.sin[L]
-            if cos.dtype != x.dtype:
-                cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            if cos.dtype != dt:
+                cos, sin = cos.to(dt), sin.to(dt)
         n1 = layer.attn_norm
-        xn = F.layer_norm(x, n1.normalized_shape, n1.weight, n1.bias, n1.eps)
+        xn = ln(x, e, n1.weight, n1.bias, n1.eps)
         if layer.recurrent:
-            # k, v, q, q2 in one product; k, q, q2 unit vectors (v normalised too, unused)
-            kvqq = F.linear(xn, attn.token_proj.weight).view(b, 4, h, d)
-            unit = F.normalize(kvqq, dim=-1)
+            # k, v, q, q2 in one product; k, q, q2 unit vectors (v normalised too, unused);
+            # F.normalize's arithmetic without its wrapper.
+            kvqq = linear(xn, attn.token_proj.weight).view(b, 4, h, d)
+            unit = kvqq / kvqq.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             kq = _rotate(unit[:, 0:3:2], cos, sin)  # (b, 2, h, d): rotated k and q
-            k, q = kq[:, 0], kq[:, 1] * attn.scales[0][:, None].to(x.dtype)
-            q2 = unit[:, 3] * attn.scales[1][:, None].to(x.dtype)
+            scales = attn.scales if attn.scales.dtype == dt else attn.scales.to(dt)
+            k, q = kq[:, 0], kq[:, 1] * scales[0][:, None]
+            q2 = unit[:, 3] * scales[1][:, None]
             v = kvqq[:, 1]
             scale = 1.0
         else:
-            qkv = F.linear(xn, attn.qkv.weight).view(b, 3, h, d)
+            qkv = linear(xn, attn.qkv.weight).view(b, 3, h, d)
             qk = _rotate(qkv[:, :2], cos, sin)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             scale = d ** -0.5
@@ -141,8 +145,8 @@ def step(model, seq: Tensor, mems, states: Tensor):
         cv = append(mems.values[i], v[:, None], 2 * W)
         keys.append(ck)
         values.append(cv)
-        t = lambda c: c[:, first:].transpose(1, 2)  # (b, h, j, d)
-        y = _attend(q[:, :, None], t(ck), t(cv), scale, attn.flash).view(b, hd)
+        y = _attend(q[:, :, None], ck[:, first:].transpose(1, 2), cv[:, first:].transpose(1, 2),
+                    scale, attn.flash).view(b, hd)
         if layer.recurrent:
             state = states[r]
             kv = model._cached_state_kv(mems, r, state)
@@ -152,13 +156,15 @@ def step(model, seq: Tensor, mems, states: Tensor):
             state_values.append(kv[1])
             cross = _attend(q2[:, :, None], kv[0].transpose(1, 2), kv[1].transpose(1, 2), 1.0,
                             attn.flash).view(b, hd)
-            x = torch.addmm(x, torch.cat([y, cross], dim=-1), attn.token_out.weight.t())
+            x = addmm(x, torch.cat([y, cross], dim=-1), attn.token_out.weight.t())
             r += 1
         else:
-            x = torch.addmm(x, y, attn.out.weight.t())
-        x = _mlp(x, layer.mlp_norm, layer.mlp)
+            x = addmm(x, y, attn.out.weight.t())
+        n2, mlp = layer.mlp_norm, layer.mlp
+        hid = linear(ln(x, e, n2.weight, n2.bias, n2.eps), mlp[0].weight)  # no biases (cell.mlp)
+        x = addmm(x, F.gelu(hid, approximate=mlp[1].approximate), mlp[2].weight.t())
     norm = model.norm
-    x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    x = ln(x, e, norm.weight, norm.bias, norm.eps)
     logits = model.to_logits(x[:, None])  # a module call: hooks on it still see every step
     keep = r > 0
     new_mems = XLMemories(
