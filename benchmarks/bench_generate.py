@@ -26,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import PRESETS, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.bench import PeakMemory  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig  # noqa: E402
+from blockrecurrent.bench import (REFERENCE_CONFIG, PeakMemory, decode_speed,  # noqa: E402
+                                  format_decode)
 from blockrecurrent.generation import generate  # noqa: E402
 
 
@@ -56,6 +58,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--reference", action="store_true",
+                    help="the issue's reference config (blockrecurrent.bench.REFERENCE_CONFIG: "
+                         "dim 256, depth 4, 4x64 heads, W = S = 128, max_seq_len 1024) instead "
+                         "of --preset")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32],
+                    help="batch sizes of the decoding table (after a prompt of the first "
+                         "context); none to skip it")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the compiled decoding step (model.compile_decode())")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384, 65536],
                     help="prompt lengths in tokens")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per round")
@@ -79,9 +90,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    config = preset(args.preset)
+    config = BlockRecurrentConfig(**REFERENCE_CONFIG) if args.reference else preset(args.preset)
+    name = "reference" if args.reference else args.preset
     model = BlockRecurrentTransformer(config).eval()
-    print(f"preset {args.preset}: {model.num_params() / 1e6:.2f}M non-embedding parameters, "
+    print(f"{name}: {model.num_params() / 1e6:.2f}M non-embedding parameters, "
           f"W={config.block_width}, max_seq_len={config.max_seq_len}, batch {args.batch}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -106,7 +118,8 @@ def main(argv=None) -> dict:
             cpu.append(c)
         rows.append(dict(context=n, prefill_seconds=statistics.median(wall),
                          prefill_cpu_seconds=statistics.median(cpu), decode_wall=[],
-                         decode_cpu=[], prefill_peak_mib=prefill_mib[n]))
+                         decode_cpu=[], legacy_wall=[], legacy_cpu=[],
+                         prefill_peak_mib=prefill_mib[n]))
         print(f"  prefill {n} tokens: {rows[-1]['prefill_seconds']:.2f} s", flush=True)
 
     # Decoding, interleaved with the naive baseline. return_state=True makes exactly one model
@@ -114,10 +127,13 @@ def main(argv=None) -> dict:
     naive_wall, naive_cpu = [], []
     for _ in range(args.repeats):
         for r in rows:
-            _, w, c = timed(lambda: generate(model, None, args.new_tokens, do_sample=False,
-                                             past=start[r["context"]], return_state=True))
-            r["decode_wall"].append(w / args.new_tokens)
-            r["decode_cpu"].append(c / args.new_tokens)
+            for fast, key in ((True, "decode"), (False, "legacy")):  # legacy: the general path
+                model.fast_decode = fast
+                _, w, c = timed(lambda: generate(model, None, args.new_tokens, do_sample=False,
+                                                 past=start[r["context"]], return_state=True))
+                r[key + "_wall"].append(w / args.new_tokens)
+                r[key + "_cpu"].append(c / args.new_tokens)
+            model.fast_decode = True
         w, c = naive_generate(model, longest, args.naive_tokens)
         naive_wall += w
         naive_cpu += c
@@ -130,6 +146,10 @@ def main(argv=None) -> dict:
         r["prefill_tokens_per_cpu_s"] = b * r["context"] / r["prefill_cpu_seconds"]
         r["decode_tokens_per_s"] = b / statistics.median(r["decode_wall"])
         r["decode_tokens_per_cpu_s"] = b / statistics.median(r["decode_cpu"])
+        r["legacy_tokens_per_s"] = b / statistics.median(r["legacy_wall"])
+        r["legacy_tokens_per_cpu_s"] = b / statistics.median(r["legacy_cpu"])
+        r["fast_over_legacy"] = statistics.median(
+            lw / fw for fw, lw in zip(r["decode_wall"], r["legacy_wall"]))
     for r in rows:
         r["prefill_vs_first"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["decode_vs_first"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
@@ -145,20 +165,29 @@ def main(argv=None) -> dict:
         print(f"\ntokens/s, {clock}: medians; 'x first' relative to the first context; decode and "
               f"naive from {args.repeats} interleaved rounds")
         print(f"{'context':>8} | {'prefill':>8} | {'x first':>7} | {'decode':>7} | "
-              f"{'x first':>7} | {'cached/naive':>12}")
-        print("-" * 68)
+              f"{'x first':>7} | {'cached/naive':>12} | {'legacy':>7} | {'fast/legacy':>11}")
+        print("-" * 96)
         for r in rows:
             print(f"{r['context']:>8} | {r['prefill_tokens' + per]:>8,.0f} | "
                   f"{r['prefill' + sfx + '_vs_first']:>7.2f} | "
                   f"{r['decode_tokens' + per]:>7.1f} | {r['decode' + sfx + '_vs_first']:>7.2f} | "
-                  f"{r['cached_over_naive' + sfx]:>11.1f}x")
+                  f"{r['cached_over_naive' + sfx]:>11.1f}x | {r['legacy_tokens' + per]:>7.1f} | "
+                  f"{r['fast_over_legacy']:>10.2f}x")
         print(f"naive (a full forward over the last {config.max_seq_len} tokens per token): "
               f"{nv:.2f} tokens/s ({len(naive_wall)} tokens)")
     print("\nprefill peak memory above the start, MiB (" + meter.method + "): " + ", ".join(
         f"{r['context']}: " + ("-" if r["prefill_peak_mib"] is None else
                                f"{r['prefill_peak_mib']:.1f}") for r in rows))
 
-    result = dict(preset=args.preset, config=config.to_dict(), batch=args.batch,
+    batch_rows = None
+    if args.batches:
+        batch_rows = decode_speed(
+            model, batches=args.batches, prompt_len=min(args.contexts), new_tokens=args.new_tokens,
+            repeats=args.repeats, paths=("fast", "legacy") + (("compiled",) if args.compile else ()),
+            seed=args.seed, log=lambda *a: print(*a, flush=True))
+        print(format_decode(batch_rows))
+
+    result = dict(preset=name, decode_batches=batch_rows, config=config.to_dict(), batch=args.batch,
                   threads=torch.get_num_threads(), new_tokens=args.new_tokens,
                   repeats=args.repeats, torch=torch.__version__, rows=rows,
                   naive_tokens_per_s=naive["wall"], naive_tokens_per_cpu_s=naive["cpu"],

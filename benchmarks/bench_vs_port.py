@@ -78,6 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours under torch.compile (same weights), interleaved with eager "
+                         "and the port, to measure compiled against eager in the same run")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +91,12 @@ def main(argv=None) -> dict:
     ours = BlockRecurrentTransformer(cfg)
     runner = Runner("ours", ours, ours, torch.optim.AdamW(ours.parameters(), lr=1e-4),
                     cfg.max_seq_len)
+    compiled = None
+    if args.compile:
+        torch.manual_seed(0)
+        twin = BlockRecurrentTransformer(cfg)
+        compiled = Runner("compiled", twin, torch.compile(twin),
+                          torch.optim.AdamW(twin.parameters(), lr=1e-4), cfg.max_seq_len)
     port = Port(num_tokens=cfg.num_tokens, dim=cfg.dim, depth=cfg.depth, dim_head=cfg.dim_head,
                 heads=cfg.heads, max_seq_len=cfg.max_seq_len, block_width=cfg.block_width,
                 num_state_vectors=cfg.num_state_vectors, recurrent_layers=cfg.recurrent_layers,
@@ -108,20 +117,36 @@ def main(argv=None) -> dict:
         for mode in args.modes:
             runner.stream(tokens, seg, mode, dtype)  # warm-up, allocates optimizer state
             port_stream(port, port_opt, tokens, seg, seg, mode, dtype)
-            t_ours, t_port = [], []
+            if compiled is not None:  # compiles every call shape of a whole stream
+                t0 = time.perf_counter()
+                compiled.stream(tokens, n, mode, dtype)
+                print(f"[{mode} {dtype}] compile warm-up {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+            t_ours, t_port, t_comp = [], [], []
             for rep in range(args.repeats):
                 t_ours.append(sum(runner.stream(tokens, n, mode, dtype)))
                 t_port.append(port_stream(port, port_opt, tokens, n, seg, mode, dtype))
+                if compiled is not None:
+                    t_comp.append(sum(compiled.stream(tokens, n, mode, dtype)))
                 print(f"[{mode} {dtype} {rep + 1}/{args.repeats}] ours {b * n / t_ours[-1]:,.0f} "
-                      f"port {b * n / t_port[-1]:,.0f} tokens/s", file=sys.stderr, flush=True)
+                      f"port {b * n / t_port[-1]:,.0f}" +
+                      (f" compiled {b * n / t_comp[-1]:,.0f}" if t_comp else "") + " tokens/s",
+                      file=sys.stderr, flush=True)
             rows.append(dict(mode=mode, dtype=dtype, ours=b * n / statistics.median(t_ours),
                              port=b * n / statistics.median(t_port),
                              speedup=statistics.median(p / o for o, p in zip(t_ours, t_port))))
-    print(f"\n| mode | dtype | ours tokens/s | port tokens/s | ours / port (median of pairs) |\n"
-          f"|---|---|---:|---:|---:|")
+            if t_comp:
+                rows[-1].update(compiled=b * n / statistics.median(t_comp),
+                                compiled_over_eager=statistics.median(
+                                    o / c for o, c in zip(t_ours, t_comp)))
+    comp = compiled is not None
+    print(f"\n| mode | dtype | ours tokens/s | port tokens/s | ours / port (median of pairs) |" +
+          (" compiled tokens/s | compiled / eager |" if comp else "") +
+          "\n|---|---|---:|---:|---:|" + ("---:|---:|" if comp else ""))
     for r in rows:
         print(f"| {r['mode']} | {r['dtype']} | {r['ours']:,.0f} | {r['port']:,.0f} | "
-              f"{r['speedup']:.2f}x |")
+              f"{r['speedup']:.2f}x |" + (f" {r['compiled']:,.0f} | {r['compiled_over_eager']:.2f}x |"
+                                          if comp else ""))
     return {"rows": rows, "params": params}
 
 

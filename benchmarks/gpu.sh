@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (issues 5 and 11). 1) The paper's 150M configuration (12 layers, E=1024, W=S=512,
+# The GPU check (issues 5, 11 and 13). 1) The paper's 150M configuration (12 layers, E=1024, W=S=512,
 # 4096-token segments, 32k vocabulary) against Slide and XL, bf16 autocast and fp32, streams of
 # 4k to 64k tokens, with the matmul peak measured in the same run. 2) Activation checkpointing:
 # peak memory of one 150M segment with and without. 3) With 2 or more GPUs, the NCCL paths:
 # DDP and FSDP (bf16 mixed precision: bf16 weights, float32 gradient reduction) on the small
 # config, tokens/s and peak memory per process; FSDP's losses against DDP's (bf16 tolerance);
-# the sharded checkpoint of step 20 resumed to step 40 equal to the uninterrupted run.
+# the sharded checkpoint of step 20 resumed to step 40 equal to the uninterrupted run. Before
+# that, cached decoding: tokens/s at batch 1, 8 and 32 (fast, legacy and compiled steps)
+# against the memory-read bound measured on the card in the same run.
 # Needs a CUDA build of torch in the active environment (`pip install -e .` there). Writes
 # bench.json, bench.md and the other results to OUT_DIR.
 #
@@ -20,6 +22,11 @@ python -m blockrecurrent.bench --preset paper-150m --device cuda --batch-size 4 
     --json "$out/bench.json" --md "$out/bench.md"
 python benchmarks/activation_memory.py --preset paper-150m --batch-size 4 --device cuda \
     | tee "$out/activation_memory.json"
+
+# Cached decoding (issue 13): tokens/s at batch 1, 8 and 32 for the fast, legacy and compiled
+# steps, against the memory-read bound measured on the card in the same run.
+python -m blockrecurrent.bench --preset paper-150m --device cuda --decode --compile \
+    --decode-batches 1 8 32 --json "$out/decode.json" --md "$out/decode.md"
 
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -lt 2 ]; then

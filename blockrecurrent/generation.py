@@ -18,6 +18,7 @@ carried gives the same logits as one call, so
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from .decode import own_outputs
 from .model import BlockRecurrentTransformer, XLMemories
 
 
@@ -120,6 +122,39 @@ def _as_batch(prompt, model: BlockRecurrentTransformer) -> Tensor:
     return prompt.to(device=model.token_emb.weight.device, dtype=torch.long)
 
 
+def _is_ragged(prompt) -> bool:
+    """A list of rows (lists or 1-D tensors) that do not all have the same length."""
+    if not isinstance(prompt, (list, tuple)) or len(prompt) < 2 or not all(
+            isinstance(r, (list, tuple)) or (isinstance(r, Tensor) and r.dim() == 1)
+            for r in prompt):
+        return False
+    return len({len(r) for r in prompt}) > 1
+
+
+def cache_len_after(n: int, block_width: int) -> int:
+    """Tokens in each layer's cache after reading a document of n tokens from its start: the
+    partial block, after the last complete block once there are two (WindowPlan.next_cache)."""
+    return n if n < 2 * block_width else block_width + n % block_width
+
+
+def _check_ragged(model, lengths: list[int]) -> None:
+    """Rows of different lengths decode as one batch when their caches line up: each is
+    prefilled alone, then their memories are stacked (no pad token enters a state or a cache).
+    That needs the same cache length (so the same position in the block, and the same step
+    completing each block): equal lengths, or lengths of at least 2 * block_width that agree
+    modulo block_width."""
+    W = model.config.block_width
+    if any(n == 0 for n in lengths):
+        raise ValueError("prompt rows must not be empty; start a document with its bos token")
+    caches = {cache_len_after(n, W) for n in lengths}
+    if len(caches) > 1:
+        raise ValueError(f"prompts of lengths {lengths} cannot be decoded as one batch: rows "
+                         f"decode together when their caches line up, i.e. equal lengths, or "
+                         f"lengths >= 2 * block_width = {2 * W} that agree modulo block_width = "
+                         f"{W}; padding is not used (pad tokens would enter the state). Generate "
+                         f"such groups in separate calls")
+
+
 def _check_carry(model, b: int, mems, states) -> None:
     """Batch sizes of carried memories/states must match the prompt (details: the model)."""
     if mems is not None:
@@ -179,9 +214,12 @@ def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | 
 
 
 @torch.inference_mode()
-def _step(model, tokens: Tensor, mems, states):
-    """One cached decoding step: (b,) tokens -> next logits (b, v), xl_memories, states."""
-    logits, mems, states = model(tokens[:, None], xl_memories=mems, states=states)
+def _step(model, tokens: Tensor, mems, states, own: bool = False):
+    """One cached decoding step: (b,) tokens -> next logits (b, v), xl_memories, states.
+    own: the memories and states are the model's own outputs of the last step and the tokens
+    were sampled from its logits (see decode.own_outputs: the per-call checks are skipped)."""
+    with own_outputs() if own else contextlib.nullcontext():
+        logits, mems, states = model(tokens[:, None], xl_memories=mems, states=states)
     return logits[:, -1].float(), mems, states
 
 
@@ -200,6 +238,32 @@ class GenerationResult:
     finished: Tensor  # (b,) bool: rows that emitted eos
     generator: torch.Generator | None = None
 
+    def select(self, rows) -> "GenerationResult":
+        """The result of some rows (an int, slice or index tensor), e.g. to continue one row
+        with past=: `generate(model, None, n, past=result.select(0))`. Shares the generator."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        return GenerationResult(self.tokens[rows], self.xl_memories.select(rows),
+                                self.states[:, rows], self.logits[rows], self.finished[rows],
+                                self.generator)
+
+    @classmethod
+    def cat(cls, results: list["GenerationResult"]) -> "GenerationResult":
+        """Rows of several results as one batch, to decode them together (their memories must
+        hold caches of the same length: see XLMemories.cat). Tokens are joined when all have
+        the same count (else the result holds none); the generator is kept if all share it."""
+        if not results:
+            raise ValueError("cat needs at least one GenerationResult")
+        widths = {r.tokens.shape[1] for r in results}
+        tokens = (torch.cat([r.tokens for r in results]) if len(widths) == 1 else
+                  results[0].tokens.new_zeros(sum(r.tokens.shape[0] for r in results), 0))
+        gens = {id(r.generator) for r in results}
+        return cls(tokens, XLMemories.cat([r.xl_memories for r in results]),
+                   torch.cat([r.states for r in results], dim=1),
+                   torch.cat([r.logits for r in results]),
+                   torch.cat([r.finished for r in results]),
+                   results[0].generator if len(gens) == 1 else None)
+
 
 class _Decoder:
     """The decoding loop as an object, so generate, stream and generate_text share it and a
@@ -215,8 +279,12 @@ class _Decoder:
 
     def feed_pending(self) -> None:
         if self.pending is not None:
+            # The first step reads what the caller passed (a prefill's or a past result's
+            # memories): checked; later steps read the last step's outputs. With
+            # model.fast_decode False every step is checked, as before the fast step.
+            own = self.steps > 0 and self.model.fast_decode
             self.logits, self.mems, self.states = _step(self.model, self.pending, self.mems,
-                                                        self.states)
+                                                        self.states, own=own)
             self.steps += 1
             self.pending = None
 
@@ -285,6 +353,12 @@ def _check(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=Non
         if past is None:
             raise ValueError("prompt must not be None (it may be None only to continue from past)")
         seq = None
+    elif _is_ragged(prompt):
+        if xl_memories is not None or states is not None:
+            raise ValueError("prompts of different lengths start new documents: they take no "
+                             "xl_memories, states or past (continue each row separately)")
+        seq = [_as_batch(row, model) for row in prompt]  # one (1, n_i) tensor per row
+        _check_ragged(model, [row.shape[1] for row in seq])
     else:
         seq = _as_batch(prompt, model)
         _check_carry(model, seq.shape[0], xl_memories, states)
@@ -300,6 +374,12 @@ def _start(req: _Request) -> _Decoder:
     if req.seq is None:  # continue from past: its logits already follow its last token
         logits, mems, states = req.past.logits, req.xl_memories, req.states
         finished = req.past.finished
+    elif isinstance(req.seq, list):  # rows of different lengths: prefilled one by one
+        rows = [prefill(req.model, row) for row in req.seq]
+        logits = torch.cat([r[0] for r in rows])
+        mems = XLMemories.cat([r[1] for r in rows])
+        states = torch.cat([r[2] for r in rows], dim=1)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=logits.device)
     else:
         logits, mems, states = prefill(req.model, req.seq, req.xl_memories, req.states)
         finished = torch.zeros(req.seq.shape[0], dtype=torch.bool, device=logits.device)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import decode
 from .attention import WindowAttention, WindowPlan, stack
 from .cell import FixedGate, LSTMGate, RecurrentCell, mlp, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
@@ -72,6 +73,34 @@ class XLMemories:
     def select(self, rows) -> "XLMemories":
         """The memories of some batch rows (an index, slice or index tensor)."""
         return self._map(lambda t: t[rows])
+
+    @classmethod
+    def cat(cls, parts: list["XLMemories"]) -> "XLMemories":
+        """The rows of several memories as one batch (e.g. prompts of different lengths, each
+        prefilled alone, decoded together). Their caches must have the same length: rows then
+        sit at the same position in their blocks. Cached state keys/values are kept when every
+        part has them (else the next call projects the state again)."""
+        if not parts:
+            raise ValueError("XLMemories.cat needs at least one XLMemories")
+        lens = sorted({p.cache_len for p in parts})
+        if len(lens) > 1:
+            raise ValueError(f"cannot batch memories with caches of different lengths {lens}: "
+                             f"their rows are at different positions in their blocks")
+        if len({p.compressed_keys is None for p in parts}) > 1:
+            raise ValueError("cannot batch memories with and without compressed memory")
+        out = {}
+        for f in fields(cls):
+            vals = [getattr(p, f.name) for p in parts]
+            if any(v is None for v in vals):
+                out[f.name] = None
+            elif isinstance(vals[0], Tensor):
+                out[f.name] = torch.cat(vals)
+            else:
+                out[f.name] = tuple(torch.cat(ts) for ts in zip(*vals))
+        if out["state_keys"] is None or out["state_values"] is None or \
+                out["state_source"] is None:
+            out["state_keys"] = out["state_values"] = out["state_source"] = None
+        return cls(**out)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat name -> tensor mapping (for safetensors checkpoints)."""
@@ -133,6 +162,10 @@ class BlockRecurrentTransformer(nn.Module):
         elif not isinstance(config, BlockRecurrentConfig):
             raise TypeError(f"config must be a BlockRecurrentConfig, got {type(config).__name__}")
         self.config = config
+        # One-token decoding steps take blockrecurrent.decode.step (False: the general path,
+        # which computes the same function; kept as the reference and for benchmarks).
+        self.fast_decode = True
+        self._compiled_decode = None  # see compile_decode
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
         self.layers = nn.ModuleList(
             Layer(config, recurrent=(i + 1) in config.recurrent_layers) for i in range(config.depth))
@@ -271,10 +304,14 @@ class BlockRecurrentTransformer(nn.Module):
         they start from the learned initial state and an empty cache. logits_to_keep: compute the
         logits of the last positions only (prefill needs one; saves a (b, n, vocab) tensor).
         Returns logits (b, n, num_tokens), the next XLMemories and states (r, b, s, e)."""
-        self._check_inputs(seq, xl_memories, states, reset)
+        if not decode.trusted():
+            self._check_inputs(seq, xl_memories, states, reset)
         if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or
                                            not isinstance(logits_to_keep, int) or logits_to_keep < 1):
             raise ValueError(f"logits_to_keep must be a positive int or None, got {logits_to_keep!r}")
+        if self.fast_decode and decode.eligible(self, seq, xl_memories, reset):
+            return decode.step(self, seq, xl_memories,
+                               self.initial_states(seq.shape[0]) if states is None else states)
         b, n = seq.shape
         cfg, dev = self.config, seq.device
         mems = xl_memories
@@ -330,6 +367,8 @@ class BlockRecurrentTransformer(nn.Module):
         if mems is None or mems.state_keys is None or torch.is_grad_enabled():
             return None
         src = mems.state_source[r]
+        if decode.trusted() and decode.same_tensor(src, state):
+            return mems.state_keys[r], mems.state_values[r]
         if src.shape != state.shape or src.dtype != state.dtype or src.device != state.device \
                 or not torch.equal(src, state):
             return None
@@ -386,6 +425,15 @@ class BlockRecurrentTransformer(nn.Module):
         return model.to(map_location)
 
     # --- generation ----------------------------------------------------------------------
+    def compile_decode(self, enabled: bool = True, **compile_kwargs) -> "BlockRecurrentTransformer":
+        """Run decoding steps as one torch.compile graph over fixed-size caches
+        (blockrecurrent.decode.CompiledStep); the same function as the eager step, compiled on
+        the first step of each batch size. enabled=False goes back to the eager step."""
+        from .decode import CompiledStep
+
+        self._compiled_decode = CompiledStep(self, **compile_kwargs) if enabled else None
+        return self
+
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """New token ids after `prompt`, with cached decoding: see generation.generate."""
         from .generation import generate  # lazy: generation imports this module

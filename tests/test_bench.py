@@ -142,3 +142,30 @@ def test_short_streams_are_timed_several_times_a_pass():
     assert [B.streams_per_pass(n, seg) for n, seg in
             ((1024, 512), (4096, 512), (65536, 512), (2048, 1024), (1000, 512), (16, 16))] == \
         [4, 1, 1, 4, 4, 8]
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def test_decode_bytes_and_speed_rows():
+    cfg = tiny()
+    model = BlockRecurrentTransformer(cfg).eval()
+    nb = B.decode_bytes(model, batch=2, cache_len=20)
+    # Every weight of the step but the embedding table (one row is read) and the state side.
+    skip = ("token_emb", "state_proj", "state_out", "state_norm", "state_ids", "initial_state",
+            "gate")
+    want = sum(p.numel() * 4 for n, p in model.named_parameters() if not any(s in n for s in skip))
+    assert nb["weights"] == want
+    read = min(21, cfg.block_width)  # the sliding window reads at most W cached keys
+    per_row = 4 * (2 * cfg.depth * read * cfg.inner_dim
+                   + 2 * len(cfg.recurrent_layers) * cfg.num_state_vectors * cfg.inner_dim)
+    assert nb["cache_per_row"] == per_row and nb["total"] == want + 2 * per_row
+    rows = B.decode_speed(model, batches=(1, 2), prompt_len=5, new_tokens=3, repeats=1)
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["fast"]["tokens_per_s"] > 0 and r["legacy"]["tokens_per_s"] > 0
+        assert r["weights_read_s"] > 0 and r["fast_over_legacy"] > 0
+    assert "| 2 |" in B.format_decode(rows)
+    assert model.fast_decode and model._compiled_decode is None  # left as found
+    with pytest.raises(ValueError, match="unknown decode paths"):
+        B.decode_speed(model, batches=(1,), paths=("turbo",))
