@@ -119,7 +119,7 @@ def cmd_probe(args) -> int:
     else:
         rows = run_probes(config, **task, models=args.models,
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seeds=args.seeds,
+                          seeds=args.seeds, mixed=args.mixed,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
     paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
     print(probe_table(rows, markdown=False))
@@ -306,6 +306,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="sequences per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 2e-3)")
+    p.add_argument("--mixed", action="store_true",
+                   help="train one model per K on all the distances in turn (the same steps) "
+                        "and evaluate it at each, instead of one model per distance")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="evaluate this saved model instead of training new ones")

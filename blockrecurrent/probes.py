@@ -158,15 +158,17 @@ def _logits(model: nn.Module, seq: Tensor) -> Tensor:
     return model(seq)[0]
 
 
-def train_recall(model: nn.Module, task: RecallTask, *, steps: int = 300, batch_size: int = 32,
-                 lr: float = 2e-3, seed: int = 0) -> float:
-    """Train on fresh batches with Adam; returns the last training loss."""
+def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
+                 batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
+    """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
+    trained in turn, one batch of each (mixed distances)."""
+    tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        seq, targets = task.batch(batch_size, g)
+    for i in range(steps):
+        seq, targets = tasks[i % len(tasks)].batch(batch_size, g)
         logits = _logits(model, seq)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
@@ -214,9 +216,13 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                queries: int = 1, lead: int = 2, models: Iterable[str] = ("recurrent", "slide"),
                steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
-               log: Callable[[str], None] | None = print) -> list[dict]:
+               mixed: bool = False, log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
-    from a config (the port comparison passes its own). Returns one row per run."""
+    from a config (the port comparison passes its own). mixed=True trains one model per (model,
+    K, seed) on all the distances in turn (the same `steps` in all) and evaluates it at each:
+    from scratch at one long distance the signal can be too weak to find how to store several
+    keys, which the short distances teach (benchmarks/probe_curriculum.py). Returns one row per
+    (model, K, distance, seed)."""
     base = base if base is not None else preset("probe")
     if not isinstance(base, BlockRecurrentConfig):
         raise TypeError(f"base must be a BlockRecurrentConfig, got {type(base).__name__}")
@@ -229,34 +235,43 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(mixed, bool):
+        raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
     tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
+    # What each model trains on: one task, or (mixed) every distance of one K.
+    groups = ([[t for t in tasks if t.num_keys == k] for k in dict.fromkeys(num_keys)] if mixed
+              else [[t] for t in tasks])
     rows = []
-    for task in tasks:
+    for group in groups:
+        longest = max(group, key=lambda t: t.length)
         for name in models:
             for seed in seeds:
-                config = probe_config(base, task, recurrent=name == "recurrent")
+                config = probe_config(base, longest, recurrent=name == "recurrent")
                 torch.manual_seed(seed)
                 model = factory(config)
                 t0 = time.perf_counter()
-                loss = train_recall(model, task, steps=steps, batch_size=batch_size, lr=lr,
-                                    seed=seed)
-                acc = recall_accuracy(model, task)
-                row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
-                           distance=task.distance, queries=task.queries, lead=task.lead,
-                           seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
-                           beyond_reach=task.beyond_reach(config.depth, config.window), steps=steps,
-                           seconds=time.perf_counter() - t0)
-                rows.append(row)
+                loss = train_recall(model, group if mixed else group[0], steps=steps,
+                                    batch_size=batch_size, lr=lr, seed=seed)
+                for task in group:
+                    acc = recall_accuracy(model, task)
+                    row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
+                               distance=task.distance, queries=task.queries, lead=task.lead,
+                               seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
+                               beyond_reach=task.beyond_reach(config.depth, config.window),
+                               steps=steps, mixed=mixed, seconds=time.perf_counter() - t0)
+                    rows.append(row)
+                    if log:
+                        log(f"{name:9s} {task.kind} K={task.num_keys} d={task.distance} "
+                            f"seed={seed}: accuracy {acc:.3f} (loss {loss:.3f}, "
+                            f"{row['seconds']:.0f} s)")
                 if save_dir is not None and hasattr(model, "save_pretrained"):
                     model.save_pretrained(Path(save_dir) / run_name(row))
-                if log:
-                    log(f"{name:9s} {task.kind} K={task.num_keys} d={task.distance} seed={seed}: "
-                        f"accuracy {acc:.3f} (loss {loss:.3f}, {row['seconds']:.0f} s)")
     return rows
 
 
 def run_name(row: dict) -> str:
-    return f"{row['model']}-{row['kind']}-K{row['num_keys']}-d{row['distance']}-s{row['seed']}"
+    d = "mixed" if row.get("mixed") else f"d{row['distance']}"
+    return f"{row['model']}-{row['kind']}-K{row['num_keys']}-{d}-s{row['seed']}"
 
 
 def evaluate_saved(model_dir, *, kind: str = "keys", num_keys: Iterable[int] = (1,),
