@@ -769,16 +769,16 @@ class Trainer:
         if self.sharded:
             return self._save_sharded()
         env, root = self.env, self.out_dir / "checkpoints"
+        final = root / f"step_{self.step:07d}"
+        if final.exists():  # seen by every rank: none is left waiting at the gather or barrier
+            raise FileExistsError(f"{final} already exists; not overwriting it")
         parts = [self._rank_state()]
         if env.world_size > 1:
             gathered = [None] * env.world_size if env.is_main else None
             dist.gather_object(parts[0], gathered, dst=0)
             parts = gathered
-        final = root / f"step_{self.step:07d}"
         if env.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                raise FileExistsError(f"{final} already exists; not overwriting it")
             tmp = make_temp_dir(root, f".tmp-{final.name}-")
             try:
                 self.model.save_pretrained(tmp)
