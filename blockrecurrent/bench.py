@@ -74,7 +74,7 @@ import torch.nn.functional as F
 
 from .config import PRESETS, BlockRecurrentConfig
 from .model import BlockRecurrentTransformer
-from .train import load_train_config, make_optimizer
+from .train import apply_baseline, load_train_config, make_optimizer
 
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")
@@ -461,13 +461,13 @@ def streams_per_pass(n: int, segment: int) -> int:
 
 def baseline_configs(config: BlockRecurrentConfig, baselines: bool = True
                      ) -> dict[str, BlockRecurrentConfig]:
-    """The recurrent model and, if asked, the Slide and XL baselines built from its config."""
-    slide = dataclasses.replace(config, recurrent_layers=())
+    """The recurrent model and, if asked, the Slide and XL baselines built from its config (the
+    trainer's `apply_baseline`)."""
     # A config without recurrent layers is itself the Slide model: name it so.
-    out = {"rec": config} if config.recurrent_layers else {"slide": slide}
+    out = {"rec": config} if config.recurrent_layers else {"slide": config}
     if baselines:
-        out["slide"] = slide
-        out["xl"] = dataclasses.replace(slide, max_seq_len=config.block_width)
+        out["slide"] = apply_baseline(config, "slide")
+        out["xl"] = apply_baseline(config, "xl")
     return out
 
 

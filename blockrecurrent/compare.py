@@ -37,12 +37,14 @@ def baseline_configs(config, extra_layer: bool = True) -> dict:
     if not config.recurrent_layers:
         raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
                          "drop model.recurrent_layers=() from the settings")
-    slide = dataclasses.replace(config, recurrent_layers=())
+    from .train import apply_baseline
+
+    slide = apply_baseline(config, "slide")
     plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
     if extra_layer:
         slide = dataclasses.replace(slide, depth=config.depth + 1)
         plan["slide+1"] = (slide, "slide")
-    plan["xl"] = (dataclasses.replace(slide, max_seq_len=config.block_width), "xl")
+    plan["xl"] = (apply_baseline(slide, "xl"), "xl")
     return plan
 
 
