@@ -165,14 +165,25 @@ class WindowPlan:
         # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
         # no frame, no masks (`step_attention`), and the state does not move. The cache holds
         # the previous complete block and the token's own block so far: all a "block" window reads.
-        self.single = (n == 1 and self.all_valid and not self.compress
-                       and (cache_len + 1) % W != 0)
-        self.step_keys = max(0, cache_len + 1 - W) if self.sliding else 0
+        self.single = self.is_step(config, cache_len, n, self.all_valid)
+        self.step_keys = self.step_start(config, cache_len)
         self.parts = [] if self.single else self._split(config)
         # The frame is materialised from `origin` on: keys before the first query block's window
         # are never read (most of the frame when decoding), except by the compressor, which
         # works on whole blocks of the whole frame.
         self.origin = 0 if self.compress or self.single else (self.parts[0].k_first - 1) * W
+
+    @staticmethod
+    def is_step(config: BlockRecurrentConfig, cache_len: int, n: int, all_valid: bool) -> bool:
+        """A call that `step_attention` serves: one token that completes no block, every row's
+        document started at or before the cache, no compressed memory."""
+        return (n == 1 and all_valid and not config.use_compressed_mem
+                and (cache_len + 1) % config.block_width != 0)
+
+    @staticmethod
+    def step_start(config: BlockRecurrentConfig, cache_len: int) -> int:
+        """The first cache position a decoding step reads (then the rest and its own key)."""
+        return max(0, cache_len + 1 - config.block_width) if config.window == "sliding" else 0
 
     def _split(self, config) -> list[Part]:
         """Queries [a, e) as a partial head block, a run of full blocks, and a partial tail."""

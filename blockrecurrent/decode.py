@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import append
+from .attention import Rotary, WindowPlan, append
 
 
 # Set while generation's decoder runs a step on its own outputs: the memories and states it passes
@@ -62,18 +62,15 @@ def eligible(model, seq: Tensor, mems, reset) -> bool:
     """Whether the call model(seq, mems, states, reset) is a decoding step this module computes
     (everything else takes the general path)."""
     cfg = model.config
-    if (mems is None or seq.shape[1] != 1 or reset is not None or cfg.use_compressed_mem
-            or torch.is_grad_enabled() or (model.training and cfg.dropout > 0)
-            or torch.is_autocast_enabled(seq.device.type)):
+    if (mems is None or reset is not None or torch.is_grad_enabled()
+            or (model.training and cfg.dropout > 0) or torch.is_autocast_enabled(seq.device.type)):
         return False
     L = mems.cache_len
-    if (L + 1) % cfg.block_width == 0:  # this token completes a block: the state moves
-        return False
     # Every row's document started at or before the cache (WindowPlan.all_valid). A fast
     # step's own memories keep that (lengths and cache grow together): no comparison then.
-    if trusted() and getattr(mems, "_all_valid", False):
-        return True
-    return bool((mems.lengths >= L).all())
+    all_valid = (trusted() and getattr(mems, "_all_valid", False)) or (
+        seq.shape[1] == 1 and bool((mems.lengths >= L).all()))
+    return WindowPlan.is_step(cfg, L, seq.shape[1], all_valid)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, flash: bool) -> Tensor:
@@ -81,19 +78,6 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, flash: bool) -> Tenso
     if flash:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1) @ v
-
-
-def _mlp(x: Tensor, norm, mlp) -> Tensor:
-    """x + MLP(LN(x)), (b, e)."""
-    h = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    up, act, down = mlp[0], mlp[1], mlp[2]
-    h = F.gelu(F.linear(h, up.weight), approximate=act.approximate)  # no biases (cell.mlp)
-    return torch.addmm(x, h, down.weight.t())
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary._rotate: x (..., d) at the position whose row cos, sin (d,) are."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 def step(model, seq: Tensor, mems, states: Tensor):
@@ -108,7 +92,7 @@ def step(model, seq: Tensor, mems, states: Tensor):
     L, W = mems.cache_len, cfg.block_width
     h, d = cfg.heads, cfg.dim_head
     hd = h * d
-    first = max(0, L + 1 - W) if cfg.window == "sliding" else 0  # first key the token reads
+    first = WindowPlan.step_start(cfg, L)  # the first key the token reads
     x = F.embedding(seq[:, 0], model.token_emb.weight)  # (b, e)
     e, dt = x.shape[-1:], x.dtype
     ln, linear, addmm = torch.layer_norm, F.linear, torch.addmm  # no Python wrappers
@@ -130,7 +114,7 @@ def step(model, seq: Tensor, mems, states: Tensor):
             # F.normalize's arithmetic without its wrapper.
             kvqq = linear(xn, attn.token_proj.weight).view(b, 4, h, d)
             unit = kvqq / kvqq.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            kq = _rotate(unit[:, 0:3:2], cos, sin)  # (b, 2, h, d): rotated k and q
+            kq = Rotary._rotate(unit[:, 0:3:2], cos, sin)  # (b, 2, h, d): rotated k and q
             scales = attn.scales if attn.scales.dtype == dt else attn.scales.to(dt)
             k, q = kq[:, 0], kq[:, 1] * scales[0][:, None]
             q2 = unit[:, 3] * scales[1][:, None]
@@ -138,7 +122,7 @@ def step(model, seq: Tensor, mems, states: Tensor):
             scale = 1.0
         else:
             qkv = linear(xn, attn.qkv.weight).view(b, 3, h, d)
-            qk = _rotate(qkv[:, :2], cos, sin)
+            qk = Rotary._rotate(qkv[:, :2], cos, sin)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             scale = d ** -0.5
         ck = append(mems.keys[i], k[:, None], 2 * W)  # (b, l+1, h, d)
@@ -246,14 +230,14 @@ def _core(layout, tok, pos, cos, sin, kbufs, vbufs, skeys, svals, weights):
             proj, scales, out = next(w), next(w), next(w)
             kvqq = F.linear(xn, proj).view(b, 4, h, d)
             unit = F.normalize(kvqq, dim=-1)
-            kq = _rotate(unit[:, 0:3:2], cos, sin)
+            kq = Rotary._rotate(unit[:, 0:3:2], cos, sin)
             k, q = kq[:, 0], kq[:, 1] * scales[0][:, None].to(dt)
             q2 = unit[:, 3] * scales[1][:, None].to(dt)
             v, scale = kvqq[:, 1], 1.0
         else:
             qkv_w, out = next(w), next(w)
             qkv = F.linear(xn, qkv_w).view(b, 3, h, d)
-            qk = _rotate(qkv[:, :2], cos, sin)
+            qk = Rotary._rotate(qkv[:, :2], cos, sin)
             q, k, v, scale = qk[:, 0], qk[:, 1], qkv[:, 2], d ** -0.5
         kb, vb = kbufs[i], vbufs[i]
         kb.index_copy_(1, at, k[:, None])
