@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,8 @@ from blockrecurrent import hf as H  # noqa: E402
 from blockrecurrent import train as T  # noqa: E402
 from blockrecurrent.config import BlockRecurrentConfig  # noqa: E402
 from blockrecurrent.evaluate import evaluate  # noqa: E402
+from corpora import write_word_corpus  # noqa: E402
 
-WORDS = "the cat sat on a mat and then it ran far away from home while dogs barked at night".split()
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +48,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(20, 60)))))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), max_words=60)
 
 
 def brt_train(corpus, out, *extra):

@@ -17,8 +17,8 @@ import torch
 from blockrecurrent import BlockRecurrentTransformer
 from blockrecurrent import data as D
 from blockrecurrent import train as T
+from corpora import write_word_corpus
 
-WORDS = "the cat sat on a mat and then it ran far away from home while dogs barked at night".split()
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +32,7 @@ def _quiet_single_thread(monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(20, 120)))))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), max_words=120)
 
 
 def settings(corpus, out_dir, *extra, preset="tiny"):
