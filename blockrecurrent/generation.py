@@ -201,16 +201,25 @@ def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | 
         chunk_size = model.config.max_seq_len
     _check_count("chunk_size", chunk_size, 1)
     mems, logits = xl_memories, None
-    pos = 0
-    if mems is not None and mems.cache_len % W and chunk_size >= W:
-        pos = min(seq.shape[1], W - mems.cache_len % W)  # the cache holds whole blocks + a part
-        logits, mems, states = model(seq[:, :pos], xl_memories=mems, states=states,
+    cache_len = mems.cache_len if mems is not None else 0
+    for a, b in chunk_bounds(seq.shape[1], cache_len, W, chunk_size):
+        logits, mems, states = model(seq[:, a:b], xl_memories=mems, states=states,
                                      logits_to_keep=1)
-    while pos < seq.shape[1]:
-        chunk = seq[:, pos:pos + chunk_size]
-        logits, mems, states = model(chunk, xl_memories=mems, states=states, logits_to_keep=1)
-        pos += chunk.shape[1]
     return logits[:, -1].float(), mems, states  # (b, v): the only logits decoding needs
+
+
+def chunk_bounds(n: int, cache_len: int, block_width: int, chunk_size: int
+                 ) -> Iterator[tuple[int, int]]:
+    """(start, end) of the calls that read n tokens after a cache of cache_len tokens: when the
+    cache ends inside a block (and chunks are at least a block), the first call finishes that
+    block, so the rest, chunk_size long, run as whole blocks."""
+    pos = 0
+    if cache_len % block_width and chunk_size >= block_width:
+        pos = min(n, block_width - cache_len % block_width)
+        yield 0, pos
+    while pos < n:
+        yield pos, min(n, pos + chunk_size)
+        pos += chunk_size
 
 
 @torch.inference_mode()

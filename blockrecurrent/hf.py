@@ -51,6 +51,7 @@ except ImportError as err:  # the core package does not depend on transformers
 # Absolute imports: block_recurrent_hf.py in a saved directory imports this module by name.
 from blockrecurrent.attention import Rotary
 from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, BlockRecurrentConfig
+from blockrecurrent.generation import chunk_bounds
 from blockrecurrent.model import BlockRecurrentTransformer, XLMemories
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
@@ -298,12 +299,9 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         cfg, n = self.brt.config, ids.shape[-1]
         if torch.is_grad_enabled():
             return self.brt(ids, xl_memories=mems, states=states, logits_to_keep=last)
-        W, pos, pieces = cfg.block_width, 0, []
-        while pos < n:
-            size = cfg.max_seq_len
-            if pos == 0 and mems is not None and mems.cache_len % W:
-                size = W - mems.cache_len % W
-            end = min(n, pos + size)
+        pieces = []
+        cache_len = mems.cache_len if mems is not None else 0
+        for pos, end in chunk_bounds(n, cache_len, cfg.block_width, cfg.max_seq_len):
             # How many of the kept positions this chunk holds: they end the chunk. A chunk
             # holding none still computes one position's logits (the model returns some).
             kept = end - pos if last is None else end - max(pos, n - last)
@@ -311,7 +309,6 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                                             logits_to_keep=max(kept, 1))
             if kept > 0:
                 pieces.append(logits)
-            pos = end
         return torch.cat(pieces, dim=1), mems, states
 
 
