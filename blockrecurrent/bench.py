@@ -295,11 +295,13 @@ def decode_bytes(model: BlockRecurrentTransformer, batch: int, cache_len: int) -
     layer with the sliding window, the whole cache with "block") and the state keys/values."""
     from .decode import _weights
 
+    from .attention import WindowPlan
+
     cfg = model.config
-    params = [w for w in _weights(model)[1:]] + [model.to_logits.weight]
+    params = _weights(model)[1:] + [model.to_logits.weight]  # the embedding is only indexed
     weights = sum(w.numel() * w.element_size() for w in params)
     size = model.token_emb.weight.element_size()
-    read = min(cache_len + 1, cfg.block_width) if cfg.window == "sliding" else cache_len + 1
+    read = cache_len + 1 - WindowPlan.step_start(cfg, cache_len)  # keys the step reads
     per_row = size * (2 * cfg.depth * read * cfg.inner_dim
                       + 2 * len(cfg.recurrent_layers) * cfg.num_state_vectors * cfg.inner_dim)
     return {"weights": weights, "cache_per_row": per_row, "total": weights + batch * per_row}

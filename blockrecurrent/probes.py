@@ -301,8 +301,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def probe_table(rows: list[dict], markdown: bool = True) -> str:
-    """Accuracy by distance (rows) and model x K (columns), mean over seeds; '*' marks settings
-    beyond the windows' reach."""
+    """Accuracy by distance (rows) and model x K (columns), mean over seeds; '(w)' marks
+    settings where an answer is within the windows' reach."""
     from .evaluate import _table
 
     summary = summarise(rows)
