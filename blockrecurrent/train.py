@@ -766,12 +766,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_XXXXXXX (rank 0, gathering every rank's lanes), atomically;
         update checkpoints/latest and keep the last keep_last."""
-        if self.sharded:
-            return self._save_sharded()
         env, root = self.env, self.out_dir / "checkpoints"
         final = root / f"step_{self.step:07d}"
-        if final.exists():  # seen by every rank: none is left waiting at the gather or barrier
+        if final.exists():  # seen by every rank: none is left waiting for the others
             raise FileExistsError(f"{final} already exists; not overwriting it")
+        if self.sharded:
+            return self._save_sharded(root, final)
         parts = [self._rank_state()]
         if env.world_size > 1:
             gathered = [None] * env.world_size if env.is_main else None
@@ -804,17 +804,14 @@ class Trainer:
     def _any_rank(self, flag: bool) -> bool:
         return bool(self.env.all_reduce(torch.tensor([float(flag)], device=self.env.device)).item())
 
-    def _save_sharded(self) -> Path:
+    def _save_sharded(self, root: Path, final: Path) -> Path:
         """FSDP checkpoint: model and optimizer through torch.distributed.checkpoint (DCP), each
         rank writing its shards into dcp/, and each rank its own lanes and RNG files. All ranks
         write into one temporary directory (on multi-node runs out_dir must be a shared file
         system), which rank 0 renames once every rank has finished."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        env, root = self.env, self.out_dir / "checkpoints"
-        final = root / f"step_{self.step:07d}"
-        if final.exists():  # seen by every rank: none is left waiting for the others
-            raise FileExistsError(f"{final} already exists; not overwriting it")
+        env = self.env
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)  # the local shards
         tmp = [None]
         if env.is_main:
