@@ -41,7 +41,8 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .train import load_train_config, train
+    from .settings import load_train_config
+    from .train import train
 
     model_config, train_config = load_train_config(args.config, args.preset, overrides)
     summary = train(model_config, train_config, resume=args.resume)
@@ -107,7 +108,7 @@ def cmd_bench(args) -> int:
 
 def cmd_probe(args) -> int:
     from .probes import evaluate_saved, probe_table, run_probes, write_probe_report
-    from .train import load_train_config
+    from .settings import load_train_config
 
     # Model settings over the probe preset, parsed as the trainer parses model.key=value.
     config = load_train_config(preset="probe", overrides=[

@@ -16,8 +16,18 @@ from typing import Sequence
 
 import torch
 
-from .evaluate import (_check_int, _fmt, _plot_buckets, _table, ablation_table, auto_batch_size,
-                       evaluate, human_count, load_heldout, state_ablation)
+from .evaluate import (
+    _check_int,
+    _fmt,
+    _plot_buckets,
+    _table,
+    ablation_table,
+    auto_batch_size,
+    evaluate,
+    human_count,
+    load_heldout,
+    state_ablation,
+)
 from .model import BlockRecurrentTransformer
 
 
@@ -37,7 +47,7 @@ def baseline_configs(config, extra_layer: bool = True) -> dict:
     if not config.recurrent_layers:
         raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
                          "drop model.recurrent_layers=() from the settings")
-    from .train import apply_baseline
+    from .settings import apply_baseline
 
     slide = apply_baseline(config, "slide")
     plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
@@ -88,7 +98,8 @@ def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
     """The trainer's summary of a run in train_config.out_dir: reused when a finished run of the
     same settings is there (its summary.json), resumed from its latest checkpoint when an
     interrupted one is, trained from scratch otherwise. So an interrupted job just reruns."""
-    from .train import latest_checkpoint, train
+    from .checkpoint import latest_checkpoint
+    from .train import train
 
     out = Path(train_config.out_dir)
     if check_reusable(model_config, train_config):
@@ -129,7 +140,7 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     recurrent model's segment length (the results do not depend on it: memories are carried),
     eval_batch_size documents side by side (None: auto_batch_size)."""
     from .data import load_tokenizer
-    from .train import apply_baseline, load_train_config
+    from .settings import apply_baseline, load_train_config
 
     if not isinstance(extra_layer, bool):
         raise TypeError(f"extra_layer must be a bool, got {type(extra_layer).__name__}")

@@ -66,15 +66,22 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     settings is reused and an interrupted one resumed, so rerunning the job is cheap."""
     import torch
 
-    from .data import load_documents, load_tokenizer, split_documents
-    from .config import preset
     from .compare import check_reusable, eval_device, train_or_reuse
-    from .evaluate import (ablation_table, auto_batch_size, eval_table, evaluate, load_heldout,
-                           state_ablation, write_eval_report)
-    from .probes import probe_table, run_probes, write_probe_report
+    from .config import preset
+    from .data import load_documents, load_tokenizer, split_documents
+    from .evaluate import (
+        ablation_table,
+        auto_batch_size,
+        eval_table,
+        evaluate,
+        load_heldout,
+        state_ablation,
+        write_eval_report,
+    )
     from .generation import generate_text
     from .model import BlockRecurrentTransformer
-    from .train import load_train_config
+    from .probes import probe_table, run_probes, write_probe_report
+    from .settings import load_train_config
 
     out = Path(out_dir)
     overrides = list(overrides)
