@@ -8,10 +8,12 @@
     brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes
     brt run      [--out DIR] [--quick] [key=value ...]                     -> report.main_job
 
-Mistakes a user can make (a missing directory, an unknown option) print `error: <message>` and
-exit with status 2, as does a run that diverges (non-finite loss); an interrupted run
-(checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full traceback instead. Heavy modules (torch,
-the trainer) are imported inside the subcommands, so `brt --help` is quick.
+Mistakes a user can make (a missing directory, an unknown option, a setting out of range) print
+`error: <message>` and exit with status 2, as does a run that diverges (non-finite loss); an
+interrupted run (checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full
+traceback instead. What is expected is decided by errors.is_expected: anything else is a bug and
+keeps its traceback. Heavy modules (torch, the trainer) are imported inside the subcommands, so
+`brt --help` is quick.
 """
 
 from __future__ import annotations
@@ -21,11 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
 from .report import EVAL_TOKENS, QUICK_EVAL_TOKENS, main_job  # stdlib only at import
-
-# Errors that mean "the user asked for something impossible", not "the program is broken".
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, ImportError)
 
 
 def _overrides(values: list[str]) -> list[str]:
@@ -55,7 +54,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import eval_table, evaluate_checkpoint, human_count
+    from .eval_report import eval_table, human_count
+    from .evaluate import evaluate_checkpoint
 
     out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
     res = evaluate_checkpoint(
@@ -187,6 +187,9 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train a model",
             "Train a model; the final model is exported to OUT_DIR/model, checkpoints to "
             "OUT_DIR/checkpoints, metrics to OUT_DIR/metrics.jsonl.")
+    from .settings import settings_help  # stdlib only
+
+    p.epilog = settings_help()
     train_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir")
@@ -347,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # argparse leaves key=value settings that follow an option (`x=1 --resume y=2`)
-            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            settings = all("=" in e and not e.startswith("-") for e in extra)
+            if hasattr(args, "overrides") and settings:
                 args.overrides = [*args.overrides, *extra]
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -359,24 +363,17 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except USER_ERRORS as err:
-        if args.traceback:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # failures of a run the user should see as one line, not a bug
-        from .compare import TrainingInterrupted  # imported only now: they import torch
-        from .train import NonFiniteLossError
-
-        if args.traceback or not isinstance(err, (TrainingInterrupted, NonFiniteLossError)):
+    except Exception as err:
+        if args.traceback or not is_expected(err):  # a bug, or asked for: the traceback
             raise
         if isinstance(err, TrainingInterrupted):
             print(f"interrupted: {err}", file=sys.stderr)
             return 130
-        print(f"error: training diverged: {err}", file=sys.stderr)
+        diverged = "training diverged: " if isinstance(err, NonFiniteLossError) else ""
+        print(f"error: {diverged}{err}", file=sys.stderr)
         return 2
 
 

@@ -16,23 +16,10 @@ from typing import Sequence
 
 import torch
 
-from .evaluate import (
-    _check_int,
-    _fmt,
-    _plot_buckets,
-    _table,
-    ablation_table,
-    auto_batch_size,
-    evaluate,
-    human_count,
-    load_heldout,
-    state_ablation,
-)
+from .errors import TrainingInterrupted
+from .eval_report import _fmt, _plot_buckets, _table, ablation_table, human_count
+from .evaluate import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
 from .model import BlockRecurrentTransformer
-
-
-class TrainingInterrupted(Exception):
-    """A run stopped by a signal before it finished; its checkpoint lets a rerun resume."""
 
 
 def baseline_configs(config, extra_layer: bool = True) -> dict:

@@ -69,15 +69,8 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     from .compare import check_reusable, eval_device, train_or_reuse
     from .config import preset
     from .data import load_documents, load_tokenizer, split_documents
-    from .evaluate import (
-        ablation_table,
-        auto_batch_size,
-        eval_table,
-        evaluate,
-        load_heldout,
-        state_ablation,
-        write_eval_report,
-    )
+    from .eval_report import ablation_table, eval_table, write_eval_report
+    from .evaluate import auto_batch_size, evaluate, load_heldout, state_ablation
     from .generation import generate_text
     from .model import BlockRecurrentTransformer
     from .probes import probe_table, run_probes, write_probe_report
@@ -184,7 +177,7 @@ def _rel(path: Path, start: Path) -> str:
 
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
-    from .evaluate import human_count
+    from .eval_report import human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
                              job["eval"], job["sample"])

@@ -50,6 +50,7 @@ from . import data as D
 from .checkpoint import Checkpoints, latest_checkpoint
 from .config import PRESETS, BlockRecurrentConfig
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
+from .errors import NonFiniteLossError, is_expected
 from .metrics import MetricsLog
 from .model import BlockRecurrentTransformer, XLMemories
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
@@ -69,10 +70,6 @@ __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "apply_baseline", "bu
 
 
 # ------------------------------------------------------------------------------- the trainer
-
-class NonFiniteLossError(RuntimeError):
-    """The loss was NaN/inf for max_nonfinite optimizer steps in a row."""
-
 
 class Trainer:
     """Owns the model (and its DDP wrapper), the optimizer, this rank's lanes with their carried
@@ -458,7 +455,9 @@ def main(argv=None) -> int:
     try:
         model_config, train_config = load_train_config(args.config, args.preset, args.overrides)
         summary = train(model_config, train_config, resume=args.resume)
-    except (ValueError, TypeError, NonFiniteLossError) as err:
+    except Exception as err:
+        if not is_expected(err):  # a bug: its traceback
+            raise
         if main_rank:
             print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, NonFiniteLossError) else 1

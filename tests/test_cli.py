@@ -130,6 +130,23 @@ def test_traceback_flag_reraises(model_dir, tmp_path):
         main(["--traceback", "eval", str(tmp_path / "missing")])
 
 
+def test_internal_bugs_keep_their_traceback(capsys, model_dir, monkeypatch):
+    """A TypeError from our own check is one line and exit 2; one from a bug (here a broken
+    evaluate_checkpoint) propagates, so the console script prints its traceback."""
+    code, _, err = run(capsys, "train", "batch_size=1.5")
+    assert code == 2 and "error: train setting batch_size must be int" in err
+
+    def broken(*args, **kwargs):
+        return len(None)  # TypeError raised by Python, not by a check of ours
+
+    import blockrecurrent.evaluate
+
+    monkeypatch.setattr(blockrecurrent.evaluate, "evaluate_checkpoint", broken)
+    with pytest.raises(TypeError, match="NoneType"):
+        main(["eval", str(model_dir)])
+    assert "error:" not in capsys.readouterr().err
+
+
 def tiny_config(tmp_path, corpus_dir) -> str:
     path = tmp_path / "tiny.toml"
     path.write_text(f"""[model]
