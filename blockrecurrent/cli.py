@@ -172,28 +172,42 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def train_options(p):
-        from .config import PRESETS
+    _train_command(add)  # in the order --help lists them
+    _eval_command(add)
+    _generate_command(add)
+    _compare_command(add)
+    _bench_command(add, with_bench)
+    _probe_command(add)
+    _run_command(add)
+    return parser
 
-        p.add_argument("--config", metavar="FILE",
-                       help="config file (TOML or YAML) with [model] and [train] sections, "
-                            "e.g. configs/small.toml")
-        p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="model preset to start from (default: the config file's, else small)")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="override a training field (e.g. max_steps=200) or a model field "
-                            "(e.g. model.depth=6)")
 
+def _train_options(p) -> None:
+    from .config import PRESETS
+
+    p.add_argument("--config", metavar="FILE",
+                   help="config file (TOML or YAML) with [model] and [train] sections, "
+                        "e.g. configs/small.toml")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model preset to start from (default: the config file's, else small)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override a training field (e.g. max_steps=200) or a model field "
+                        "(e.g. model.depth=6)")
+
+
+def _train_command(add) -> None:
     p = add("train", cmd_train, "train a model",
             "Train a model; the final model is exported to OUT_DIR/model, checkpoints to "
             "OUT_DIR/checkpoints, metrics to OUT_DIR/metrics.jsonl.")
     from .settings import settings_help  # stdlib only
 
     p.epilog = settings_help()
-    train_options(p)
+    _train_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir")
 
+
+def _eval_command(add) -> None:
     p = add("eval", cmd_eval, "evaluate a saved model on held-out documents",
             "Bits per byte and bits per token of a saved model on the held-out documents of a "
             "corpus, overall and by position in the document; writes JSON and a PNG plot.")
@@ -234,6 +248,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write eval-<split>.json and .png (default: CHECKPOINT/eval)")
 
+
+def _generate_command(add) -> None:
     p = add("generate", cmd_generate, "continue a prompt with a saved model",
             "Print the continuation of a prompt as it is generated (speeds go to stderr). "
             "Without a prompt, the model writes a document from its start.")
@@ -256,13 +272,15 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
+
+def _compare_command(add) -> None:
     p = add("compare", cmd_compare, "train and compare the recurrent model with Slide and XL",
             "Train the recurrent model, Slide at the same depth (the ablation of the state), "
             "Slide with one more layer and XL from one config at equal training tokens and "
             "optimizer steps, evaluate all on the same held-out documents (longest first), add "
             "the recurrent model's state ablation, and write comparison.md, comparison.json "
             "and comparison.png.")
-    train_options(p)
+    _train_options(p)
     p.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="output directory, one sub-directory per model (default: %(default)s)")
     p.add_argument("--no-extra-layer", action="store_true",
@@ -274,6 +292,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=_positive_int, default=None,
                    help="evaluate only as many whole held-out documents as fit in N tokens")
 
+
+def _bench_command(add, with_bench: bool) -> None:
     p = add("bench", cmd_bench, "benchmark throughput and memory against the baselines",
             "Throughput, memory and FLOP utilisation of the model and its Slide and XL "
             "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
@@ -287,6 +307,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         else:
             bench.add_arguments(p)
 
+
+def _probe_command(add) -> None:
     p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
             "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "
             "recall tasks (keys placed d blocks before the questions, after filler) and print "
@@ -323,6 +345,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="probe model settings, e.g. gate=lstm num_state_vectors=32")
 
+
+def _run_command(add) -> None:
     p = add("run", cmd_run, "the main job: train, evaluate and sample; write a report",
             "Train the small model on the built-in corpus (the CPython standard library), "
             "evaluate it on held-out documents by position, sample a continuation, and write "
@@ -340,7 +364,6 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                         f"(default {EVAL_TOKENS:,}; --quick: {QUICK_EVAL_TOKENS:,})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a training field or a model field (model.key=value)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
