@@ -258,7 +258,8 @@ def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
     assert xl["train_config"]["batch_size"] == 4 * rec["train_config"]["batch_size"]
     assert slide["model_config"]["depth"] == rec["model_config"]["depth"]
     assert slide1["model_config"]["depth"] == rec["model_config"]["depth"] + 1
-    assert slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"] == []
+    assert (slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"]
+            == [])
     assert xl["train_config"]["baseline"] == "xl" and xl["model_config"]["depth"] == 3
     assert rec["eval"]["test"]["tokens"] == xl["eval"]["test"]["tokens"]  # same documents
     gain = {g["label"]: g for g in rec["state_ablation"]}
