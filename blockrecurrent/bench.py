@@ -426,18 +426,25 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError("key=value model settings apply to a --preset; edit the config file "
                          "instead")
     if args.decode:
-        return run_decode(args)
+        return run_decode(args, _config(args))
     if args.reference:
         if args.batch_size is not None or args.lengths is not None:
             raise ValueError("--reference fixes batch 4 and a 2048-token stream; drop "
                              "--batch-size/--lengths or benchmark a --preset/--config instead")
         return run_reference(dtypes=args.dtypes or DTYPES, repeats=args.repeats or 5, **common)
-    config = (BlockRecurrentConfig.from_json(args.config) if args.config
-              else load_train_config(preset=args.preset,
-                                     overrides=[f"model.{o}" for o in args.model_overrides])[0])
-    return run_benchmark(config, batch_size=args.batch_size or 1,
+    return run_benchmark(_config(args), batch_size=args.batch_size or 1,
                          lengths=args.lengths or (1024, 4096, 16384),
                          dtypes=args.dtypes or "auto", repeats=args.repeats or 3, **common)
+
+
+def _config(args: argparse.Namespace) -> BlockRecurrentConfig:
+    """The model of --reference, --config or --preset with key=value settings."""
+    if args.reference:
+        return BlockRecurrentConfig(**REFERENCE_CONFIG)
+    if args.config:
+        return BlockRecurrentConfig.from_json(args.config)
+    return load_train_config(preset=args.preset,
+                             overrides=[f"model.{o}" for o in args.model_overrides])[0]
 
 
 def cli(argv=None) -> int:

@@ -18,7 +18,6 @@ import torch
 from .bench_machine import cpu_name, cpu_seconds, fmt, sync
 from .config import BlockRecurrentConfig
 from .model import BlockRecurrentTransformer
-from .settings import load_train_config
 
 # --------------------------------------------------------------------------- decoding
 
@@ -158,17 +157,8 @@ def format_decode(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_decode(args: argparse.Namespace) -> dict:
+def run_decode(args: argparse.Namespace, config: BlockRecurrentConfig) -> dict:
     """`--decode`: decoding tokens/s of one model (random weights) at several batch sizes."""
-    if args.reference:
-        from .bench import REFERENCE_CONFIG  # here: bench imports this module
-
-        config = BlockRecurrentConfig(**REFERENCE_CONFIG)
-    elif args.config:
-        config = BlockRecurrentConfig.from_json(args.config)
-    else:
-        config = load_train_config(preset=args.preset,
-                                   overrides=[f"model.{o}" for o in args.model_overrides])[0]
     if min(args.decode_batches) < 1 or args.prompt_len < 1 or args.new_tokens < 1:
         raise ValueError("--decode-batches, --prompt-len and --new-tokens must be >= 1")
     torch.manual_seed(0)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import checkpoint as C
 from . import data as D
-from .checkpoint import Checkpoints, latest_checkpoint
+from .checkpoint import Checkpoints
 from .config import PRESETS, BlockRecurrentConfig
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
 from .errors import NonFiniteLossError, is_expected
@@ -61,12 +61,11 @@ from .settings import (
     resolve_model_config,
     settings_help,
 )
-from .train_data import build_data, eval_subset, fixed_eval_set
+from .train_data import build_data, fixed_eval_set
 
-# Re-exported: the names users and the README reach through blockrecurrent.train.
+# The trainer's names, with those of its parts that scripts and tests reach through it.
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "apply_baseline", "build_data",
-           "eval_subset", "latest_checkpoint", "lm_loss_sum", "load_train_config", "lr_at",
-           "main", "make_optimizer", "resolve_model_config", "train"]
+           "lm_loss_sum", "load_train_config", "lr_at", "main", "resolve_model_config", "train"]
 
 
 # ------------------------------------------------------------------------------- the trainer
