@@ -6,7 +6,8 @@ Stdlib only, so that `brt` can tell them apart without importing torch.
 
 from __future__ import annotations
 
-import linecache
+import ast
+import functools
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -40,7 +41,19 @@ def raised_by_our_check(err: BaseException) -> bool:
         ours = Path(filename).resolve().is_relative_to(_PACKAGE)
     except (OSError, ValueError):
         return False
-    return ours and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+    return ours and any(a <= tb.tb_lineno <= b for a, b in _raise_statements(filename))
+
+
+@functools.lru_cache(maxsize=None)
+def _raise_statements(filename: str) -> tuple[tuple[int, int], ...]:
+    """The (first, last) lines of every `raise` statement in a source file (none if unreadable);
+    a statement's lines, since Python versions differ in which of them a traceback names."""
+    try:
+        tree = ast.parse(Path(filename).read_text("utf-8"))
+    except (OSError, ValueError, SyntaxError):
+        return ()
+    return tuple((n.lineno, n.end_lineno or n.lineno) for n in ast.walk(tree)
+                 if isinstance(n, ast.Raise))
 
 
 def is_expected(err: BaseException) -> bool:
