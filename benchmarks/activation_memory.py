@@ -4,10 +4,12 @@ per-layer activation checkpointing (`activation_checkpointing = true`, issue 11)
     python benchmarks/activation_memory.py --preset small --batch-size 1
     python benchmarks/activation_memory.py --preset paper-150m --batch-size 1   # minutes on a CPU
 
-CPU memory is the peak resident set above the level before the segment (bench.PeakMemory, large
-blocks mmapped so that freed tensors leave at once); CUDA: peak allocated above the start."""
+CPU memory is the peak resident set above the level before the segment
+(bench_machine.PeakMemory, large blocks mmapped so that freed tensors leave at once); CUDA: peak
+allocated above the start."""
 
 import argparse
+import functools
 import json
 import time
 
@@ -15,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from blockrecurrent import BlockRecurrentTransformer
-from blockrecurrent.bench import PeakMemory
+from blockrecurrent.bench_machine import PeakMemory
 from blockrecurrent.config import PRESETS, preset
-from blockrecurrent.train import _checkpoint_layers
+from blockrecurrent.distributed import checkpoint_layers
 
 
 def segment(model, tokens):
@@ -44,10 +46,10 @@ def main() -> None:
             torch.manual_seed(0)
             model = BlockRecurrentTransformer(config).to(device).train()
             if checkpointed:
-                _checkpoint_layers(model)
+                checkpoint_layers(model)
             segment(model, tokens)  # warm-up: allocates the gradients, loads lazy modules
             t0 = time.perf_counter()
-            peak = meter.measure(lambda: segment(model, tokens))
+            peak = meter.measure(functools.partial(segment, model, tokens))
             results["checkpointed" if checkpointed else "plain"] = {
                 "peak_mib": None if peak is None else round(peak / 2**20, 1),
                 "seconds": round(time.perf_counter() - t0, 2)}

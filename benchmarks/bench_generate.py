@@ -15,6 +15,7 @@ Random weights (speed does not depend on them). Greedy decoding, batch 1 by defa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -25,10 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from blockrecurrent import PRESETS, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent import BlockRecurrentConfig  # noqa: E402
-from blockrecurrent.bench import (REFERENCE_CONFIG, PeakMemory, decode_speed,  # noqa: E402
-                                  format_decode)
+from blockrecurrent import (  # noqa: E402
+    PRESETS,
+    BlockRecurrentConfig,  # noqa: E402
+    BlockRecurrentTransformer,
+    preset,
+)
+from blockrecurrent.bench import REFERENCE_CONFIG  # noqa: E402
+from blockrecurrent.bench_decode import decode_speed, format_decode  # noqa: E402
+from blockrecurrent.bench_machine import PeakMemory  # noqa: E402
 from blockrecurrent.generation import generate  # noqa: E402
 
 
@@ -47,7 +53,7 @@ def naive_generate(model, window, new_tokens: int) -> tuple[list[float], list[fl
     n, wall, cpu = model.config.max_seq_len, [], []
     window = window[:, -n:]
     for _ in range(new_tokens):
-        (logits, _, _), w, c = timed(lambda: model(window))
+        (logits, _, _), w, c = timed(functools.partial(model, window))
         window = torch.cat([window[:, 1:], logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         wall.append(w)
         cpu.append(c)
@@ -105,7 +111,8 @@ def main(argv=None) -> dict:
     meter, prefill_mib = PeakMemory(torch.device("cpu")), {}
     with meter.exact():
         for n in args.contexts:
-            peak = meter.measure(lambda: generate(model, longest[:, :n], 0, return_state=True))
+            peak = meter.measure(functools.partial(generate, model, longest[:, :n], 0,
+                                                   return_state=True))
             prefill_mib[n] = None if peak is None else peak / 2 ** 20
 
     # Prefill: generate with 0 new tokens reads the prompt and keeps the state to decode from.
@@ -113,7 +120,8 @@ def main(argv=None) -> dict:
     for n in args.contexts:
         wall, cpu = [], []
         for _ in range(args.repeats if n <= 8192 else 1):
-            start[n], w, c = timed(lambda: generate(model, longest[:, :n], 0, return_state=True))
+            start[n], w, c = timed(functools.partial(generate, model, longest[:, :n], 0,
+                                                     return_state=True))
             wall.append(w)
             cpu.append(c)
         rows.append(dict(context=n, prefill_seconds=statistics.median(wall),
@@ -129,8 +137,9 @@ def main(argv=None) -> dict:
         for r in rows:
             for fast, key in ((True, "decode"), (False, "legacy")):  # legacy: the general path
                 model.fast_decode = fast
-                _, w, c = timed(lambda: generate(model, None, args.new_tokens, do_sample=False,
-                                                 past=start[r["context"]], return_state=True))
+                _, w, c = timed(functools.partial(generate, model, None, args.new_tokens,
+                                                  do_sample=False, past=start[r["context"]],
+                                                  return_state=True))
                 r[key + "_wall"].append(w / args.new_tokens)
                 r[key + "_cpu"].append(c / args.new_tokens)
             model.fast_decode = True
@@ -149,7 +158,7 @@ def main(argv=None) -> dict:
         r["legacy_tokens_per_s"] = b / statistics.median(r["legacy_wall"])
         r["legacy_tokens_per_cpu_s"] = b / statistics.median(r["legacy_cpu"])
         r["fast_over_legacy"] = statistics.median(
-            lw / fw for fw, lw in zip(r["decode_wall"], r["legacy_wall"]))
+            lw / fw for fw, lw in zip(r["decode_wall"], r["legacy_wall"], strict=True))
     for r in rows:
         r["prefill_vs_first"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["decode_vs_first"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
@@ -183,7 +192,8 @@ def main(argv=None) -> dict:
     if args.batches:
         batch_rows = decode_speed(
             model, batches=args.batches, prompt_len=min(args.contexts), new_tokens=args.new_tokens,
-            repeats=args.repeats, paths=("fast", "legacy") + (("compiled",) if args.compile else ()),
+            repeats=args.repeats,
+            paths=("fast", "legacy") + (("compiled",) if args.compile else ()),
             seed=args.seed, log=lambda *a: print(*a, flush=True))
         print(format_decode(batch_rows))
 

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -134,19 +133,20 @@ def main(argv=None) -> dict:
                       file=sys.stderr, flush=True)
             rows.append(dict(mode=mode, dtype=dtype, ours=b * n / statistics.median(t_ours),
                              port=b * n / statistics.median(t_port),
-                             speedup=statistics.median(p / o for o, p in zip(t_ours, t_port))))
+                             speedup=statistics.median(
+                                 p / o for o, p in zip(t_ours, t_port, strict=True))))
             if t_comp:
                 rows[-1].update(compiled=b * n / statistics.median(t_comp),
                                 compiled_over_eager=statistics.median(
-                                    o / c for o, c in zip(t_ours, t_comp)))
+                                    o / c for o, c in zip(t_ours, t_comp, strict=True)))
     comp = compiled is not None
-    print(f"\n| mode | dtype | ours tokens/s | port tokens/s | ours / port (median of pairs) |" +
+    print("\n| mode | dtype | ours tokens/s | port tokens/s | ours / port (median of pairs) |" +
           (" compiled tokens/s | compiled / eager |" if comp else "") +
           "\n|---|---|---:|---:|---:|" + ("---:|---:|" if comp else ""))
     for r in rows:
         print(f"| {r['mode']} | {r['dtype']} | {r['ours']:,.0f} | {r['port']:,.0f} | "
-              f"{r['speedup']:.2f}x |" + (f" {r['compiled']:,.0f} | {r['compiled_over_eager']:.2f}x |"
-                                          if comp else ""))
+              f"{r['speedup']:.2f}x |"
+              + (f" {r['compiled']:,.0f} | {r['compiled_over_eager']:.2f}x |" if comp else ""))
     return {"rows": rows, "params": params}
 
 

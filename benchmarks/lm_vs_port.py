@@ -30,8 +30,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.data import (ByteTokenizer, DocumentLanes, load_documents,  # noqa: E402
-                                 split_documents, tokenize_corpus)
+from blockrecurrent.data import (  # noqa: E402
+    ByteTokenizer,
+    DocumentLanes,
+    load_documents,
+    split_documents,
+    tokenize_corpus,
+)
 
 
 def build(impl: str, config: BlockRecurrentConfig, port_cls, frozen: bool = False):

@@ -1,7 +1,7 @@
 """Where a decoding step's time goes: torch.profiler over greedy steps of the fast (default),
 legacy (general path) and optionally compiled step, grouped into matrix products, attention,
 other operators and the rest (Python, dispatch, the generation loop), beside the best time to
-read the step's weights once (blockrecurrent.bench.read_seconds) measured in the same run.
+read the step's weights once (blockrecurrent.bench_decode.read_seconds) measured in the same run.
 
     python benchmarks/profile_decode.py --threads 1 [--batch 1] [--compile]
 
@@ -24,7 +24,8 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench import REFERENCE_CONFIG, decode_bytes, read_seconds  # noqa: E402
+from blockrecurrent.bench import REFERENCE_CONFIG  # noqa: E402
+from blockrecurrent.bench_decode import decode_bytes, read_seconds  # noqa: E402
 from blockrecurrent.generation import generate  # noqa: E402
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
@@ -56,7 +57,8 @@ def main(argv=None):
         model.compile_decode(False)
     nbytes = decode_bytes(model, args.batch, 16 + args.steps // 2)["weights"]
     print(f"batch {args.batch}, {torch.get_num_threads()} threads; weights the step reads: "
-          f"{nbytes / 2 ** 20:.1f} MiB, best read time {1e3 * read_seconds(nbytes, torch.device('cpu')):.2f} ms")
+          f"{nbytes / 2 ** 20:.1f} MiB, best read time "
+          f"{1e3 * read_seconds(nbytes, torch.device('cpu')):.2f} ms")
     print(f"{'path':>9} | {'step ms':>7} | {'matmul':>6} | {'attention':>9} | {'other ops':>9} | "
           f"{'rest':>6} | ops/step")
     table = {path: [] for path in paths}
@@ -86,7 +88,7 @@ def main(argv=None):
                                 other / 1e3, rest / 1e3, calls / args.steps))
     model.fast_decode, model._compiled_decode = True, None
     for path, rounds in table.items():
-        step_ms, mm, att, oth, rest, ops = (statistics.median(c) for c in zip(*rounds))
+        step_ms, mm, att, oth, rest, ops = (statistics.median(c) for c in zip(*rounds, strict=True))
         print(f"{path:>9} | {step_ms:>7.2f} | {mm:>6.2f} | {att:>9.2f} | {oth:>9.2f} | "
               f"{rest:>6.2f} | {ops:.0f}")
     print("(ms per step; 'rest' = wall time not inside an aten operator: Python, dispatch, "

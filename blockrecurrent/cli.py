@@ -8,10 +8,12 @@
     brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes
     brt run      [--out DIR] [--quick] [key=value ...]                     -> report.main_job
 
-Mistakes a user can make (a missing directory, an unknown option) print `error: <message>` and
-exit with status 2, as does a run that diverges (non-finite loss); an interrupted run
-(checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full traceback instead. Heavy modules (torch,
-the trainer) are imported inside the subcommands, so `brt --help` is quick.
+Mistakes a user can make (a missing directory, an unknown option, a setting out of range) print
+`error: <message>` and exit with status 2, as does a run that diverges (non-finite loss); an
+interrupted run (checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full
+traceback instead. What is expected is decided by errors.is_expected: anything else is a bug and
+keeps its traceback. Heavy modules (torch, the trainer) are imported inside the subcommands, so
+`brt --help` is quick.
 """
 
 from __future__ import annotations
@@ -21,11 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
 from .report import EVAL_TOKENS, QUICK_EVAL_TOKENS, main_job  # stdlib only at import
-
-# Errors that mean "the user asked for something impossible", not "the program is broken".
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, ImportError)
 
 
 def _overrides(values: list[str]) -> list[str]:
@@ -41,7 +40,8 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .train import load_train_config, train
+    from .settings import load_train_config
+    from .train import train
 
     model_config, train_config = load_train_config(args.config, args.preset, overrides)
     summary = train(model_config, train_config, resume=args.resume)
@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import eval_table, evaluate_checkpoint, human_count
+    from .eval_report import eval_table, human_count
+    from .evaluate import evaluate_checkpoint
 
     out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
     res = evaluate_checkpoint(
@@ -107,7 +108,7 @@ def cmd_bench(args) -> int:
 
 def cmd_probe(args) -> int:
     from .probes import evaluate_saved, probe_table, run_probes, write_probe_report
-    from .train import load_train_config
+    from .settings import load_train_config
 
     # Model settings over the probe preset, parsed as the trainer parses model.key=value.
     config = load_train_config(preset="probe", overrides=[
@@ -171,25 +172,42 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def train_options(p):
-        from .config import PRESETS
+    _train_command(add)  # in the order --help lists them
+    _eval_command(add)
+    _generate_command(add)
+    _compare_command(add)
+    _bench_command(add, with_bench)
+    _probe_command(add)
+    _run_command(add)
+    return parser
 
-        p.add_argument("--config", metavar="FILE",
-                       help="config file (TOML or YAML) with [model] and [train] sections, "
-                            "e.g. configs/small.toml")
-        p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="model preset to start from (default: the config file's, else small)")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="override a training field (e.g. max_steps=200) or a model field "
-                            "(e.g. model.depth=6)")
 
+def _train_options(p) -> None:
+    from .config import PRESETS
+
+    p.add_argument("--config", metavar="FILE",
+                   help="config file (TOML or YAML) with [model] and [train] sections, "
+                        "e.g. configs/small.toml")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model preset to start from (default: the config file's, else small)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override a training field (e.g. max_steps=200) or a model field "
+                        "(e.g. model.depth=6)")
+
+
+def _train_command(add) -> None:
     p = add("train", cmd_train, "train a model",
             "Train a model; the final model is exported to OUT_DIR/model, checkpoints to "
             "OUT_DIR/checkpoints, metrics to OUT_DIR/metrics.jsonl.")
-    train_options(p)
+    from .settings import settings_help  # stdlib only
+
+    p.epilog = settings_help()
+    _train_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir")
 
+
+def _eval_command(add) -> None:
     p = add("eval", cmd_eval, "evaluate a saved model on held-out documents",
             "Bits per byte and bits per token of a saved model on the held-out documents of a "
             "corpus, overall and by position in the document; writes JSON and a PNG plot.")
@@ -230,6 +248,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write eval-<split>.json and .png (default: CHECKPOINT/eval)")
 
+
+def _generate_command(add) -> None:
     p = add("generate", cmd_generate, "continue a prompt with a saved model",
             "Print the continuation of a prompt as it is generated (speeds go to stderr). "
             "Without a prompt, the model writes a document from its start.")
@@ -252,13 +272,15 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
+
+def _compare_command(add) -> None:
     p = add("compare", cmd_compare, "train and compare the recurrent model with Slide and XL",
             "Train the recurrent model, Slide at the same depth (the ablation of the state), "
             "Slide with one more layer and XL from one config at equal training tokens and "
             "optimizer steps, evaluate all on the same held-out documents (longest first), add "
             "the recurrent model's state ablation, and write comparison.md, comparison.json "
             "and comparison.png.")
-    train_options(p)
+    _train_options(p)
     p.add_argument("--out", default="runs/compare", metavar="DIR",
                    help="output directory, one sub-directory per model (default: %(default)s)")
     p.add_argument("--no-extra-layer", action="store_true",
@@ -270,6 +292,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--max-eval-tokens", type=_positive_int, default=None,
                    help="evaluate only as many whole held-out documents as fit in N tokens")
 
+
+def _bench_command(add, with_bench: bool) -> None:
     p = add("bench", cmd_bench, "benchmark throughput and memory against the baselines",
             "Throughput, memory and FLOP utilisation of the model and its Slide and XL "
             "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
@@ -283,6 +307,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
         else:
             bench.add_arguments(p)
 
+
+def _probe_command(add) -> None:
     p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
             "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "
             "recall tasks (keys placed d blocks before the questions, after filler) and print "
@@ -319,6 +345,8 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="probe model settings, e.g. gate=lstm num_state_vectors=32")
 
+
+def _run_command(add) -> None:
     p = add("run", cmd_run, "the main job: train, evaluate and sample; write a report",
             "Train the small model on the built-in corpus (the CPython standard library), "
             "evaluate it on held-out documents by position, sample a continuation, and write "
@@ -336,7 +364,6 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
                         f"(default {EVAL_TOKENS:,}; --quick: {QUICK_EVAL_TOKENS:,})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a training field or a model field (model.key=value)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # argparse leaves key=value settings that follow an option (`x=1 --resume y=2`)
-            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            settings = all("=" in e and not e.startswith("-") for e in extra)
+            if hasattr(args, "overrides") and settings:
                 args.overrides = [*args.overrides, *extra]
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -358,24 +386,17 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except USER_ERRORS as err:
-        if args.traceback:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # failures of a run the user should see as one line, not a bug
-        from .compare import TrainingInterrupted  # imported only now: they import torch
-        from .train import NonFiniteLossError
-
-        if args.traceback or not isinstance(err, (TrainingInterrupted, NonFiniteLossError)):
+    except Exception as err:
+        if args.traceback or not is_expected(err):  # a bug, or asked for: the traceback
             raise
         if isinstance(err, TrainingInterrupted):
             print(f"interrupted: {err}", file=sys.stderr)
             return 130
-        print(f"error: training diverged: {err}", file=sys.stderr)
+        diverged = "training diverged: " if isinstance(err, NonFiniteLossError) else ""
+        print(f"error: {diverged}{err}", file=sys.stderr)
         return 2
 
 

@@ -16,13 +16,10 @@ from typing import Sequence
 
 import torch
 
-from .evaluate import (_check_int, _fmt, _plot_buckets, _table, ablation_table, auto_batch_size,
-                       evaluate, human_count, load_heldout, state_ablation)
+from .errors import TrainingInterrupted
+from .eval_report import _fmt, _plot_buckets, _table, ablation_table, human_count
+from .evaluate import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
 from .model import BlockRecurrentTransformer
-
-
-class TrainingInterrupted(Exception):
-    """A run stopped by a signal before it finished; its checkpoint lets a rerun resume."""
 
 
 def baseline_configs(config, extra_layer: bool = True) -> dict:
@@ -37,7 +34,7 @@ def baseline_configs(config, extra_layer: bool = True) -> dict:
     if not config.recurrent_layers:
         raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
                          "drop model.recurrent_layers=() from the settings")
-    from .train import apply_baseline
+    from .settings import apply_baseline
 
     slide = apply_baseline(config, "slide")
     plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
@@ -88,7 +85,8 @@ def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
     """The trainer's summary of a run in train_config.out_dir: reused when a finished run of the
     same settings is there (its summary.json), resumed from its latest checkpoint when an
     interrupted one is, trained from scratch otherwise. So an interrupted job just reruns."""
-    from .train import latest_checkpoint, train
+    from .checkpoint import latest_checkpoint
+    from .train import train
 
     out = Path(train_config.out_dir)
     if check_reusable(model_config, train_config):
@@ -128,8 +126,7 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     interrupted comparison continues where it stopped. Evaluation reads every model with the
     recurrent model's segment length (the results do not depend on it: memories are carried),
     eval_batch_size documents side by side (None: auto_batch_size)."""
-    from .data import load_tokenizer
-    from .train import apply_baseline, load_train_config
+    from .settings import load_train_config
 
     if not isinstance(extra_layer, bool):
         raise TypeError(f"extra_layer must be a bool, got {type(extra_layer).__name__}")
@@ -142,6 +139,22 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     if tc.baseline != "recurrent":
         raise ValueError(f"compare trains all three models itself; drop baseline={tc.baseline}")
     out = Path(out_dir)
+    plan = _plan(model_config, tc, extra_layer, out)
+    runs = {}
+    for name, (mc, tci) in plan.items():
+        summary = train_or_reuse(mc, tci, name)
+        runs[name] = {"label": _label(name, mc), "summary": summary, **_run_settings(mc, tci)}
+    _evaluate_runs(runs, tc, splits, model_config.max_seq_len, eval_batch_size, max_eval_tokens,
+                   progress)
+    markdown = _write_comparison(out, runs, splits, max_eval_tokens, extra_layer)
+    return {"models": runs, "markdown": markdown, "out_dir": str(out)}
+
+
+def _plan(model_config, tc, extra_layer: bool, out: Path) -> dict:
+    """name -> (model config, its train config): every model's run, checked before any
+    training, with its parameter count printed."""
+    from .settings import apply_baseline
+
     segment = model_config.max_seq_len
     plan = {}
     for name, (mc, baseline) in baseline_configs(model_config, extra_layer).items():
@@ -149,17 +162,20 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
         tci = _scaled_train_config(tc, baseline, segment // trained.max_seq_len, out / name)
         check_reusable(mc, tci)  # other settings in the way: fail now, not after hours
         plan[name] = (mc, tci)
-
     print("models (parameters without embeddings):", file=sys.stderr)
     for name, (mc, tci) in plan.items():
         trained = apply_baseline(mc, tci.baseline)
         print(f"  {_label(name, mc):24s} {BlockRecurrentTransformer(trained).num_params():>12,}  "
               f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}",
               file=sys.stderr)
-    runs = {}
-    for name, (mc, tci) in plan.items():
-        summary = train_or_reuse(mc, tci, name)
-        runs[name] = {"label": _label(name, mc), "summary": summary, **_run_settings(mc, tci)}
+    return plan
+
+
+def _evaluate_runs(runs: dict, tc, splits, segment: int, eval_batch_size, max_eval_tokens,
+                   progress: bool) -> None:
+    """Every trained model on the same held-out documents of each split (run["eval"]), and the
+    recurrent model's state ablation on the last split (run["state_ablation"])."""
+    from .data import load_tokenizer
 
     corpora = {}  # (tokenizer fingerprint, split) -> corpus: the same documents for every model
     device = eval_device(tc)
@@ -184,6 +200,9 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
             res.pop("per_document")
             run["eval"][split] = res
 
+
+def _write_comparison(out: Path, runs: dict, splits, max_eval_tokens, extra_layer: bool) -> str:
+    """out/comparison.md, .json and .png; returns the markdown."""
     markdown = comparison_markdown(runs, splits)
     gain = runs["recurrent"].get("state_ablation")
     if gain:
@@ -199,7 +218,7 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     split = "test" if "test" in splits else splits[0]
     _plot_buckets({r["label"]: r["eval"][split] for r in runs.values()}, out / "comparison.png",
                   f"held-out {split} documents: loss by position")
-    return {"models": runs, "markdown": markdown, "out_dir": str(out)}
+    return markdown
 
 
 def comparison_markdown(runs: dict, splits: Sequence[str] = ("val", "test")) -> str:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,13 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from .data import DocumentLanes, TokenizedCorpus
+
+# probes.py imports _table and _figure from here (they live in eval_report).
+from .eval_report import _figure, _table, write_eval_report  # noqa: F401
 from .model import BlockRecurrentTransformer
+from .settings import DTYPE_NAMES, torch_dtype
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
 RESET_STATE = ("carry", "every-segment")
 SELECT = ("first", "longest")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by name: settings.DTYPE_NAMES
 LN2 = math.log(2)
 
 
@@ -60,7 +62,7 @@ def _check_buckets(buckets) -> tuple[int, ...]:
     buckets = tuple(int(b) for b in buckets)
     if not buckets or buckets[0] != 0:
         raise ValueError(f"buckets must start at 0 (the first position), got {buckets}")
-    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+    if any(a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
         raise ValueError(f"bucket starts must be strictly increasing, got {buckets}")
     return buckets
 
@@ -68,12 +70,12 @@ def _check_buckets(buckets) -> tuple[int, ...]:
 def resolve_dtype(dtype) -> torch.dtype | None:
     """None, a torch.dtype or a name ('bfloat16', 'bf16', 'float16', 'fp16', 'float32')."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in _DTYPES.values():
+        if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return torch_dtype(dtype)
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)} or a torch.dtype")
 
 
 def bucket_label(start: int, end: int | None) -> str:
@@ -220,6 +222,22 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     sub, original = _select(corpus, max_docs, max_tokens, batch_size, select)
     batch_size = min(batch_size, len(sub))
     lanes = DocumentLanes(sub, batch_size, segment_len, shuffle=False, loop=False)
+    sums, seconds = _stream(model, lanes, sub, buckets, dtype, device, reset_state,
+                            _progress(int((sub.doc_lengths - 1).sum()), desc, progress))
+    out = _totals(sub, original, buckets, *sums)
+    out.update(segment_len=segment_len, batch_size=batch_size, reset_state=reset_state,
+               dtype=str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+               padding_fraction=lanes.padding_fraction, seconds=seconds,
+               tokens_per_s=out["tokens"] / seconds if seconds > 0 else None,
+               params=model.num_params(non_embedding=False),
+               non_embedding_params=model.num_params(), model_config=cfg.to_dict())
+    return out
+
+
+def _stream(model, lanes: DocumentLanes, sub: TokenizedCorpus, buckets: tuple, dtype, device,
+            reset_state: str, bar) -> tuple[tuple, float]:
+    """Stream every document through the model once -> ((nats and tokens per bucket, nats
+    and tokens per document), seconds)."""
     nb = len(buckets)
     bounds = torch.tensor(buckets[1:], dtype=torch.long)
     bucket_nats, bucket_tokens = np.zeros(nb), np.zeros(nb, np.int64)
@@ -230,7 +248,6 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     model.to(device).eval()
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
                               enabled=dtype not in (None, torch.float32))
-    bar = _progress(total=expected, desc=desc, enabled=progress)
     mems = states = None
     start = time.perf_counter()
     try:
@@ -259,7 +276,13 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     seconds = time.perf_counter() - start
     assert int(doc_tokens.sum()) == expected and (doc_tokens == sub.doc_lengths - 1).all(), \
         "every token of every document must be predicted exactly once"
+    return (bucket_nats, bucket_tokens, doc_nats, doc_tokens), seconds
 
+
+def _totals(sub: TokenizedCorpus, original, buckets: tuple, bucket_nats, bucket_tokens,
+            doc_nats, doc_tokens) -> dict:
+    """evaluate's losses: overall, by position bucket and by document."""
+    nb = len(buckets)
     tokens, total_bytes = int(bucket_tokens.sum()), sub.total_bytes
     nats = float(bucket_nats.sum())
     tokens_per_byte = tokens / total_bytes if total_bytes else float("nan")
@@ -286,16 +309,6 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
         "documents": len(sub),
         "buckets": out_buckets,
         "per_document": per_doc,
-        "segment_len": segment_len,
-        "batch_size": batch_size,
-        "reset_state": reset_state,
-        "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
-        "padding_fraction": lanes.padding_fraction,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "params": model.num_params(non_embedding=False),
-        "non_embedding_params": model.num_params(),
-        "model_config": cfg.to_dict(),
     }
 
 
@@ -365,7 +378,7 @@ def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *,
                      **kwargs)
     gain = []
     for c, r in zip(carry["buckets"] + [dict(carry, label="all")],
-                    reset["buckets"] + [dict(reset, label="all")]):
+                    reset["buckets"] + [dict(reset, label="all")], strict=True):
         ok = c["bits_per_token"] is not None
         gain.append({"label": c["label"], "tokens": c["tokens"], "carry": c["bits_per_token"],
                      "reset": r["bits_per_token"],
@@ -373,14 +386,6 @@ def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *,
                      "gain_percent": 100 * (r["bits_per_token"] / c["bits_per_token"] - 1)
                      if ok else None})
     return {"carry": carry, "reset": reset, "gain": gain}
-
-
-def ablation_table(ablation: dict, markdown: bool = False) -> str:
-    header = ["positions", "tokens", "state carried", "state reset", "gain (bits/token)",
-              "gain (%)"]
-    rows = [[g["label"], f"{g['tokens']:,}", _fmt(g["carry"]), _fmt(g["reset"]),
-             _fmt(g["gain_bits"]), _fmt(g["gain_percent"], 2)] for g in ablation["gain"]]
-    return _table(header, rows, markdown)
 
 
 def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str = "test",
@@ -425,98 +430,9 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     return results
 
 
-# --- reports -----------------------------------------------------------------------------
-
-
-def _fmt(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def eval_table(results: dict, markdown: bool = False) -> str:
-    """The position-bucket table of one evaluation, as aligned text or markdown."""
-    header = ["positions", "tokens", "bits/token", "bits/byte (approx)", "loss (nats)"]
-    rows = [[b["label"], f"{b['tokens']:,}", _fmt(b["bits_per_token"]),
-             _fmt(b["bits_per_byte_approx"]), _fmt(b["loss"])] for b in results["buckets"]]
-    rows.append(["all", f"{results['tokens']:,}", _fmt(results["bits_per_token"]),
-                 _fmt(results["bits_per_byte"]), _fmt(results["loss"])])
-    return _table(header, rows, markdown)
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(str(x).rjust(w) if i else str(x).ljust(w)
-                              for i, (x, w) in enumerate(zip(r, widths)))
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
-
-
-def _figure():
-    """A matplotlib Figure (no pyplot: the caller's backend is left alone), or None with a
-    warning when matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("matplotlib is not installed, so no plot was written: "
-                      "pip install 'blockrecurrent[plot]'", stacklevel=3)
-        return None
-    return Figure(figsize=(6.4, 4.0))
-
-
-def _plot_buckets(series: dict[str, dict], path: Path, title: str) -> bool:
-    """One line per entry of `series` (name -> evaluation results): bits/token by bucket, the
-    token count of each bucket (of the first series) under its label."""
-    fig = _figure()
-    if fig is None:
-        return False
-    ax = fig.subplots()
-    first = next(iter(series.values()))["buckets"]
-    for name, res in series.items():
-        pts = [(i, b["bits_per_token"]) for i, b in enumerate(res["buckets"])
-               if b["bits_per_token"] is not None]
-        ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", label=name)
-    ax.set_xticks(range(len(first)),
-                  [f"{b['label']}\n{human_count(b['tokens'])} tokens" for b in first])
-    ax.set_xlabel("position in the document")
-    ax.set_ylabel("bits per token (lower is better)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def write_eval_report(results: dict, out_dir: str | os.PathLike, name: str = "eval") -> dict:
-    """Write out_dir/<name>.json and out_dir/<name>.png (loss by position bucket; skipped with a
-    warning without matplotlib) -> {"json": path, "png": path or None}."""
-    if not isinstance(results, dict) or "buckets" not in results:
-        raise TypeError("results must be the dict returned by evaluate()")
-    if not isinstance(name, str) or not name or "/" in name or os.sep in name:
-        raise ValueError(f"name must be a plain file name stem like 'eval-test', got {name!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    title = (f"{name}: {results['bits_per_byte']:.3f} bits/byte over "
-             f"{results['documents']} documents")
-    drawn = _plot_buckets({name: results}, png_path, title)
-    return {"json": str(json_path), "png": str(png_path) if drawn else None}
-
-
 def auto_batch_size(corpus: TokenizedCorpus, device: str, max_tokens=None) -> int:
     """8 lanes on a GPU; on a CPU, where time follows the positions computed (padding
     included), the batch size with the least padding (cheapest_batch_size)."""
     if torch.device(device).type != "cpu":
         return 8
     return cheapest_batch_size(corpus, 8, max_tokens=max_tokens)
-
-
-def human_count(n: float) -> str:
-    """3870000 -> '3.87M'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))

@@ -66,23 +66,15 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     settings is reused and an interrupted one resumed, so rerunning the job is cheap."""
     import torch
 
-    from .data import load_documents, load_tokenizer, split_documents
+    from .compare import check_reusable, train_or_reuse
     from .config import preset
-    from .compare import check_reusable, eval_device, train_or_reuse
-    from .evaluate import (ablation_table, auto_batch_size, eval_table, evaluate, load_heldout,
-                           state_ablation, write_eval_report)
-    from .probes import probe_table, run_probes, write_probe_report
-    from .generation import generate_text
-    from .model import BlockRecurrentTransformer
-    from .train import load_train_config
+    from .evaluate import state_ablation
+    from .probes import run_probes, write_probe_report
+    from .settings import load_train_config
 
     out = Path(out_dir)
-    overrides = list(overrides)
     config = config if config is not None else _default_config()
-    if quick:
-        overrides = [*QUICK_OVERRIDES, *overrides]
-    if not any(o.split("=", 1)[0].strip() == "out_dir" for o in overrides):
-        overrides.append(f"out_dir={out / 'train'}")
+    overrides = _job_overrides(overrides, quick, out)
     if max_eval_tokens is None:
         max_eval_tokens = QUICK_EVAL_TOKENS if quick else EVAL_TOKENS
     sample_tokens = sample_tokens if sample_tokens is not None else (32 if quick else 256)
@@ -99,16 +91,7 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     model_dir = Path(summary["model_dir"])
 
     print("[2/5] evaluating on the held-out test documents", file=sys.stderr)
-    device = eval_device(tc)
-    model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
-    tokenizer = load_tokenizer(model_dir)
-    corpus = load_heldout(tc.data, tokenizer, "test", text_field=tc.text_field,
-                          cache_dir=tc.cache_dir or None)
-    batch = auto_batch_size(corpus, device, max_eval_tokens)
-    results = evaluate(model, corpus, batch_size=batch, max_tokens=max_eval_tokens,
-                       device=device, desc="eval test")
-    results.update(model_dir=str(model_dir), data=tc.data, split="test")
-    results["report"] = write_eval_report(results, out, "eval-test")
+    model, corpus, device, batch, results = _evaluate_test(model_dir, tc, out, max_eval_tokens)
 
     # Does the state help? The same model with its state reset at every segment (the window's
     # cache still carried), and a short recall probe of the cell against Slide.
@@ -123,16 +106,8 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     probe_paths = write_probe_report(probe_rows, out / "probe", title="recall probe, K=1")
 
     print("[5/5] sampling a continuation of a held-out document", file=sys.stderr)
-    test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
-    prompt_doc, prompt = _sample_prompt(test_docs)
-    sample = generate_text(model_dir, prompt=prompt, max_new_tokens=sample_tokens,
-                           temperature=0.8, top_p=0.95, seed=0, out=io.StringIO(),
-                           err=io.StringIO(), device=device)
-    print(f"--- sample (prompt from {prompt_doc}) ---\n{prompt}{sample['text']}\n---")
+    prompt_doc, prompt, sample = _sample(tc, model_dir, sample_tokens, device)
 
-    for name in ("loss.png", "metrics.jsonl"):
-        if (train_dir / name).is_file() and train_dir.resolve() != out.resolve():
-            shutil.copy2(train_dir / name, out / name)
     job = {"config_file": config, "overrides": overrides, "quick": quick, "reused": reused,
            "model_config": model.config.to_dict(), "train_config": tc.to_dict(),
            "train_summary": summary, "eval": results, "sample": {
@@ -143,10 +118,71 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
            "state_ablation": ablation["gain"], "probe": probe_rows,
            "probe_report": probe_paths,
            "wall_seconds": time.perf_counter() - started}
+    _write_job(job, out, train_dir, model_dir, ablation)
+    return job
+
+
+def _job_overrides(overrides, quick: bool, out: Path) -> list[str]:
+    """The training settings of the job: the quick ones first, and out_dir=out/train unless
+    out_dir is given."""
+    overrides = list(overrides)
+    if quick:
+        overrides = [*QUICK_OVERRIDES, *overrides]
+    if not any(o.split("=", 1)[0].strip() == "out_dir" for o in overrides):
+        overrides.append(f"out_dir={out / 'train'}")
+    return overrides
+
+
+def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
+    """The trained model on the held-out test documents, eval-test.json/.png written ->
+    (model, corpus, device, batch size, results)."""
+    from .compare import eval_device
+    from .data import load_tokenizer
+    from .eval_report import write_eval_report
+    from .evaluate import auto_batch_size, evaluate, load_heldout
+    from .model import BlockRecurrentTransformer
+
+    device = eval_device(tc)
+    model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+    tokenizer = load_tokenizer(model_dir)
+    corpus = load_heldout(tc.data, tokenizer, "test", text_field=tc.text_field,
+                          cache_dir=tc.cache_dir or None)
+    batch = auto_batch_size(corpus, device, max_eval_tokens)
+    results = evaluate(model, corpus, batch_size=batch, max_tokens=max_eval_tokens,
+                       device=device, desc="eval test")
+    results.update(model_dir=str(model_dir), data=tc.data, split="test")
+    results["report"] = write_eval_report(results, out, "eval-test")
+    return model, corpus, device, batch, results
+
+
+def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, dict]:
+    """A continuation of the start of a held-out document -> (document, prompt, sample)."""
+    from .data import load_documents, split_documents
+    from .generation import generate_text
+
+    test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
+    prompt_doc, prompt = _sample_prompt(test_docs)
+    sample = generate_text(model_dir, prompt=prompt, max_new_tokens=sample_tokens,
+                           temperature=0.8, top_p=0.95, seed=0, out=io.StringIO(),
+                           err=io.StringIO(), device=device)
+    print(f"--- sample (prompt from {prompt_doc}) ---\n{prompt}{sample['text']}\n---")
+    return prompt_doc, prompt, sample
+
+
+def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation: dict) -> None:
+    """loss.png and metrics.jsonl copied from training, out/results.json and out/README.md,
+    and the summary lines on stdout."""
+    from .eval_report import ablation_table, eval_table
+    from .probes import probe_table
+
+    for name in ("loss.png", "metrics.jsonl"):
+        if (train_dir / name).is_file() and train_dir.resolve() != out.resolve():
+            shutil.copy2(train_dir / name, out / name)
+    results, summary = job["eval"], job["train_summary"]
     (out / "results.json").write_text(json.dumps(job, indent=2, default=str) + "\n")
     readme = _report_markdown(job, out, train_dir, model_dir, eval_table(results, markdown=True),
                               ablation_table(ablation, markdown=True),
-                              probe_table(probe_rows, markdown=True))
+                              probe_table(job["probe"], markdown=True))
     (out / "README.md").write_text(readme)
     print(eval_table(results))
     print(f"test bits per byte: {results['bits_per_byte']:.4f} over {results['documents']} "
@@ -154,7 +190,6 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
           f"{summary.get('train_loss') or float('nan'):.4f}, val bits per byte "
           f"{summary.get('val_bpb') or float('nan'):.4f}")
     print(f"wrote {out / 'README.md'} ({job['wall_seconds'] / 60:.1f} min)")
-    return job
 
 
 def _warn_if_busy() -> None:
@@ -175,9 +210,10 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
+# Over 60 lines: the report's text is one f-string template, read best as the page it makes.
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
-    from .evaluate import human_count
+    from .eval_report import human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
                              job["eval"], job["sample"])

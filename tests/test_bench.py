@@ -2,63 +2,15 @@ import json
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent import bench as B
+from blockrecurrent import preset
 
 
 def tiny(**kw):
     # Two blocks per segment so that the recurrent state advances inside a segment.
     return preset("tiny", dim=32, heads=2, dim_head=16, max_seq_len=32, block_width=16,
                   num_state_vectors=8, **kw)
-
-
-# ------------------------------------------------------------------------------- FLOP counter
-
-
-def test_flops_hand_count_plain_layer():
-    # E=4, one head of width 2, W=2, MLP 8, vocabulary 10; per token:
-    # qkv 2*4*6=48, attention 4*(2W=4)*2=32, out 2*2*4=16, MLP 4*4*8=128, logits 2*4*10=80.
-    cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
-                                 block_width=2, max_seq_len=2, num_state_vectors=1,
-                                 recurrent_layers=(), mlp_mult=2.0)
-    assert B.flops_per_token(cfg) == 48 + 32 + 16 + 128 + 80
-    assert B.flops_per_token(cfg, training=True) == 3 * 304
-
-
-def test_flops_hand_count_recurrent_layer():
-    # Same sizes, the one layer recurrent with S=1. Token side: projections 2*4*8=64,
-    # window attention 32, cross-attention to S=1 state keys 4*1*2=8, output 2*4*4=32, MLP 128.
-    # State side per block: projections 64, S x S 8, S x 2W 32, output 32 = 136, over W=2 tokens.
-    cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
-                                 block_width=2, max_seq_len=2, num_state_vectors=1,
-                                 recurrent_layers=(1,), mlp_mult=2.0)
-    assert B.flops_per_token(cfg) == 64 + 32 + 8 + 32 + 128 + 136 / 2 + 80
-    # A partial block does not advance the state: 3 tokens = 3 token-side counts + 1 state step.
-    assert B.count_flops(cfg, 3) == 3 * (64 + 32 + 8 + 32 + 128 + 80) + 136
-
-
-@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual")])
-def test_flops_linear_in_length(kw):
-    cfg = tiny(**kw)
-    per_token = [B.count_flops(cfg, n) / n for n in (16, 64, 1024, 65536)]
-    assert per_token == pytest.approx([B.flops_per_token(cfg)] * 4, rel=1e-12)
-    assert B.count_flops(cfg, 64, training=True) == 3 * B.count_flops(cfg, 64)
-
-
-@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual")])
-def test_flops_match_torch_flop_counter(kw):
-    # The plain attention path runs every matmul the analytic count assumes, no more: torch's
-    # own counter must agree exactly on a steady-state segment (memories carried in).
-    cfg = tiny(use_flash_attn=False, **kw)
-    model = BlockRecurrentTransformer(cfg).eval()
-    x = torch.randint(0, cfg.num_tokens, (2, 32))
-    with torch.no_grad():
-        _, mems, states = model(x)
-        with FlopCounterMode(display=False) as counter:
-            model(x, xl_memories=mems, states=states)
-    assert counter.get_total_flops() == 2 * B.count_flops(cfg, 32)
 
 
 # ------------------------------------------------------------------------------- benchmark
@@ -142,30 +94,3 @@ def test_short_streams_are_timed_several_times_a_pass():
     assert [B.streams_per_pass(n, seg) for n, seg in
             ((1024, 512), (4096, 512), (65536, 512), (2048, 1024), (1000, 512), (16, 16))] == \
         [4, 1, 1, 4, 4, 8]
-
-
-# ------------------------------------------------------------------------------- decoding
-
-
-def test_decode_bytes_and_speed_rows():
-    cfg = tiny()
-    model = BlockRecurrentTransformer(cfg).eval()
-    nb = B.decode_bytes(model, batch=2, cache_len=20)
-    # Every weight of the step but the embedding table (one row is read) and the state side.
-    skip = ("token_emb", "state_proj", "state_out", "state_norm", "state_ids", "initial_state",
-            "gate")
-    want = sum(p.numel() * 4 for n, p in model.named_parameters() if not any(s in n for s in skip))
-    assert nb["weights"] == want
-    read = min(21, cfg.block_width)  # the sliding window reads at most W cached keys
-    per_row = 4 * (2 * cfg.depth * read * cfg.inner_dim
-                   + 2 * len(cfg.recurrent_layers) * cfg.num_state_vectors * cfg.inner_dim)
-    assert nb["cache_per_row"] == per_row and nb["total"] == want + 2 * per_row
-    rows = B.decode_speed(model, batches=(1, 2), prompt_len=5, new_tokens=3, repeats=1)
-    assert [r["batch"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["fast"]["tokens_per_s"] > 0 and r["legacy"]["tokens_per_s"] > 0
-        assert r["weights_read_s"] > 0 and r["fast_over_legacy"] > 0
-    assert "| 2 |" in B.format_decode(rows)
-    assert model.fast_decode and model._compiled_decode is None  # left as found
-    with pytest.raises(ValueError, match="unknown decode paths"):
-        B.decode_speed(model, batches=(1,), paths=("turbo",))

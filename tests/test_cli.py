@@ -130,6 +130,23 @@ def test_traceback_flag_reraises(model_dir, tmp_path):
         main(["--traceback", "eval", str(tmp_path / "missing")])
 
 
+def test_internal_bugs_keep_their_traceback(capsys, model_dir, monkeypatch):
+    """A TypeError from our own check is one line and exit 2; one from a bug (here a broken
+    evaluate_checkpoint) propagates, so the console script prints its traceback."""
+    code, _, err = run(capsys, "train", "batch_size=1.5")
+    assert code == 2 and "error: train setting batch_size must be int" in err
+
+    def broken(*args, **kwargs):
+        return len(None)  # TypeError raised by Python, not by a check of ours
+
+    import blockrecurrent.evaluate
+
+    monkeypatch.setattr(blockrecurrent.evaluate, "evaluate_checkpoint", broken)
+    with pytest.raises(TypeError, match="NoneType"):
+        main(["eval", str(model_dir)])
+    assert "error:" not in capsys.readouterr().err
+
+
 def tiny_config(tmp_path, corpus_dir) -> str:
     path = tmp_path / "tiny.toml"
     path.write_text(f"""[model]
@@ -241,7 +258,8 @@ def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
     assert xl["train_config"]["batch_size"] == 4 * rec["train_config"]["batch_size"]
     assert slide["model_config"]["depth"] == rec["model_config"]["depth"]
     assert slide1["model_config"]["depth"] == rec["model_config"]["depth"] + 1
-    assert slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"] == []
+    assert (slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"]
+            == [])
     assert xl["train_config"]["baseline"] == "xl" and xl["model_config"]["depth"] == 3
     assert rec["eval"]["test"]["tokens"] == xl["eval"]["test"]["tokens"]  # same documents
     gain = {g["label"]: g for g in rec["state_ablation"]}

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.data import ByteTokenizer, Document, tokenize_corpus
-from blockrecurrent.evaluate import (bucket_label, cheapest_batch_size, eval_table, evaluate,
-                                     lane_plan, write_eval_report)
+from blockrecurrent.eval_report import eval_table, write_eval_report
+from blockrecurrent.evaluate import bucket_label, cheapest_batch_size, evaluate, lane_plan
 
 LN2 = math.log(2)
 BUCKETS = (0, 16, 64, 128)
@@ -70,7 +70,7 @@ def test_every_token_counted_once_and_buckets_sum(model, corpus):
     assert bucket_nats == pytest.approx(res["loss"] * res["tokens"], rel=1e-10)
     # Positions are those of the predicting token: 0 is the bos.
     want = [int(sum(min(max(n - lo, 0), hi - lo) for n in lengths))
-            for lo, hi in zip(BUCKETS, BUCKETS[1:] + (10**9,))]
+            for lo, hi in zip(BUCKETS, BUCKETS[1:] + (10**9,), strict=True)]
     assert [b["tokens"] for b in res["buckets"]] == want
     labels = [b["label"] for b in res["buckets"]]
     assert labels == ["[0, 16)", "[16, 64)", "[64, 128)", "[128, inf)"]
@@ -82,7 +82,7 @@ def test_carried_segments_equal_one_full_forward(model, corpus, batch_size):
     rows reset mid-stream) give the losses of one uncarried forward over each whole document."""
     ref = full_forward_nll(model, corpus)
     res = evaluate(model, corpus, batch_size=batch_size, buckets=BUCKETS, progress=False)
-    for doc, nll in zip(res["per_document"], ref):
+    for doc, nll in zip(res["per_document"], ref, strict=True):
         assert doc["bits_per_byte"] == pytest.approx(
             float(nll.sum()) / LN2 / doc["bytes"], rel=1e-5, abs=1e-6)
     every = torch.cat(ref)
@@ -212,14 +212,15 @@ def test_cheapest_batch_size(corpus):
 def test_state_ablation_resets_only_the_state(model, corpus):
     """Resetting the state at every segment changes the losses of documents longer than one
     segment (their first segment is unchanged), and nothing for a model without state."""
-    from blockrecurrent.evaluate import ablation_table, state_ablation
+    from blockrecurrent.eval_report import ablation_table
+    from blockrecurrent.evaluate import state_ablation
 
     ab = state_ablation(model, corpus, batch_size=2, buckets=BUCKETS, progress=False)
     carry, reset = ab["carry"], ab["reset"]
     assert reset["reset_state"] == "every-segment" and carry["reset_state"] == "carry"
     assert carry["tokens"] == reset["tokens"]
     first = [b for b in carry["buckets"] if b["end"] is not None and b["end"] <= 32]
-    for b, r in zip(first, reset["buckets"]):  # positions inside the first segment
+    for b, r in zip(first, reset["buckets"], strict=False):  # positions in the first segment
         assert b["loss"] == pytest.approx(r["loss"], rel=1e-6)
     assert carry["loss"] != pytest.approx(reset["loss"], rel=1e-6)
     gain = {g["label"]: g for g in ab["gain"]}

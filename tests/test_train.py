@@ -13,12 +13,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from corpora import write_word_corpus
 
 from blockrecurrent import BlockRecurrentTransformer
 from blockrecurrent import data as D
 from blockrecurrent import train as T
-from corpora import write_word_corpus
-
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +57,8 @@ def tree_digest(path):
 
 @pytest.fixture(scope="module")
 def finished(corpus, tmp_path_factory):
-    """A completed 8-step run (checkpoints at 4 and 8), shared by tests that only read or copy it."""
+    """A completed 8-step run (checkpoints at 4 and 8), shared by tests that only read or copy
+    it."""
     out = tmp_path_factory.mktemp("finished") / "out"
     torch.set_num_threads(1)
     summary = T.train(*settings(corpus, out, "keep_last=1"))
@@ -72,7 +72,8 @@ def test_config_file_and_overrides(tmp_path):
     toml.write_text('[model]\npreset = "tiny"\ndepth = 3\nrecurrent_layers = [2]\n\n'
                     '[train]\nbatch_size = 2\nlr = 3e-4\nbetas = [0.8, 0.9]\n')
     mc, tc = T.load_train_config(toml, overrides=["model.dim=32", "max_steps=700", "tokenizer=bpe",
-                                                  "betas=[0.9, 0.99]", "out_dir=runs/a b", "compile=true"])
+                                                  "betas=[0.9, 0.99]", "out_dir=runs/a b",
+                                                  "compile=true"])
     assert (mc.dim, mc.depth, mc.recurrent_layers, mc.max_seq_len) == (32, 3, (2,), 64)
     assert (tc.batch_size, tc.lr, tc.max_steps, tc.tokenizer) == (2, 3e-4, 700, "bpe")
     assert tc.betas == (0.9, 0.99) and tc.out_dir == "runs/a b" and tc.compile is True
@@ -87,7 +88,8 @@ def test_config_file_and_overrides(tmp_path):
     assert mc.dim == 64 and tc.lr == 3e-4 and tc.betas == (0.8, 0.9)
 
     bad = tmp_path / "bad.toml"
-    for text, match in [("[train]\nbogus = 1\n", r"unknown train setting 'bogus'.*valid train settings.*batch_size"),
+    for text, match in [("[train]\nbogus = 1\n",
+                         r"unknown train setting 'bogus'.*valid train settings.*batch_size"),
                         ("[model]\nwidth = 1\n", r"unknown model setting 'width'.*dim"),
                         ("[optim]\nlr = 1\n", r"unknown section.*optim"),
                         ("[train\n", "not valid TOML")]:
@@ -171,7 +173,8 @@ def test_run_writes_metrics_checkpoints_and_model(finished):
     out, summary = finished
     assert summary["status"] == "completed" and summary["step"] == 8
     train_recs, evals = records(out, "train"), records(out, "eval")
-    assert [r["step"] for r in train_recs] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert ([r["step"] for r in train_recs] == list(range(1, 9))
+            and [r["step"] for r in evals] == [4, 8])
     for key in ("loss", "lr", "tokens", "tokens_per_s", "padding_fraction", "time"):
         assert key in train_recs[0]
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5  # it learns
@@ -183,13 +186,15 @@ def test_run_writes_metrics_checkpoints_and_model(finished):
     umask = os.umask(0o022)
     os.umask(umask)  # temporary files are private; the renamed results get the usual modes
     assert step.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert (ckpts / "latest").stat().st_mode & 0o777 == (step / "trainer.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert ((ckpts / "latest").stat().st_mode & 0o777
+            == (step / "trainer.json").stat().st_mode & 0o777 == 0o666 & ~umask)
     for name in ("config.json", "model.safetensors", "tokenizer_config.json", "trainer.json",
                  "optimizer.pt", "lanes_rank0.json", "lanes_rank0.safetensors", "rng_rank0.pt"):
         assert (step / name).is_file(), name
     final = BlockRecurrentTransformer.from_pretrained(out / "model")
     from_ckpt = BlockRecurrentTransformer.from_pretrained(step)
-    for (k, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values()):
+    for (k, a), b in zip(final.state_dict().items(), from_ckpt.state_dict().values(),
+                         strict=True):
         assert torch.equal(a, b), k
     assert isinstance(D.load_tokenizer(out / "model"), D.ByteTokenizer)
     assert (out / "loss.png").stat().st_size > 1000 or not _has("matplotlib")
@@ -256,7 +261,8 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T.Trainer, "train_step", interrupt_at_3)
     summary = T.train(mc, tc)
-    assert summary["status"] == "interrupted" and summary["step"] == 3 and summary["model_dir"] is None
+    assert (summary["status"] == "interrupted" and summary["step"] == 3
+            and summary["model_dir"] is None)
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
 
@@ -274,7 +280,8 @@ def test_resume_is_exact(corpus, tmp_path, monkeypatch):
 
     for event, key in (("train", "loss"), ("eval", "val_loss")):
         got, want = records(out, event), records(ref, event)
-        assert [r["step"] for r in got] == [r["step"] for r in want]  # logs past step 4 were dropped
+        # Logs past step 4 were dropped.
+        assert [r["step"] for r in got] == [r["step"] for r in want]
         assert [r[key] for r in got] == [r[key] for r in want]  # bit-exact
     a = BlockRecurrentTransformer.from_pretrained(out / "model").state_dict()
     b = BlockRecurrentTransformer.from_pretrained(ref / "model").state_dict()
@@ -326,7 +333,8 @@ def test_truncated_backprop_one_graph_per_segment(corpus, monkeypatch):
 def test_xl_baseline_trains(corpus):
     mc, tc = settings(corpus, "unused", "baseline=xl")
     tok, train_corpus, val_corpus = T.build_data(tc)
-    trainer = T.Trainer(T.resolve_model_config(mc, tc, tok.vocab_size), tc, train_corpus, val_corpus, tok)
+    trainer = T.Trainer(T.resolve_model_config(mc, tc, tok.vocab_size), tc, train_corpus,
+                        val_corpus, tok)
     assert trainer.model_config.max_seq_len == 16 and trainer.model_config.recurrent_layers == ()
     assert np.isfinite(trainer.train_step()[0]) and np.isfinite(trainer.evaluate()["val_bpb"])
     assert trainer.evaluate() == trainer.evaluate()  # a fixed held-out subset: deterministic
@@ -388,15 +396,19 @@ def single(corpus, tmp_path_factory):
     return out
 
 
-def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"), timeout=240, run=True,
-             program=("-m", "blockrecurrent.train")):
+def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"), timeout=240,
+             run=True, program=("-m", "blockrecurrent.train")):
     """`python -m torch.distributed.run LAUNCH PROGRAM` with the tests' settings."""
-    args = [f"{k}={v}" for k, v in (("data", corpus), ("out_dir", out), ("cache_dir", corpus.parent / "cache"))]
-    args += ["batch_size=2", "warmup_steps=2", "lr=3e-3", "log_interval=1", "eval_tokens=2000", *MULTI, *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *program, "--preset", "tiny", *args]
+    args = [f"{k}={v}" for k, v in (("data", corpus), ("out_dir", out),
+                                    ("cache_dir", corpus.parent / "cache"))]
+    args += ["batch_size=2", "warmup_steps=2", "lr=3e-3", "log_interval=1", "eval_tokens=2000",
+             *MULTI, *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *program, "--preset", "tiny",
+           *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if not run:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -412,7 +424,8 @@ def assert_same_run(got, want, keys=("loss",), exact=False):
                 assert [r[k] for r in a] == [r[k] for r in b], k
             else:
                 assert [r[k] for r in a] == pytest.approx([r[k] for r in b], rel=1e-5), k
-    assert [r["tokens"] for r in records(got, "train")] == [r["tokens"] for r in records(want, "train")]
+    assert ([r["tokens"] for r in records(got, "train")]
+            == [r["tokens"] for r in records(want, "train")])
     a = BlockRecurrentTransformer.from_pretrained(got / "model").state_dict()
     b = BlockRecurrentTransformer.from_pretrained(want / "model").state_dict()
     for k in a:
@@ -425,7 +438,8 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, single, tmp_
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["status"] == "completed"  # printed once
     assert_same_run(ddp, single, keys=("loss", "grad_norm"))
     step = ddp / "checkpoints" / "step_0000004"
-    assert all((step / f"lanes_rank{r}.{ext}").is_file() for r in (0, 1) for ext in ("json", "safetensors"))
+    assert all((step / f"lanes_rank{r}.{ext}").is_file()
+               for r in (0, 1) for ext in ("json", "safetensors"))
     lanes = [json.loads((step / f"lanes_rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["config"]["rank"] for s in lanes] == [0, 1]
 
@@ -450,7 +464,8 @@ def test_fsdp_matches_one_process_and_resumes_resharded(corpus, single, tmp_path
     torchrun(corpus, fsdp, "parallel=fsdp", "activation_checkpointing=true")
     assert_same_run(fsdp, single, keys=("loss", "grad_norm"))
     step = fsdp / "checkpoints" / "step_0000004"
-    assert (step / "dcp" / ".metadata").is_file() and len(list((step / "dcp").glob("*.distcp"))) == 2
+    assert ((step / "dcp" / ".metadata").is_file()
+            and len(list((step / "dcp").glob("*.distcp"))) == 2)
     assert not (step / "model.safetensors").exists()  # the weights are in the shards
     assert all((step / f"{name}_rank{r}.{ext}").is_file() for r in (0, 1)
                for name, ext in (("lanes", "json"), ("lanes", "safetensors"), ("rng", "pt")))
@@ -489,8 +504,8 @@ def test_two_nodes_over_loopback_match_one_node(corpus, single, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "nodes"
-    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-              "--rdzv_id=brt-test"]
+    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=brt-test"]
     procs = [torchrun(corpus, out, "parallel=fsdp", launch=launch, run=False) for _ in range(2)]
     try:
         for p in procs:
@@ -516,7 +531,8 @@ def _losses(corpus, *extra, steps=3):
 def test_activation_checkpointing_gives_the_same_steps(corpus):
     # Dropout on: the recomputed forward must draw the same masks.
     want, w_want = _losses(corpus, "model.dropout=0.1", "grad_accum=2")
-    got, w_got = _losses(corpus, "model.dropout=0.1", "grad_accum=2", "activation_checkpointing=true")
+    got, w_got = _losses(corpus, "model.dropout=0.1", "grad_accum=2",
+                         "activation_checkpointing=true")
     assert got == pytest.approx(want, rel=1e-6)
     for k in w_want:
         torch.testing.assert_close(w_got[k], w_want[k], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,257 @@
+"""What a benchmark run costs and what the machine can do: model FLOPs counted from the
+config, the matmul peak, peak memory above a baseline, CPU time, load and processor name.
+
+Model FLOPs are counted from the config (matmuls only, 2 FLOPs per multiply-add; norms, softmax,
+rotary and gates are left out, as is usual): forward per token, training = 3x forward. MFU is the
+achieved model FLOP rate over the matmul peak measured in the same run (best of a few large square
+matmuls per dtype), so it is comparable across machines but not a vendor peak.
+
+FLOP-count caveats: with use_compressed_mem, each call re-compresses the cached blocks, which is
+not counted; the fused attention path may run fewer FLOPs than counted where it skips masked
+tiles. tests/test_bench.py checks the count against torch's FlopCounterMode on the plain path.
+
+
+Peak memory is the high-water mark of resident memory *above the resident memory at the start of
+the stream* (model, optimizer state and torch itself excluded), measured in a separate, untimed
+pass of each model and length before any timed work. On CPU the kernel's per-process peak
+(VmHWM) is reset before the pass (write "5" to /proc/self/clear_refs, Linux >= 4.0) after glibc's
+free heap is returned to the system (malloc_trim), and during the pass glibc serves blocks of
+16 KiB and more by mmap, so that freed tensors go back to the system at once and the peak is that
+of live data. (With glibc's
+default heap, fragments left over the passes add a few MiB that grow slowly with the number of
+segments: not memory the model keeps, but a length-dependent figure all the same.) On CUDA it is
+the caching allocator's max_memory_allocated above the allocation at the start. Where neither is
+available the figure is reported as missing rather than guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import BlockRecurrentConfig
+from .settings import torch_dtype
+
+MIB = 2 ** 20
+
+
+# --------------------------------------------------------------------------- model FLOPs
+
+
+def flops_breakdown(config: BlockRecurrentConfig) -> dict[str, float]:
+    """Forward matmul FLOPs per token by component. Attention is counted as computed, not as
+    useful: each block of W queries scores all 2W keys of blocks t-1 and t (the banded kernel
+    masks about half of them), plus W extra compressed keys with use_compressed_mem. State-side
+    work happens once per block of W tokens and is divided by W here."""
+    E, H, D, W, S = config.dim, config.heads, config.dim_head, config.block_width, \
+        config.num_state_vectors
+    HD, M, V = H * D, int(config.mlp_mult * config.dim), config.num_tokens
+    n_rec = len(config.recurrent_layers)
+    n_plain = config.depth - n_rec
+    keys = 2 * W + (W if config.use_compressed_mem else 0)  # keys each query scores
+    attn = 4 * keys * HD  # q.k and p.v over `keys` keys, every head
+    mlp = 4 * E * M  # E -> M -> E
+    # Strided conv c:1 over keys and values: (W/c) outputs * HD*HD*c MACs each, per block of W.
+    comp = 4 * HD * HD if config.use_compressed_mem else 0
+    out = {
+        "plain_layers": n_plain * (2 * E * 3 * HD + attn + 2 * HD * E + mlp + comp),
+        "logits": 2 * E * V,
+    }
+    if n_rec:
+        token = 2 * E * 4 * HD + attn + 4 * S * HD + 2 * 2 * HD * E + mlp + comp
+        state = (2 * S * E * 4 * HD  # K_s, V_s, Q_s, Q2_s
+                 + 4 * S * S * HD  # state self-attention, S x S
+                 + 4 * S * 2 * W * HD  # state cross-attention, S x 2W token keys
+                 + 2 * S * 2 * HD * E)  # state output projection
+        if config.gate == "lstm":
+            state += 2 * S * 2 * HD * 2 * E
+        if config.variant == "dual":
+            state += 4 * S * E * M + (2 * S * E * 2 * E if config.gate == "lstm" else 0)
+        out["recurrent_tokens"] = n_rec * token
+        out["recurrent_state"] = n_rec * state / W
+    return out
+
+
+def flops_per_token(config: BlockRecurrentConfig, training: bool = False) -> float:
+    """Model FLOPs per token at steady state (whole blocks); training = forward + 2x backward."""
+    return sum(flops_breakdown(config).values()) * (3 if training else 1)
+
+
+def count_flops(config: BlockRecurrentConfig, n_tokens: int, training: bool = False) -> float:
+    """Model FLOPs of one stream of n_tokens (per batch row); the state advances only on complete
+    blocks, so the state-side share is counted per complete block."""
+    bd = flops_breakdown(config)
+    state = bd.pop("recurrent_state", 0.0) * config.block_width
+    total = sum(bd.values()) * n_tokens + state * (n_tokens // config.block_width)
+    return total * (3 if training else 1)
+
+
+# --------------------------------------------------------------------------- machine probes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: str, device: torch.device, max_n: int | None = None,
+                budget_s: float = 1.0) -> dict:
+    """Best FLOP/s of square matmuls of the given dtype, in both weight layouts (a @ b, and
+    F.linear's a @ b.T, which the model's projections use: CPU bf16 fallbacks differ ~8x between
+    them). The size doubles until one product takes about 50 ms (or max_n), so machines without
+    fast kernels (bf16 on a CPU without AVX512-BF16 / AMX) are probed without minute-long
+    products."""
+    max_n = max_n or (8192 if device.type == "cuda" else 2048)
+    dt = torch_dtype(dtype)
+    n, best, best_n = 256, 0.0, 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        slowest = 0.0
+        for op in (torch.matmul, F.linear):
+            op(a, b)  # warm-up: kernel selection, page faults
+            sync(device)
+            times, t_start = [], time.perf_counter()
+            while len(times) < 3 or (len(times) < 10 and
+                                     time.perf_counter() - t_start < budget_s / 8):
+                t0 = time.perf_counter()
+                op(a, b)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            rate = 2 * n ** 3 / min(times)  # best time: a peak, not a typical rate
+            if rate > best:
+                best, best_n = rate, n
+            slowest = max(slowest, min(times))
+        if n >= max_n or slowest > 0.05:
+            break
+        n *= 2
+    return {"flops_per_s": best, "n": best_n}
+
+
+def _malloc_trim() -> None:
+    """Return glibc's free heap pages to the system, so a new RSS baseline counts live data."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
+
+
+def proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory above the level at start() (bytes), or None where it cannot be measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda_max_memory_allocated" if device.type == "cuda" else "unavailable"
+        if device.type == "cpu" and self._reset_hwm() and proc_status_kib("VmHWM") is not None:
+            self.method = "rss_hwm_reset"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # "5": reset the peak resident set size to the current one
+            return True
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def exact(self):
+        """On CPU with glibc: for the duration, blocks of 16 KiB and more are mmapped, so that
+        freed tensors leave the resident set at once (run before any timed work: blocks already
+        in the heap would be reused). Afterwards large blocks come from the heap again."""
+        exact = self.method == "rss_hwm_reset" and _mallopt(_M_MMAP_THRESHOLD, 16 * 1024)
+        try:
+            yield
+        finally:
+            if exact:
+                _mallopt(_M_MMAP_THRESHOLD, 32 * MIB)
+
+    def measure(self, fn) -> int | None:
+        """Run fn() and return the peak memory it used above the level before it."""
+        self.start()
+        fn()
+        return self.peak()
+
+    def start(self) -> None:
+        gc.collect()
+        if self.method == "cuda_max_memory_allocated":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.method == "rss_hwm_reset":
+            _malloc_trim()
+            self.base = proc_status_kib("VmRSS") * 1024
+            self._reset_hwm()
+
+    def peak(self) -> int | None:
+        if self.method == "cuda_max_memory_allocated":
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        if self.method == "rss_hwm_reset":
+            return max(0, proc_status_kib("VmHWM") * 1024 - self.base)
+        return None
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls have real kernels here (otherwise bf16 runs measure an emulation)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+# --------------------------------------------------------------------------- process
+
+
+def cpu_seconds() -> float:
+    return time.process_time()  # all threads of the process, nanosecond clock
+
+
+def loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def fmt(x, spec=",.0f", none="-"):
+    return none if x is None else format(x, spec)

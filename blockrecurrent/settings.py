@@ -1,0 +1,286 @@
+"""Training settings: TrainConfig (the [train] section), config files and `key=value` overrides,
+the paper's baselines, dtype names, and the help text listing every setting with its meaning.
+
+    model_config, train_config = load_train_config("configs/small.toml",
+                                                   overrides=["max_steps=200"])
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib
+
+from .config import PRESETS, BlockRecurrentConfig
+
+BASELINES = ("recurrent", "slide", "xl")
+DTYPES = ("auto", "float32", "bfloat16")
+PARALLEL = ("ddp", "fsdp")
+# The one table of dtype names: the trainer's, evaluation's and the benchmark's short ones.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a name in DTYPE_NAMES ('bf16', 'bfloat16', 'fp32', ...)."""
+    import torch  # here: settings are read (and --help shown) without torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+# ------------------------------------------------------------------------------- settings
+
+@dataclass
+class TrainConfig:
+    """Training settings: the [train] section of a config file, or `key=value` on the command
+    line. The comment beside each field is its meaning, as --help prints it."""
+    # data
+    data: str = "stdlib"  # "stdlib", a .jsonl file, a directory or a glob pattern of text files
+    text_field: str = "text"  # field holding the text in .jsonl records
+    tokenizer: str = "byte"  # "byte", "bpe" (trained on the train split), or a tokenizer directory
+    bpe_vocab_size: int = 8192  # vocabulary of tokenizer "bpe"; model.num_tokens follows it
+    cache_dir: str = "data_cache"  # tokenized corpora and BPE tokenizers are cached here ("": none)
+    baseline: str = "recurrent"  # "slide": no recurrent layer; "xl": also segment = block_width
+    # optimisation
+    batch_size: int = 8  # lanes per process; global batch = batch_size * world size
+    grad_accum: int = 1  # consecutive segments of every lane per optimizer step
+    max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
+    min_lr: float = 1e-4  # learning rate at max_steps
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay, on weight matrices only
+    betas: tuple = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row (each is skipped)
+    # hardware
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA with bf16 support, else float32
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 sharding)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    seed: int = 0  # model init, data order and dropout
+    # evaluation, logging, checkpoints
+    out_dir: str = "runs/brt"  # metrics.jsonl, loss.png, checkpoints/, model/
+    eval_interval: int = 200  # steps between evaluations (always one at the end); 0: at the end
+    eval_tokens: int = 32768  # held-out tokens per evaluation (whole validation documents); 0: none
+    log_interval: int = 10  # steps between metrics lines
+    save_interval: int = 500  # steps between checkpoints (always one at the end); 0: at the end
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+
+    def __post_init__(self):
+        for f in fields(self):  # types follow the defaults; ints are accepted for floats
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is str and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if kind is tuple and isinstance(value, list):
+                value = tuple(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise TypeError(f"train setting {f.name} must be {kind.__name__}, "
+                                f"got {type(value).__name__} ({value!r})")
+            setattr(self, f.name, value)
+
+        def need(ok: bool, name: str, fix: str):
+            if not ok:
+                raise ValueError(f"invalid train setting {name}={getattr(self, name)!r}: {fix}")
+
+        need(self.data != "", "data",
+             "name a corpus: 'stdlib', a .jsonl file, a directory or a glob")
+        need(self.tokenizer in ("byte", "bpe") or os.path.isdir(self.tokenizer), "tokenizer",
+             "use 'byte', 'bpe' or an existing directory holding a tokenizer")
+        need(self.bpe_vocab_size >= 257, "bpe_vocab_size", "must be >= 257 (256 bytes + <|doc|>)")
+        need(self.baseline in BASELINES, "baseline", f"choose one of {BASELINES}")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "max_nonfinite"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("seed", "eval_interval", "eval_tokens", "save_interval", "keep_last"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number")
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"must lie in [0, lr={self.lr}]")
+        need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        need(self.warmup_steps <= self.max_steps, "warmup_steps",
+             f"must not exceed max_steps={self.max_steps}; lower it or raise max_steps")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+             "must be >= 0")
+        need(len(self.betas) == 2
+             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+             "betas", "give two numbers in [0, 1), e.g. [0.9, 0.95]")
+        need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
+             "must be >= 0 (0: off)")
+        need(self.device in ("auto", "cpu", "cuda")
+             or re.fullmatch(r"cuda:\d+", self.device) is not None,
+             "device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        need(self.dtype in DTYPES, "dtype", f"choose one of {DTYPES}")
+        need(self.parallel in PARALLEL, "parallel", f"choose one of {PARALLEL}")
+        need(self.out_dir != "", "out_dir", "name an output directory")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def apply_baseline(model_config: BlockRecurrentConfig, baseline: str) -> BlockRecurrentConfig:
+    """The paper's baselines from one model config: "slide" drops the recurrent layers (same
+    segment and window); "xl" also makes the segment one window long (Transformer-XL, max_seq_len
+    = block_width). Note that the paper's Slide:13L adds a layer to match parameters: set depth."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+    if baseline == "recurrent":
+        return model_config
+    changes = {"recurrent_layers": ()}
+    if baseline == "xl":
+        changes["max_seq_len"] = model_config.block_width
+    return dataclasses.replace(model_config, **changes)
+
+
+def resolve_model_config(model_config: BlockRecurrentConfig, cfg: TrainConfig, vocab_size: int
+                         ) -> BlockRecurrentConfig:
+    """The model actually trained: the baseline applied, and num_tokens = the tokenizer's
+    vocabulary."""
+    return dataclasses.replace(apply_baseline(model_config, cfg.baseline), num_tokens=vocab_size)
+
+
+# ----------------------------------------------------------------------------- config files
+
+def _read_config_file(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text("utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from None
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"reading {path} needs PyYAML: pip install blockrecurrent[yaml], "
+                             "or write the config as .toml") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
+    else:
+        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ValueError(f"{path} must hold tables [model] and/or [train] of key = value settings")
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections are [model] and "
+                         "[train]")
+    return raw
+
+
+def _parse_value(text: str, kind: type):
+    """A command-line value as a TOML scalar or array; bare words stay strings (`tokenizer=bpe`)."""
+    if kind is str and not text.strip().startswith(('"', "'")):
+        return text  # paths and names need no quotes
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # not TOML: the settings' type check reports it
+
+
+def _coerce(value, kind: type):
+    if kind is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def load_train_config(path=None, preset: str | None = None, overrides=()
+                      ) -> tuple[BlockRecurrentConfig, TrainConfig]:
+    """Settings from a TOML/YAML file with [model] and [train] sections, then `overrides`:
+    "key=value" (train) or "model.key=value", values parsed as TOML. The model starts from a
+    preset: `model.preset=` override, else the `preset` argument, else the file's
+    [model] preset, else "small". Unknown keys raise ValueError listing the valid ones.
+    `train()` then applies the baseline and sets num_tokens from the tokenizer
+    (resolve_model_config)."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'key=value' strings, not one string "
+                        f"({overrides!r})")
+    raw = _read_config_file(path) if path is not None else {}
+    where = str(path) if path is not None else ""
+    model_kinds = {f.name: type(f.default) if f.default is not dataclasses.MISSING else dict
+                   for f in fields(BlockRecurrentConfig)}
+    model_kinds["preset"] = str
+    train_kinds = {f.name: type(f.default) for f in fields(TrainConfig)}
+    sections = {"model": (model_kinds, {}), "train": (train_kinds, {})}
+
+    def put(section: str, key: str, value, source: str):
+        kinds, values = sections[section]
+        if key not in kinds:
+            raise ValueError(f"unknown {section} setting {key!r} ({source}); valid {section} "
+                             f"settings: {', '.join(sorted(kinds))}")
+        values[key] = _coerce(value, kinds[key])
+
+    for section, table in raw.items():
+        for key, value in table.items():
+            put(section, key, value, f"in {where}")
+    from_args = {}
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (a train setting) or "
+                             "model.key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        section, _, name = key.rpartition(".")
+        section = section or "train"
+        if section not in sections:
+            raise ValueError(f"override {item!r}: prefix must be 'model.' or 'train.', "
+                             f"got {section!r}")
+        if section == "model" and name == "preset":
+            from_args["preset"] = _parse_value(text, str)
+        else:
+            kind = sections[section][0].get(name, str)
+            put(section, name, _parse_value(text, kind), "command line")
+
+    model_values = sections["model"][1]
+    name = from_args.get("preset") or preset or model_values.pop("preset", None) or "small"
+    model_values.pop("preset", None)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    model_dict = {**PRESETS[name], **model_values}
+    if isinstance(model_dict.get("recurrent_layers"), list):
+        model_dict["recurrent_layers"] = tuple(model_dict["recurrent_layers"])
+    return BlockRecurrentConfig(**model_dict), TrainConfig(**sections["train"][1])
+
+
+def _setting_meanings() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment in this file: the meaning --help prints."""
+    lines, start = inspect.getsourcelines(TrainConfig)
+    meanings = {}
+    for node in ast.parse("".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            _, _, comment = lines[node.lineno - 1].partition("  # ")
+            meanings[node.target.id] = comment.strip()
+    return meanings
+
+
+def settings_help() -> str:
+    """Every train setting with its default and meaning, then the model.* settings, for --help."""
+    try:
+        meanings = _setting_meanings()
+    except (OSError, TypeError, SyntaxError):  # no source at hand (a frozen install)
+        meanings = {}
+    train = "; ".join(f"{f.name}={f.default!r}"
+                      + (f": {meanings[f.name]}" if meanings.get(f.name) else "")
+                      for f in fields(TrainConfig))
+    model = ", ".join(f.name for f in fields(BlockRecurrentConfig))
+    return f"train settings (defaults): {train}. model.* settings: {model}."
