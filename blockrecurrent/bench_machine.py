@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cell import mlp_widths
 from .config import BlockRecurrentConfig
 from .settings import torch_dtype
 
@@ -52,12 +53,13 @@ def flops_breakdown(config: BlockRecurrentConfig) -> dict[str, float]:
     work happens once per block of W tokens and is divided by W here."""
     E, H, D, W, S = config.dim, config.heads, config.dim_head, config.block_width, \
         config.num_state_vectors
-    HD, M, V = H * D, int(config.mlp_mult * config.dim), config.num_tokens
+    HD, V = H * D, config.num_tokens
+    up, hidden = mlp_widths(config)
     n_rec = len(config.recurrent_layers)
     n_plain = config.depth - n_rec
     keys = 2 * W + (W if config.use_compressed_mem else 0)  # keys each query scores
     attn = 4 * keys * HD  # q.k and p.v over `keys` keys, every head
-    mlp = 4 * E * M  # E -> M -> E
+    mlp = 2 * E * up + 2 * hidden * E  # E -> up (GEGLU: two halves) -> hidden -> E
     # Strided conv c:1 over keys and values: (W/c) outputs * HD*HD*c MACs each, per block of W.
     comp = 4 * HD * HD if config.use_compressed_mem else 0
     out = {
@@ -73,7 +75,7 @@ def flops_breakdown(config: BlockRecurrentConfig) -> dict[str, float]:
         if config.gate == "lstm":
             state += 2 * S * 2 * HD * 2 * E
         if config.variant == "dual":
-            state += 4 * S * E * M + (2 * S * E * 2 * E if config.gate == "lstm" else 0)
+            state += S * mlp + (2 * S * E * 2 * E if config.gate == "lstm" else 0)
         out["recurrent_tokens"] = n_rec * token
         out["recurrent_state"] = n_rec * state / W
     return out

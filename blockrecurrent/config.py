@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 GATES = ("fixed", "lstm")
 VARIANTS = ("skip", "dual")
 WINDOWS = ("sliding", "block")
+MLPS = ("gelu", "geglu")
 
 # Written into config.json beside the fields so that Hugging Face transformers loads the same
 # directory (blockrecurrent.hf; the auto_map names the file save_pretrained writes for
@@ -52,6 +53,9 @@ class BlockRecurrentConfig:
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
     mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim
+    # "gelu": Linear-GELU-Linear; "geglu": a GELU-gated linear unit at the same parameters
+    # (each half 2/3 of the width).
+    mlp: str = "gelu"
     dropout: float = 0.0  # residual dropout on the token side (never on the state side)
     tie_embeddings: bool = False  # share the input embedding with the output projection
     rotary_base: float = 10000.0  # rotary position base (token self-attention only)
@@ -75,6 +79,7 @@ class BlockRecurrentConfig:
         check(self.window in WINDOWS, "window", f"choose one of {WINDOWS}")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_mult > 0, "mlp_mult", "must be positive")
+        check(self.mlp in MLPS, "mlp", f"choose one of {MLPS}")
         check(self.rotary_base > 1, "rotary_base", "must be greater than 1")
         if self.use_compressed_mem:
             check(self.block_width % self.compressed_mem_factor == 0, "compressed_mem_factor",
@@ -112,6 +117,7 @@ class BlockRecurrentConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         d = dict(d)
+        d.setdefault("mlp", "gelu")  # configs saved before the field existed had GELU MLPs
         if d.get("recurrent_layers") is not None:
             d["recurrent_layers"] = tuple(d["recurrent_layers"])
         return cls(**d)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Rotary, WindowPlan, append
+from .cell import activation_kind, mlp_activation
 
 
 # Set while generation's decoder runs a step on its own outputs: the memories and states it passes
@@ -146,7 +147,7 @@ def step(model, seq: Tensor, mems, states: Tensor):
             x = addmm(x, y, attn.out.weight.t())
         n2, mlp = layer.mlp_norm, layer.mlp
         hid = linear(ln(x, e, n2.weight, n2.bias, n2.eps), mlp[0].weight)  # no biases (cell.mlp)
-        x = addmm(x, F.gelu(hid, approximate=mlp[1].approximate), mlp[2].weight.t())
+        x = addmm(x, mlp_activation(hid, *activation_kind(mlp[1])), mlp[2].weight.t())
     norm = model.norm
     x = ln(x, e, norm.weight, norm.bias, norm.eps)
     logits = model.to_logits(x[:, None])  # a module call: hooks on it still see every step
@@ -184,7 +185,7 @@ def _layout(model) -> tuple:
     cfg = model.config
     return (cfg.block_width, cfg.heads, cfg.dim_head, cfg.window == "sliding",
             tuple(layer.recurrent for layer in model.layers),
-            tuple(layer.mlp[1].approximate for layer in model.layers),
+            tuple(activation_kind(layer.mlp[1]) for layer in model.layers),
             tuple(n.eps for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm)),
             model.norm.eps)
 
@@ -206,7 +207,7 @@ def _weights(model) -> list:
 
 def _core(layout, tok, pos, cos, sin, kbufs, vbufs, skeys, svals, weights):
     """The step's arithmetic over (b, 2W, h, d) buffers; returns the final normed x (b, e)."""
-    W, h, d, sliding, recurrent, approx, eps, norm_eps = layout
+    W, h, d, sliding, recurrent, acts, eps, norm_eps = layout
     b, hd = tok.shape[0], h * d
     j = torch.arange(2 * W, device=tok.device)
     valid = (j <= pos) & (j > pos - W) if sliding else j <= pos  # (2W,)
@@ -249,8 +250,8 @@ def _core(layout, tok, pos, cos, sin, kbufs, vbufs, skeys, svals, weights):
             r += 1
         x = torch.addmm(x, y, out.t())
         nw, nb, up, down = next(w), next(w), next(w), next(w)
-        hid = F.gelu(F.linear(F.layer_norm(x, (e,), nw, nb, eps[2 * i + 1]), up),
-                     approximate=approx[i])
+        hid = mlp_activation(F.linear(F.layer_norm(x, (e,), nw, nb, eps[2 * i + 1]), up),
+                             *acts[i])
         x = torch.addmm(x, hid, down.t())
     return F.layer_norm(x, (e,), next(w), next(w), norm_eps)
 

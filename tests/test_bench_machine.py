@@ -38,7 +38,8 @@ def test_flops_hand_count_recurrent_layer():
     assert B.count_flops(cfg, 3) == 3 * (64 + 32 + 8 + 32 + 128 + 80) + 136
 
 
-@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual")])
+@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
+                                dict(mlp="geglu", variant="dual")])
 def test_flops_linear_in_length(kw):
     cfg = tiny(**kw)
     per_token = [B.count_flops(cfg, n) / n for n in (16, 64, 1024, 65536)]
@@ -46,7 +47,8 @@ def test_flops_linear_in_length(kw):
     assert B.count_flops(cfg, 64, training=True) == 3 * B.count_flops(cfg, 64)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual")])
+@pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
+                                dict(mlp="geglu", variant="dual")])
 def test_flops_match_torch_flop_counter(kw):
     # The plain attention path runs every matmul the analytic count assumes, no more: torch's
     # own counter must agree exactly on a steady-state segment (memories carried in).

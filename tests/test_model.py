@@ -279,6 +279,8 @@ def test_config_validation_messages():
         BlockRecurrentConfig(gate="gru")
     with pytest.raises(ValueError, match="variant"):
         BlockRecurrentConfig(variant="single")
+    with pytest.raises(ValueError, match="mlp"):
+        BlockRecurrentConfig(mlp="swiglu")
     with pytest.raises(TypeError, match="dim"):
         BlockRecurrentConfig(dim=64.0)
     with pytest.raises(ValueError, match="compressed_mem_factor"):
@@ -296,6 +298,10 @@ def test_config_json_round_trip(tmp_path):
     assert BlockRecurrentConfig.from_json(tmp_path / "c.json") == cfg
     assert json.loads((tmp_path / "c.json").read_text())["recurrent_layers"] == [2, 3]
     assert BlockRecurrentConfig(depth=12).recurrent_layers == (10,)  # the paper's placement
+    # A config saved before the `mlp` field existed describes a GELU MLP.
+    old = json.loads((tmp_path / "c.json").read_text())
+    del old["mlp"]
+    assert BlockRecurrentConfig.from_dict(old).mlp == "gelu"
 
 
 def test_config_reads_files_with_and_without_transformers_keys():
