@@ -41,8 +41,13 @@ import torch
 from torch import Tensor
 
 try:
-    from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig,
-                              PreTrainedModel)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        GenerationMixin,
+        PreTrainedConfig,
+        PreTrainedModel,
+    )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as err:  # the core package does not depend on transformers
     raise ImportError("blockrecurrent.hf needs transformers >= 5 (Python >= 3.11 for the pinned "
@@ -143,7 +148,8 @@ def _check_mask(attention_mask: Tensor | None, n: int, has_cache: bool, use_cach
     if attention_mask is None:
         return False
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, length), got {tuple(attention_mask.shape)}")
+        raise ValueError("attention_mask must be (batch, length), got "
+                         f"{tuple(attention_mask.shape)}")
     real = attention_mask.bool()
     if bool(real.all()):
         return False
@@ -186,7 +192,8 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     def from_brt(cls, model: BlockRecurrentTransformer) -> "BlockRecurrentForCausalLM":
         """Wrap an existing model, sharing its parameters."""
         if not isinstance(model, BlockRecurrentTransformer):
-            raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+            raise TypeError(f"model must be a BlockRecurrentTransformer, "
+                            f"got {type(model).__name__}")
         with torch.device("meta"):  # its own submodules are replaced at once: no init work
             hf = cls(hf_config(model.config))
         for name, child in model.named_children():
@@ -363,11 +370,13 @@ def write_choice_task(directory, items, name: str = "brt_choice") -> Path:
         try:
             question, choices, answer = item
         except (TypeError, ValueError):
-            raise TypeError(f"each item must be (question, choices, answer index), got {item!r}") from None
+            raise TypeError(f"each item must be (question, choices, answer index), "
+                            f"got {item!r}") from None
         if not isinstance(question, str) or not question or not isinstance(choices, (list, tuple)) \
                 or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise ValueError(f"item {item!r}: need a question and at least two non-empty choices")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        if (isinstance(answer, bool) or not isinstance(answer, int)
+                or not 0 <= answer < len(choices)):
             raise ValueError(f"item {item!r}: answer must index one of the {len(choices)} choices")
         records.append({"question": question, "choices": [" " + c for c in choices],
                         "answer": answer})

@@ -82,7 +82,7 @@ def _read_prompt(prompt: str | None, prompt_file) -> str | None:
 
 def _load(model_dir: Path, device: str):
     """The saved model and its tokenizer, checked to belong together."""
-    from .data import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
     tokenizer = load_tokenizer(model_dir)
