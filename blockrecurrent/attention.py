@@ -146,7 +146,7 @@ class GrowthBuffer:
 
 
 class LayerCache(NamedTuple):
-    """One layer's memory from one call to the next (`XLMemories.layer` / `XLMemories.of_layers`).
+    """One layer's memory from one call to the next (`XLMemories.layer`).
     keys/values (b, l, h, d), l < 2W: the previous complete block and the current partial one,
     keys rotated; compressed: (keys, values) each (b, W, h, d), the c compressed blocks before
     the cache, when use_compressed_mem; key_buffer/value_buffer: what keys/values grow into in

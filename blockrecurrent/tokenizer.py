@@ -178,8 +178,8 @@ class BPETokenizer(HFTokenizer):
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-    """Byte-level, so any text round-trips exactly. A tiny corpus may yield fewer merges than "
-      "asked."""
+    """Byte-level, so any text round-trips exactly. A tiny corpus may yield fewer merges than
+    asked."""
     if not isinstance(vocab_size, int) or vocab_size < 257:
         raise ValueError(f"BPE vocab_size must be an int >= 257 (256 bytes + {DOC_TOKEN}), got "
                          f"{vocab_size!r}")
@@ -194,8 +194,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    """Restore a tokenizer saved with `.save()`, or load a plain Hugging Face tokenizer.json "
-      "directory."""
+    """Restore a tokenizer saved with `.save()`, or load a plain Hugging Face tokenizer.json
+    directory."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"tokenizer directory {str(d)!r} does not exist")
