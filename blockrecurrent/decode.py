@@ -82,7 +82,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, flash: bool) -> Tenso
 def step(model, seq: Tensor, mems, states: Tensor):
     """One decoding step, for a call that `eligible` accepts: the same outputs as the general
     path (a ModelOutput: logits (b, 1, v), the next XLMemories, states (r, b, s, e)).
-    Long for speed: one loop over layers with no calls but torch's (see the module docstring)."""
+    One function of ~85 lines on purpose: the per-layer body runs for every layer of every token,
+    and a helper per layer would add a Python call each time (see the module docstring)."""
     from .model import ModelOutput, XLMemories  # model imports this module
 
     if model._compiled_decode is not None:
