@@ -22,12 +22,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import GrowthBuffer, Rotary, WindowPlan, append
+
+if TYPE_CHECKING:  # model imports this module
+    from .model import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 # Set while generation's decoder runs a step on its own outputs: the memories and states it passes
 # are exactly what the model returned for the last step, and the token was sampled from the
@@ -79,7 +83,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, flash: bool) -> Tenso
     return ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1) @ v
 
 
-def step(model, seq: Tensor, mems, states: Tensor):
+def step(model: BlockRecurrentTransformer, seq: Tensor, mems: XLMemories,
+         states: Tensor) -> ModelOutput:
     """One decoding step, for a call that `eligible` accepts: the same outputs as the general
     path (a ModelOutput: logits (b, 1, v), the next XLMemories, states (r, b, s, e)).
     One function of ~85 lines on purpose: the per-layer body runs for every layer of every token,
@@ -279,7 +284,7 @@ class CompiledStep:
                                 dynamic=False, **compile_kwargs)
         self._positions: dict = {}
 
-    def __call__(self, seq: Tensor, mems, states: Tensor):
+    def __call__(self, seq: Tensor, mems: XLMemories, states: Tensor) -> ModelOutput:
         from .model import ModelOutput, XLMemories
 
         model = self.model

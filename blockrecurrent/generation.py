@@ -128,8 +128,9 @@ def _check_carry(model, b: int, mems, states) -> None:
 
 @torch.inference_mode()
 def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | None = None,
-            states: Tensor | None = None, chunk_size: int | None = None):
-    """Read a prompt of any length -> (last logits (b, v), xl_memories, states).
+            states: Tensor | None = None, chunk_size: int | None = None
+            ) -> tuple[Tensor, XLMemories, Tensor]:
+    """Read a prompt of any length -> (last logits (b, v), memories, states).
 
     Chunks of `chunk_size` tokens (default `max_seq_len`, whole blocks) keep memory constant in
     the prompt length; the first chunk is shortened to finish a partial block left in the
@@ -165,8 +166,9 @@ def chunk_bounds(n: int, cache_len: int, block_width: int, chunk_size: int
 
 
 @torch.inference_mode()
-def _step(model, tokens: Tensor, mems, states, own: bool = False):
-    """One cached decoding step: (b,) tokens -> next logits (b, v), xl_memories, states.
+def _step(model: BlockRecurrentTransformer, tokens: Tensor, mems: XLMemories, states: Tensor,
+          own: bool = False) -> tuple[Tensor, XLMemories, Tensor]:
+    """One cached decoding step: (b,) tokens -> next logits (b, v), memories, states.
     own: the memories and states are the model's own outputs of the last step and the tokens
     were sampled from its logits (see decode.own_outputs: the per-call checks are skipped)."""
     with own_outputs() if own else contextlib.nullcontext():

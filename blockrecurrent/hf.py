@@ -57,7 +57,7 @@ except ImportError as err:  # the core package does not depend on transformers
 from blockrecurrent.attention import Rotary
 from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, BlockRecurrentConfig
 from blockrecurrent.generation import chunk_bounds
-from blockrecurrent.model import BlockRecurrentTransformer, XLMemories
+from blockrecurrent.model import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
 
@@ -251,7 +251,7 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
                 return_dict: bool | None = None, past_key_values=None,
                 inputs_embeds: Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs):
+                output_hidden_states: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (b, n), continuing from `cache` when given. Returns logits (b, n, vocab)
         (the last `logits_to_keep` positions when > 0), the updated cache when use_cache
         (default: True unless right-padded rows are scored), and with `labels` the shifted
@@ -299,7 +299,8 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return out if return_dict else out.to_tuple()
 
-    def _run(self, ids: Tensor, mems, states, last: int | None):
+    def _run(self, ids: Tensor, mems: XLMemories | None, states: Tensor | None,
+             last: int | None) -> ModelOutput:
         """Our forward. Without autograd, a long input is read in chunks of max_seq_len (as our
         generate's prefill does, so the two agree exactly), the first finishing a partial block
         of the cache; memory then stays constant in the input length."""
