@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .decode import own_outputs
 from .model import BlockRecurrentTransformer, XLMemories
+from .plan import WindowPlan
 from .sampling import check_count, check_sampling, filter_logits, sample_next
 
 __all__ = ["GenerationResult", "cache_len_after", "chunk_bounds", "filter_logits", "generate",
@@ -83,7 +84,7 @@ def _is_ragged(prompt) -> bool:
 def cache_len_after(n: int, block_width: int) -> int:
     """Tokens in each layer's cache after reading a document of n tokens from its start: the
     partial block, after the last complete block once there are two (WindowPlan.next_cache)."""
-    return n if n < 2 * block_width else block_width + n % block_width
+    return WindowPlan.next_cache_len(block_width, 0, n)
 
 
 def _check_ragged(model, lengths: list[int]) -> None:

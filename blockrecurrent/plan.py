@@ -81,9 +81,7 @@ class WindowPlan:
         self.all_valid = bool((self.doc_start == W).all())
         self.compress = config.use_compressed_mem
         self.compress_factor = config.compressed_mem_factor
-        # The next cache starts at the last complete block (W <= its length < 2W) or, before the
-        # first complete block of a document, at frame position W.
-        self.first_cached_block = max(1, self.end // W - 1)
+        self.first_cached_block = self._first_cached_block(W, self.end)
         # A decoding step: one token that completes no block, in a document that started at or
         # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
         # no frame, no masks (`step_attention`), and the state does not move. The cache holds
@@ -102,6 +100,18 @@ class WindowPlan:
         document started at or before the cache, no compressed memory."""
         return (n == 1 and all_valid and not config.use_compressed_mem
                 and (cache_len + 1) % config.block_width != 0)
+
+    @staticmethod
+    def _first_cached_block(W: int, end: int) -> int:
+        """The next cache starts at the last complete block (W <= its length < 2W) or, before the
+        first complete block of a document, at frame position W (block 1)."""
+        return max(1, end // W - 1)
+
+    @staticmethod
+    def next_cache_len(block_width: int, cache_len: int, n: int) -> int:
+        """The length of the cache after a call of n tokens on a cache of cache_len tokens."""
+        end = block_width + cache_len + n
+        return end - WindowPlan._first_cached_block(block_width, end) * block_width
 
     @staticmethod
     def step_start(config: BlockRecurrentConfig, cache_len: int) -> int:
