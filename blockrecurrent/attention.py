@@ -3,8 +3,9 @@
 Axis letters: b batch, n new tokens of a call, f frame positions, k blocks, m queries per block,
 j keys per block, h heads, d head width, e model width, s state slots.
 
-Every call works on a *frame*: one empty block, then the layer's cache (the previous complete block
-and the current partial block, L < 2W tokens, starting on a block boundary), then the n new tokens.
+Every call works on a *frame* (plan.py: `WindowPlan` computes every frame position): one empty
+block, then the layer's cache (the previous complete block and the current partial block, L < 2W
+tokens, starting on a block boundary), then the n new tokens.
 Blocks are aligned to positions in the document, so feeding a stream in any chunk sizes gives the
 same blocks and the same windows. A query at frame position f attends to keys f-W < f' <= f
 (window "sliding"), or to all keys from the start of the previous block up to f (window "block"),
@@ -19,15 +20,17 @@ window. When the cache drops a block, the keys it keeps are turned back by W pos
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import BlockRecurrentConfig
+from .plan import Part, WindowPlan
+
+__all__ = ["GrowthBuffer", "LayerCache", "Part", "Rotary", "WindowAttention", "WindowPlan",
+           "append", "attend", "frame_attention", "step_attention", "window_attention"]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, flash: bool,
@@ -115,149 +118,54 @@ class Rotary(nn.Module):
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
-@functools.lru_cache(maxsize=4096)
-@torch.inference_mode(False)  # the cached mask may later be used with autograd
-def _band(W: int, q_off: int, q_len: int, sliding: bool, device: torch.device) -> Tensor:
-    """(m, j) True where query q_off+i of a block may read key j, counted from the start of the
-    previous block: the window (i + q_off, i + q_off + W] if sliding, else [0, i + q_off + W].
-    Cached: decoding asks for the same few hundred masks over and over; callers never modify it."""
-    q = torch.arange(q_off, q_off + q_len, device=device)
-    j = torch.arange(W + q_off + q_len, device=device)
-    causal = j[None, :] <= q[:, None] + W
-    return causal & (j[None, :] > q[:, None]) if sliding else causal
+class GrowthBuffer:
+    """Storage (b, capacity, h, d) that one layer's keys or values grow into in place, a token
+    per decoding step. `last` is the longest view handed out (positions 0 .. fill-1): only a
+    cache that *is* that view may be extended in place, since no other view can see the write.
+    `finite`: the positions beyond the views were zero-filled (the compiled step reads all of
+    them under a mask, and a mask times NaN is still NaN)."""
+
+    __slots__ = ("data", "last", "finite")
+
+    def __init__(self, data: Tensor, finite: bool = False):
+        self.data, self.last, self.finite = data, None, finite
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[1]
+
+    def extends(self, cache: Tensor, dtype: torch.dtype) -> bool:
+        """Whether `cache` may grow into this buffer in place: it is the last view handed out,
+        and one more position of the same dtype fits."""
+        return cache is self.last and self.data.dtype == dtype and cache.shape[1] < self.capacity
+
+    def hand_out(self, fill: int) -> Tensor:
+        """The view of positions 0 .. fill-1, now the one that may be extended."""
+        self.last = self.data[:, :fill]
+        return self.last
 
 
-@dataclass
-class Part:
-    """A run of query blocks k_first .. k_first+count-1 (frame block numbers), each with queries at
-    offsets q_off .. q_off+q_len-1 inside its block and keys from the start of the block before."""
-    k_first: int
-    count: int
-    q_off: int
-    q_len: int
-    window_mask: Tensor  # (b|1, count, 1, q_len, W+q_off+q_len)
-    compressed_mask: Tensor | None = None  # (b|1, count, 1, 1, W)
-
-
-class WindowPlan:
-    """Where a call's new tokens fall in the frame, and the masks every layer shares.
-
-    `lengths` (b,) counts the tokens of each row's current document seen before this call; a row
-    whose document started inside the cache (or at this call) must not read keys before it."""
-
-    def __init__(self, config: BlockRecurrentConfig, cache_len: int, n: int, lengths: Tensor):
-        W = config.block_width
-        self.W, self.L, self.n = W, cache_len, n
-        self.sliding = config.window == "sliding"
-        self.a, self.e = W + cache_len, W + cache_len + n  # frame positions of the new tokens
-        self.num_blocks = math.ceil(self.e / W)  # frame blocks, the empty block 0 included
-        self.frame_len = self.num_blocks * W
-        # First frame position of each row's document; the empty block 0 is never valid.
-        self.doc_start = (self.a - lengths).clamp(min=W)  # (b,)
-        self.compressed_start = self.a - lengths  # compressed blocks may predate the cache
-        self.all_valid = bool((self.doc_start == W).all())
-        self.compress = config.use_compressed_mem
-        self.compress_factor = config.compressed_mem_factor
-        # The next cache starts at the last complete block (W <= its length < 2W) or, before the
-        # first complete block of a document, at frame position W.
-        self.first_cached_block = max(1, self.e // W - 1)
-        # A decoding step: one token that completes no block, in a document that started at or
-        # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
-        # no frame, no masks (`step_attention`), and the state does not move. The cache holds
-        # the previous complete block and the token's own block so far: all a "block" window reads.
-        self.single = self.is_step(config, cache_len, n, self.all_valid)
-        self.step_keys = self.step_start(config, cache_len)
-        self.parts = [] if self.single else self._split(config)
-        # The frame is materialised from `origin` on: keys before the first query block's window
-        # are never read (most of the frame when decoding), except by the compressor, which
-        # works on whole blocks of the whole frame.
-        self.origin = 0 if self.compress or self.single else (self.parts[0].k_first - 1) * W
-
-    @staticmethod
-    def is_step(config: BlockRecurrentConfig, cache_len: int, n: int, all_valid: bool) -> bool:
-        """A call that `step_attention` serves: one token that completes no block, every row's
-        document started at or before the cache, no compressed memory."""
-        return (n == 1 and all_valid and not config.use_compressed_mem
-                and (cache_len + 1) % config.block_width != 0)
-
-    @staticmethod
-    def step_start(config: BlockRecurrentConfig, cache_len: int) -> int:
-        """The first cache position a decoding step reads (then the rest and its own key)."""
-        return max(0, cache_len + 1 - config.block_width) if config.window == "sliding" else 0
-
-    def _split(self, config) -> list[Part]:
-        """Queries [a, e) as a partial head block, a run of full blocks, and a partial tail."""
-        W, a, e = self.W, self.a, self.e
-        parts, pos = [], a
-        while pos < e:
-            k, off = divmod(pos, W)
-            if off == 0 and e - pos >= W:
-                count = (e - pos) // W
-                parts.append(self._part(k, count, 0, W))
-                pos += count * W
-            else:
-                q_len = min(e, (k + 1) * W) - pos
-                parts.append(self._part(k, 1, off, q_len))
-                pos += q_len
-        return parts
-
-    def _part(self, k_first: int, count: int, q_off: int, q_len: int) -> Part:
-        W, dev = self.W, self.doc_start.device
-        ks = torch.arange(k_first, k_first + count, device=dev)
-        band = _band(W, q_off, q_len, self.sliding, dev)  # (m, j), shared read-only between calls
-        if self.all_valid and k_first >= 2:
-            mask = band[None, None, None]
-        else:
-            j = torch.arange(W + q_off + q_len, device=dev)  # key offset from the previous block
-            key_pos = (ks[:, None] - 1) * W + j[None, :]  # (k, j) frame positions
-            valid = key_pos[None] >= self.doc_start[:, None, None]  # (b, k, j)
-            mask = band[None, None, None] & valid[:, :, None, None, :]
-        cmask = None
-        if self.compress:
-            # Block k reads the compressed blocks k-1-c .. k-2, i.e. the c blocks before its window.
-            c = self.compress_factor
-            src = ks[:, None] - 1 - c + torch.arange(c, device=dev)[None, :]  # (k, c) frame blocks
-            ok = (src[None] * W >= self.compressed_start[:, None, None]) & (src[None] >= 1 - c)
-            cmask = ok[..., None].expand(*ok.shape, W // c).reshape(ok.shape[0], count, 1, 1, W)
-        return Part(k_first, count, q_off, q_len, mask, cmask)
-
-    def state_key_mask(self, k: int) -> Tensor | None:
-        """(b, 1, 1, 2W) validity of the token keys of blocks k-1 and k, read by the state;
-        None when all are valid (no mask lets attention skip the masking work)."""
-        if self.all_valid and k >= 2:
-            return None
-        pos = (k - 1) * self.W + torch.arange(2 * self.W, device=self.doc_start.device)
-        return (pos[None] >= self.doc_start[:, None])[:, None, None, :]
-
-    # --- frames and caches -------------------------------------------------------------------
-    def frame(self, cached: Tensor | None, new: Tensor) -> Tensor:
-        """(b, f, h, d), frame positions origin .. e-1: zeros for block 0, the cache, the new
-        tokens; with compressed memory from 0 and padded with zeros to whole blocks."""
-        b, _, h, d = new.shape
-        W, pieces = self.W, []
-        if self.origin < W:
-            pieces.append(new.new_zeros(b, W - self.origin, h, d))
-        skip = max(0, self.origin - W)  # cached tokens before the origin
-        if cached is not None and cached.shape[1] > skip:
-            pieces.append(cached[:, skip:].to(new.dtype))
-        pieces.append(new)
-        if self.compress and self.frame_len > self.e:
-            pieces.append(new.new_zeros(b, self.frame_len - self.e, h, d))
-        return torch.cat(pieces, dim=1)
-
-    def next_cache(self, frame: Tensor, rotary: Rotary | None = None) -> Tensor:
-        """What the next call needs: the last complete block and the partial one after it.
-        Keys (with `rotary`) are turned back to positions counted from the new cache start."""
-        first = self.first_cached_block * self.W
-        out = frame[:, first - self.origin:self.e - self.origin]
-        return out if rotary is None or first == self.W else rotary.shift(out, first - self.W)
+class LayerCache(NamedTuple):
+    """One layer's memory from one call to the next (`XLMemories.layer`).
+    keys/values (b, l, h, d), l < 2W: the previous complete block and the current partial one,
+    keys rotated; compressed: (keys, values) each (b, W, h, d), the c compressed blocks before
+    the cache, when use_compressed_mem; key_buffer/value_buffer: what keys/values grow into in
+    place when decoding (None: a fresh buffer on the next step)."""
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    compressed: tuple[Tensor, Tensor] | None = None
+    key_buffer: GrowthBuffer | None = None
+    value_buffer: GrowthBuffer | None = None
 
 
 class CompressedMemory(nn.Module):
     """Older blocks compressed c:1 by a strided convolution (Compressive Transformer, Rae et al.
     2019): each block of W keys/values becomes W/c slots, and each query block also reads the c
     compressed blocks just before its window, extending its reach by c*W tokens at the cost of W
-    extra keys. Compressed keys carry no rotation (window position 0, the oldest)."""
+    extra keys. Compressed keys carry no rotation (window position 0, the oldest).
+
+    Compressed blocks are indexed so that frame block i is at index i + c: one never-valid block,
+    the c cached blocks (frame blocks 1-c .. 0), then blocks 1 ..."""
 
     def __init__(self, config: BlockRecurrentConfig):
         super().__init__()
@@ -272,16 +180,17 @@ class CompressedMemory(nn.Module):
         return conv(x.to(conv.weight.dtype)).transpose(1, 2).reshape(b, f // self.c, h, d)
 
     def extend(self, k_frame: Tensor, v_frame: Tensor, cached: tuple[Tensor, Tensor] | None,
-               plan: WindowPlan, rotary: Rotary):
-        """All compressed blocks of the frame, indexed so that frame block i is at i + c:
-        one never-valid block, the c cached blocks (frame blocks 1-c .. 0), then blocks 1 ...
-        The frame's keys are rotated; the compressor reads them as they were before rotation.
+               plan: WindowPlan, rotary: Rotary
+               ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """All compressed blocks of the frame (indexed as in the class docstring). The frame's
+        keys are rotated; the compressor reads them as they were before rotation.
         Returns ((k, v) each (b, blocks, W/c, h, d), the cache for the next call)."""
         W, c = plan.W, self.c
         b, f, h, d = k_frame.shape
         out = []
-        raw_keys = rotary(k_frame[:, W:], 0, inverse=True)
-        for conv, frame, i in ((self.conv_k, raw_keys, 0), (self.conv_v, v_frame[:, W:], 1)):
+        body = slice(plan.index(plan.block_start(1)), None)  # the frame after the empty block 0
+        raw_keys = rotary(k_frame[:, body], 0, inverse=True)
+        for conv, frame, i in ((self.conv_k, raw_keys, 0), (self.conv_v, v_frame[:, body], 1)):
             fresh = self._compress(conv, frame).view(b, -1, W // c, h, d).to(frame.dtype)
             old = (cached[i].to(frame.dtype).view(b, c, W // c, h, d) if cached is not None
                    else frame.new_zeros(b, c, W // c, h, d))
@@ -299,6 +208,31 @@ class CompressedMemory(nn.Module):
         return torch.cat(windows, dim=2)
 
 
+def _pairs(frame: Tensor, start: int, count: int, W: int) -> Tensor:
+    """(b, count, 2W, ...): for each of `count` blocks from index `start` of frame on, the keys
+    of the block before it and its own, side by side."""
+    blocks = frame[:, start:start + (count + 1) * W].view(frame.shape[0], count + 1, W,
+                                                           *frame.shape[2:])
+    return torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)
+
+
+def _with_compressed(kp: Tensor, vp: Tensor, mask: Tensor, part: Part, plan: WindowPlan,
+                     compressed: tuple[Tensor, Tensor], rotary: Rotary, c: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The part's keys, values and mask with its compressed keys/values in front. Compressed
+    keys all sit at the start of each block's window (its oldest position)."""
+    m = part.q_len
+    starts = plan.window_rotary_starts(part, kp.device)
+    ck = rotary.at(CompressedMemory.gather(compressed[0], part, c),
+                   starts[:, None].expand(part.count, plan.W))
+    cv = CompressedMemory.gather(compressed[1], part, c)
+    kp, vp = torch.cat([ck, kp], dim=2), torch.cat([cv, vp], dim=2)
+    lead = torch.broadcast_shapes(mask.shape[:2], part.compressed_mask.shape[:2])
+    mask = torch.cat([part.compressed_mask.expand(*lead, 1, m, plan.W),
+                      mask.expand(*lead, *mask.shape[2:])], dim=-1)
+    return kp, vp, mask
+
+
 def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPlan,
                      rotary: Rotary, *, scale: float, flash: bool, dropout: float = 0.0,
                      compressed: tuple[Tensor, Tensor] | None = None, c: int = 1) -> Tensor:
@@ -306,73 +240,74 @@ def window_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor, plan: WindowPl
     values (b, f, h, d), plus compressed memory if given. Queries and keys come rotated (frame
     position f at f - W); `rotary` places the compressed keys. Returns (b, n, h, d)."""
     W, b = plan.W, q.shape[0]
-    # Keys before the first query block's window are never read (most of the frame when decoding).
-    lo = (plan.parts[0].k_first - 1) * W
-    k_frame, v_frame = k_frame[:, lo - plan.origin:], v_frame[:, lo - plan.origin:]
     outs, done = [], 0
     for part in plan.parts:
         m, kc = part.q_len, part.count
-        qp = q[:, done:done + kc * m].view(b, kc, m, *q.shape[2:])  # (b, k, m, h, d)
-        done += kc * m
-        k0 = (part.k_first - 1) * W - lo  # keys from the start of the previous block
+        qp = q[:, done:done + part.num_queries].view(b, kc, m, *q.shape[2:])  # (b, k, m, h, d)
+        done += part.num_queries
+        k0 = plan.index(plan.window_start(part.k_first))  # keys from the start of the block before
         if kc == 1:
             keys = slice(k0, k0 + W + part.q_off + m)
             kp, vp = k_frame[:, keys].unsqueeze(1), v_frame[:, keys].unsqueeze(1)  # (b, 1, j, h, d)
-        else:  # full blocks: keys of block k-1 and block k side by side
-            blocks = lambda t: t[:, k0:k0 + (kc + 1) * W].view(b, kc + 1, W, *t.shape[2:])
-            kb, vb = blocks(k_frame), blocks(v_frame)
-            kp = torch.cat([kb[:, :-1], kb[:, 1:]], dim=2)  # (b, k, 2W, h, d)
-            vp = torch.cat([vb[:, :-1], vb[:, 1:]], dim=2)
+        else:  # full blocks: keys of block k-1 and block k side by side, (b, k, 2W, h, d)
+            kp, vp = _pairs(k_frame, k0, kc, W), _pairs(v_frame, k0, kc, W)
         mask = part.window_mask
         if compressed is not None:
-            # Compressed keys all sit at the start of each block's window (its oldest position);
-            # block 1's window starts in the empty block 0, where nothing is valid.
-            starts = ((part.k_first - 2 + torch.arange(kc, device=q.device)) * W).clamp(min=0)
-            ck = rotary.at(CompressedMemory.gather(compressed[0], part, c),
-                           starts[:, None].expand(kc, W))
-            cv = CompressedMemory.gather(compressed[1], part, c)
-            kp, vp = torch.cat([ck, kp], dim=2), torch.cat([cv, vp], dim=2)
-            lead = torch.broadcast_shapes(mask.shape[:2], part.compressed_mask.shape[:2])
-            mask = torch.cat([part.compressed_mask.expand(*lead, 1, m, W),
-                              mask.expand(*lead, *mask.shape[2:])], dim=-1)
-        t = lambda x: x.transpose(2, 3)  # (b, k, h, ., d)
-        out = attend(t(qp), t(kp), t(vp), mask, scale, flash, dropout)
-        outs.append(t(out).reshape(b, kc * m, *q.shape[2:]))
+            kp, vp, mask = _with_compressed(kp, vp, mask, part, plan, compressed, rotary, c)
+        out = attend(qp.transpose(2, 3), kp.transpose(2, 3), vp.transpose(2, 3), mask, scale,
+                     flash, dropout)  # (b, k, h, m, d)
+        outs.append(out.transpose(2, 3).reshape(b, part.num_queries, *q.shape[2:]))
     return cat(outs, dim=1)
 
 
-def append(cache: Tensor | None, new: Tensor, capacity: int) -> Tensor:
+def append(cache: Tensor | None, buffer: GrowthBuffer | None, new: Tensor, capacity: int
+           ) -> tuple[Tensor, GrowthBuffer | None]:
     """cache (b, L, h, d) followed by new (b, 1, h, d), as a view of a buffer of `capacity`
-    positions. Without autograd the token is written in place when `cache` is the longest view
-    yet taken of its buffer, so that no existing view can see the write; otherwise (memories
-    passed to a second call, copied, or from a full forward) it is copied into a new buffer.
-    Either way every memory handed out earlier keeps its values. A decoding step thus copies
-    one token, not its whole cache."""
+    positions, and that buffer. Without autograd the token is written in place when `cache` is
+    the longest view yet taken of `buffer` (`GrowthBuffer.extends`), so that no existing view can
+    see the write; otherwise (memories passed to a second call, copied, or from a full forward)
+    it is copied into a new buffer. Either way every memory handed out earlier keeps its values.
+    A decoding step thus copies one token, not its whole cache."""
     L = 0 if cache is None else cache.shape[1]
     if torch.is_grad_enabled():
-        return new if cache is None else torch.cat([cache.to(new.dtype), new], dim=1)
-    buf = getattr(cache, "_buffer", None)
-    if buf is None or buf._fill != L or buf.dtype != new.dtype or L >= buf.shape[1]:
-        buf = new.new_empty(new.shape[0], max(capacity, L + 1), *new.shape[2:])
+        return (new if cache is None else torch.cat([cache.to(new.dtype), new], dim=1)), None
+    if buffer is None or not buffer.extends(cache, new.dtype):
+        buffer = GrowthBuffer(new.new_empty(new.shape[0], max(capacity, L + 1), *new.shape[2:]))
         if L:
-            buf[:, :L] = cache
-    buf[:, L:L + 1] = new
-    buf._fill = L + 1
-    out = buf[:, :L + 1]
-    out._buffer = buf
-    return out
+            buffer.data[:, :L] = cache
+    buffer.data[:, L:L + 1] = new
+    return buffer.hand_out(L + 1), buffer
 
 
-def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: tuple, plan: WindowPlan, *,
+def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, plan: WindowPlan, *,
                    scale: float, flash: bool, dropout: float = 0.0
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   ) -> tuple[Tensor, LayerCache]:
     """The attention of a decoding step (`plan.single`): the query q (b, 1, h, d) reads the last
     keys of the cache and its own key k; q and k come rotated. Returns the output (b, 1, h, d)
-    and the next cache's keys and values: the cache grown by the new token."""
-    keys, values = (append(c, new, 2 * plan.W) for c, new in ((cache[0], k), (cache[1], v)))
-    t = lambda x: x[:, plan.step_keys:].transpose(1, 2)  # (b, h, j, d)
-    out = attend(q.transpose(1, 2), t(keys), t(values), None, scale, flash, dropout)
-    return out.transpose(1, 2), keys, values
+    and the next cache: the cache grown by the new token."""
+    keys, key_buffer = append(cache.keys, cache.key_buffer, k, 2 * plan.W)
+    values, value_buffer = append(cache.values, cache.value_buffer, v, 2 * plan.W)
+    first = plan.step_keys
+    out = attend(q.transpose(1, 2), keys[:, first:].transpose(1, 2),
+                 values[:, first:].transpose(1, 2), None, scale, flash, dropout)
+    return out.transpose(1, 2), LayerCache(keys, values, None, key_buffer, value_buffer)
+
+
+def frame_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor,
+                    compressed_cache: tuple[Tensor, Tensor] | None, plan: WindowPlan,
+                    rotary: Rotary, compressor: CompressedMemory | None, *, scale: float,
+                    flash: bool, dropout: float = 0.0) -> tuple[Tensor, LayerCache]:
+    """The attention of a general call: the new queries q (b, n, h, d) over the frames of keys
+    and values (`WindowPlan.frame`) and the compressed memory; q and k come rotated. Returns
+    the output (b, n, h, d) and the layer's next cache."""
+    compressed, next_comp = None, None
+    if compressor is not None:
+        compressed, next_comp = compressor.extend(k_frame, v_frame, compressed_cache, plan,
+                                                  rotary)
+    y = window_attention(q, k_frame, v_frame, plan, rotary, scale=scale, flash=flash,
+                         dropout=dropout, compressed=compressed,
+                         c=compressor.c if compressor is not None else 1)
+    return y, LayerCache(plan.next_cache(k_frame, rotary), plan.next_cache(v_frame), next_comp)
 
 
 class WindowAttention(nn.Module):
@@ -388,8 +323,9 @@ class WindowAttention(nn.Module):
         self.rotary = Rotary(d, config.block_width, config.rotary_base)
         self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
 
-    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan):
-        """x (b, n, e); cache = (keys, values, compressed or None) from the last call."""
+    def forward(self, x: Tensor, cache: LayerCache, plan: WindowPlan) -> tuple[Tensor, LayerCache]:
+        """x (b, n, e) normed tokens and this layer's cache from the last call -> the output
+        (b, n, e) and the next cache."""
         b, n, _ = x.shape
         h, scale = self.heads, self.dim_head ** -0.5
         drop = self.dropout if self.training else 0.0
@@ -397,16 +333,10 @@ class WindowAttention(nn.Module):
         qk = self.rotary(qkv[:, :, :2 * h], plan.L)  # at positions after the L cached tokens
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, 2 * h:]
         if plan.single:
-            y, keys, values = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash,
-                                             dropout=drop)
-            return self.out(y.reshape(b, n, -1)), (keys, values, None)
-        k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
-        compressed, next_comp = None, None
-        if self.compressor is not None:
-            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
-                                                           self.rotary)
-        y = window_attention(q, k_frame, v_frame, plan, self.rotary, scale=scale,
-                             flash=self.flash, dropout=drop,
-                             compressed=compressed, c=self.compressor.c if self.compressor else 1)
-        y = self.out(y.reshape(b, n, -1))
-        return y, (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp)
+            y, cache = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash,
+                                      dropout=drop)
+        else:
+            y, cache = frame_attention(q, plan.frame(cache.keys, k), plan.frame(cache.values, v),
+                                       cache.compressed, plan, self.rotary, self.compressor,
+                                       scale=scale, flash=self.flash, dropout=drop)
+        return self.out(y.reshape(b, n, -1)), cache

@@ -1,6 +1,8 @@
 """The recurrent cell of the Block-Recurrent Transformer (Hutchins et al. 2022, section 3).
 
 Axis letters: b batch, n new tokens, k blocks, s state slots, h heads, d head width, e model width.
+In code, q/k/v are queries/keys/values (of tokens; sq/sk/sv of the state), `blk` a block number
+and `gate_in` the joined attention outputs that a gate reads.
 
 One layer with two directions over the block t (W tokens) and the state (S vectors):
 - vertical (tokens): self-attention over the sliding window, plus cross-attention to the
@@ -23,14 +25,43 @@ initialisation, like ordinary dot-product attention, instead of being nearly uni
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import (CompressedMemory, Rotary, WindowPlan, attend, cat, stack, step_attention,
-                        window_attention)
+from .attention import (
+    CompressedMemory,
+    LayerCache,
+    Rotary,
+    WindowPlan,
+    attend,
+    cat,
+    frame_attention,
+    stack,
+    step_attention,
+)
 from .config import BlockRecurrentConfig
+
+StateKV = tuple[Tensor, Tensor]  # unit K_s and V_s of a state, each (b, s, h, d)
+
+
+class CellOutput(NamedTuple):
+    """What `RecurrentCell.forward` returns."""
+    y: Tensor  # (b, n, e) the token output
+    cache: LayerCache  # the layer's next cache
+    state: Tensor  # (b, s, e) the state after the last block that completes in the call
+    state_kv: StateKV | None  # that state's (K_s, V_s) when the call ends inside a block
+
+
+class BlockPass(NamedTuple):
+    """What `RecurrentCell._blocks` returns for a general (non-step) call."""
+    self_out: Tensor  # (b, n, h, d) the window self-attention output
+    block_kv: list[StateKV]  # the (K_s, V_s) of each query block's incoming state
+    state: Tensor  # (b, s, e) the state after the last complete block
+    state_kv: StateKV | None  # its (K_s, V_s) if the call ends inside a block
+    cache: LayerCache  # the layer's next cache
 
 
 def retention_bias(shape, max_blocks: float = 64.0) -> Tensor:
@@ -49,21 +80,22 @@ class FixedGate(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(config.dim))
 
-    def forward(self, state: Tensor, z: Tensor, h: Tensor) -> Tensor:
+    def forward(self, state: Tensor, z: Tensor, gate_in: Tensor) -> Tensor:
         g = torch.sigmoid(self.bias)
         return state * g + z * (1 - g)
 
 
 class LSTMGate(nn.Module):
-    """s' = s * f + z * i with f = sigmoid(W_f h + b_f + 1), i = sigmoid(W_i h + b_i - 1) (Rec:lstm).
-    The +1/-1 offsets bias the cell towards remembering at initialisation."""
+    """s' = s * f + z * i with f = sigmoid(W_f x + b_f + 1), i = sigmoid(W_i x + b_i - 1)
+    (Rec:lstm), x = `gate_in`. The +1/-1 offsets bias the cell towards remembering at
+    initialisation."""
 
     def __init__(self, config: BlockRecurrentConfig, input_dim: int):
         super().__init__()
         self.proj = nn.Linear(input_dim, 2 * config.dim)
 
-    def forward(self, state: Tensor, z: Tensor, h: Tensor) -> Tensor:
-        f, i = self.proj(h).chunk(2, dim=-1)
+    def forward(self, state: Tensor, z: Tensor, gate_in: Tensor) -> Tensor:
+        f, i = self.proj(gate_in).chunk(2, dim=-1)
         return state * torch.sigmoid(f + 1) + z * torch.sigmoid(i - 1)
 
 
@@ -140,13 +172,13 @@ class RecurrentCell(nn.Module):
         self.rotary = Rotary(d, config.block_width, config.rotary_base)
         self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
 
-    def state_projections(self, state: Tensor):
+    def state_projections(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """state (b, s, e) -> K_s, V_s, Q_s, Q2_s, each (b, s, h, d). No dropout on this side."""
         b, s, _ = state.shape
         x = self.state_norm(state) + self.state_ids.to(state.dtype)
         return self.state_proj(x).view(b, s, 4, self.heads, self.dim_head).unbind(2)
 
-    def state_keys_values(self, state: Tensor) -> tuple[Tensor, Tensor]:
+    def state_keys_values(self, state: Tensor) -> StateKV:
         """Unit K_s and V_s only, each (b, s, h, d): all that the tokens of a block read. Half
         of `state_projections`, whose output rows are ordered K_s, V_s, Q_s, Q2_s."""
         b, s, _ = state.shape
@@ -161,23 +193,21 @@ class RecurrentCell(nn.Module):
         (b, 2W, h, d) of blocks t-1 and t. Returns (b, s, e)."""
         t = lambda x: x.transpose(1, 2)  # (b, h, ., d)
         self_out = attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0, self.flash)
-        cross_out = attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0, self.flash)
-        h = torch.cat([t(self_out), t(cross_out)], dim=-1).flatten(2)  # (b, s, 2*h*d)
-        new = self.gate(state, self.state_out(h), h)
+        cross_out = attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0,
+                           self.flash)
+        gate_in = torch.cat([t(self_out), t(cross_out)], dim=-1).flatten(2)  # (b, s, 2*h*d)
+        new = self.gate(state, self.state_out(gate_in), gate_in)
         if self.variant == "dual":
             z = self.state_mlp(self.mlp_norm(new))
             new = self.mlp_gate(new, z, z)
         return new
 
-    def forward(self, x: Tensor, cache: tuple, state: Tensor, plan: WindowPlan,
-                state_kv: tuple[Tensor, Tensor] | None = None):
-        """x (b, n, e) normed tokens, cache (keys, values, compressed) of this layer, state (b, s, e)
+    def forward(self, x: Tensor, cache: LayerCache, plan: WindowPlan, state: Tensor,
+                state_kv: StateKV | None = None) -> CellOutput:
+        """x (b, n, e) normed tokens, cache this layer's cache from the last call, state (b, s, e)
         the incoming state of the block holding the first new token, state_kv its (K_s, V_s) if
-        known (from the last call).
-        Returns the token output (b, n, e), the next cache, the state after the last block that
-        completes in this call, and that state's (K_s, V_s) when the call ends inside a block
-        (else None): a decoding step then reuses them instead of projecting S state vectors
-        again for every token."""
+        known (from the last call). A decoding step returns the state_kv it read, so that the
+        next step reuses them instead of projecting S state vectors again for every token."""
         b, n, _ = x.shape
         k, v, q, q2 = self.token_proj(x).view(b, n, 4, self.heads, self.dim_head).unbind(2)
         # Unit keys, queries with the learned scale; window attention reads them rotated (the
@@ -186,79 +216,84 @@ class RecurrentCell(nn.Module):
         k = self.rotary(F.normalize(k, dim=-1), plan.L)
         drop = self.dropout if self.training else 0.0
         if plan.single:  # a decoding step: no block completes, the state stays
-            self_out, keys, values = step_attention(q, k, v, cache, plan, scale=1.0,
-                                                    flash=self.flash, dropout=drop)
-            kv = state_kv if state_kv is not None else self.state_keys_values(state)
-            block_kv, next_cache, parts = [kv], (keys, values, None), [(1, n)]
+            self_out, next_cache = step_attention(q, k, v, cache, plan, scale=1.0,
+                                                  flash=self.flash, dropout=drop)
+            state_kv = state_kv if state_kv is not None else self.state_keys_values(state)
+            block_kv, parts = [state_kv], [(1, n)]
         else:
-            self_out, block_kv, state, kv, next_cache = self._blocks(q, k, v, cache, state, plan,
-                                                                     state_kv, drop)
+            self_out, block_kv, state, state_kv, next_cache = self._blocks(
+                q, k, v, cache, plan, state, state_kv, drop)
             parts = [(part.count, part.q_len) for part in plan.parts]
-
-        # Every block's tokens read the state that block started from: (K_s, V_s) in block_kv.
-        cross_out, done, i = [], 0, 0
-        for kc, m in parts:
-            # (b, k, s, h, d); a view when the part is one block
-            sk, sv = (stack(t, dim=1) for t in zip(*block_kv[i:i + kc]))
-            qp = normed(q2[:, done:done + kc * m], self.scales[1]).view(b, kc, m, *q2.shape[2:])
-            t = lambda y: y.transpose(2, 3)
-            out = attend(t(qp), t(sk), t(sv), None, 1.0, self.flash, drop)
-            cross_out.append(t(out).reshape(b, kc * m, -1))
-            done, i = done + kc * m, i + kc
-        cross = cat(cross_out, dim=1)
+        cross = self._cross(q2, block_kv, parts, drop)
         y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
-        return y, next_cache, state, kv
+        return CellOutput(y, next_cache, state, state_kv)
 
-    def _blocks(self, q: Tensor, k: Tensor, v: Tensor, cache: tuple, state: Tensor,
-                plan: WindowPlan, state_kv, drop: float):
-        """A call over the frame: the state through every block that completes, then window
-        attention of all blocks at once. q, k rotated. Returns the self-attention output
-        (b, n, h, d), the (K_s, V_s) of each query block's incoming state, the last state, its
-        (K_s, V_s) if the call ends inside a block (else None), and the next cache."""
-        b = q.shape[0]
-        k_frame, v_frame = plan.frame(cache[0], k), plan.frame(cache[1], v)
+    def _cross(self, q2: Tensor, block_kv: list[StateKV], parts: list[tuple[int, int]],
+               drop: float) -> Tensor:
+        """The tokens' cross-attention to the state: every block's tokens read the state that
+        block started from, (K_s, V_s) in block_kv. q2 (b, n, h, d); parts: (blocks, queries per
+        block) of each run of query blocks. Returns (b, n, h*d)."""
+        b = q2.shape[0]
+        cross_out, done, i = [], 0, 0
+        for count, m in parts:
+            # (b, k, s, h, d); a view when the part is one block
+            sk, sv = (stack(t, dim=1) for t in zip(*block_kv[i:i + count], strict=True))
+            qp = normed(q2[:, done:done + count * m], self.scales[1]).view(b, count, m,
+                                                                          *q2.shape[2:])
+            out = attend(qp.transpose(2, 3), sk.transpose(2, 3), sv.transpose(2, 3), None, 1.0,
+                         self.flash, drop)
+            cross_out.append(out.transpose(2, 3).reshape(b, count * m, -1))
+            done, i = done + count * m, i + count
+        return cat(cross_out, dim=1)
+
+    def _token_windows(self, k_frame: Tensor, v_frame: Tensor, plan: WindowPlan,
+                       complete: list[int]) -> list[tuple[Tensor, ...]]:
+        """For keys and values: the token keys/values of blocks t-1 and t, (b, 2W, h, d), for
+        every complete block t, in order. Split once: slicing the frame per block gives each
+        block a frame-sized zero-filled gradient in the backward pass (quadratic in blocks per
+        call); unbind's backward is one stack. The state reads keys without positions: the
+        rotation is undone (block 0 is all zeros)."""
         W = plan.W
+        lo, hi = complete[0], complete[-1] + 1
+        first = max(lo - 1, 1)  # the first block with keys (block 0 is empty)
+        windows = []
+        for fr in (k_frame, v_frame):
+            fb = plan.blocks_of(fr, first, hi)
+            if fr is k_frame:
+                fb = self.rotary(fb, plan.rotary_position(plan.block_start(first)), inverse=True)
+            if first > lo - 1:  # the window of block 1 starts with the empty block 0
+                fb = torch.cat([fb.new_zeros(fb.shape[0], W, *fb.shape[2:]), fb], dim=1)
+            fb = fb.view(fb.shape[0], hi - lo + 1, W, *fr.shape[2:])
+            windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
+        return windows
+
+    def _blocks(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, plan: WindowPlan,
+                state: Tensor, state_kv: StateKV | None, drop: float) -> BlockPass:
+        """A call over the frame: the state through every block that completes, then window
+        attention of all blocks at once. q, k rotated."""
+        k_frame, v_frame = plan.frame(cache.keys, k), plan.frame(cache.values, v)
 
         # Horizontal direction: the state of every block of the call, in order.
-        blocks = [k for part in plan.parts for k in range(part.k_first, part.k_first + part.count)]
-        complete = [blk for blk in blocks if (blk + 1) * W <= plan.e]  # a prefix of blocks
+        blocks = plan.query_blocks
+        complete = [blk for blk in blocks if plan.completes(blk)]  # a prefix of blocks
         if complete:
-            # Keys/values of blocks t-1 and t for every complete block t, split once: slicing
-            # the frame per block gives each block a frame-sized zero-filled gradient in the
-            # backward pass (quadratic in blocks per call); unbind's backward is one stack.
-            # The state reads keys without positions: undo the rotation (block 0 is all zeros).
-            lo, hi = complete[0], complete[-1] + 1
-            first = max(lo - 1, 1)  # the first block with keys (block 0 is empty)
-            windows = []
-            for fr in (k_frame, v_frame):
-                fb = fr[:, first * W - plan.origin:hi * W - plan.origin]
-                if fr is k_frame:
-                    fb = self.rotary(fb, (first - 1) * W, inverse=True)
-                if first > lo - 1:  # the window of block 1 starts with the empty block 0
-                    fb = torch.cat([fb.new_zeros(b, W, *fb.shape[2:]), fb], dim=1)
-                fb = fb.view(b, hi - lo + 1, W, *fr.shape[2:])
-                windows.append(torch.cat([fb[:, :-1], fb[:, 1:]], dim=2).unbind(1))
-        kv, block_kv = state_kv, []  # (K_s, V_s) of each query block's incoming state
+            key_windows, value_windows = self._token_windows(k_frame, v_frame, plan, complete)
+        block_kv = []  # (K_s, V_s) of each query block's incoming state
         for blk in blocks:
             if complete and blk <= complete[-1]:  # block complete: advance the state
                 sk, sv, sq, sq2 = self.state_projections(state)
                 sk = F.normalize(sk, dim=-1)
                 block_kv.append((sk, sv))
-                tk, tv = windows[0][blk - lo], windows[1][blk - lo]  # (b, 2W, h, d)
-                state = self.update(state, sk, sv, sq, sq2, tk, tv, plan.state_key_mask(blk))
-                kv = None
+                i = blk - complete[0]
+                state = self.update(state, sk, sv, sq, sq2, key_windows[i], value_windows[i],
+                                    plan.state_key_mask(blk))
+                state_kv = None
             else:  # the call ends inside this block: its tokens only read K_s, V_s
-                kv = kv if kv is not None else self.state_keys_values(state)
-                block_kv.append(kv)
+                state_kv = state_kv if state_kv is not None else self.state_keys_values(state)
+                block_kv.append(state_kv)
 
         # Vertical direction: all blocks at once.
-        compressed, next_comp = None, None
-        if self.compressor is not None:
-            compressed, next_comp = self.compressor.extend(k_frame, v_frame, cache[2], plan,
-                                                           self.rotary)
-        self_out = window_attention(q, k_frame, v_frame, plan,
-                                    self.rotary, scale=1.0, flash=self.flash, dropout=drop,
-                                    compressed=compressed,
-                                    c=self.compressor.c if self.compressor else 1)
-        next_cache = (plan.next_cache(k_frame, self.rotary), plan.next_cache(v_frame), next_comp)
-        return self_out, block_kv, state, kv, next_cache
+        self_out, next_cache = frame_attention(q, k_frame, v_frame, cache.compressed, plan,
+                                               self.rotary, self.compressor, scale=1.0,
+                                               flash=self.flash, dropout=drop)
+        return BlockPass(self_out, block_kv, state, state_kv, next_cache)

@@ -59,7 +59,8 @@ class BlockRecurrentConfig:
     dropout: float = 0.0  # residual dropout on the token side (never on the state side)
     tie_embeddings: bool = False  # share the input embedding with the output projection
     rotary_base: float = 10000.0  # rotary position base (token self-attention only)
-    extra: dict = field(default_factory=dict, repr=False)  # free-form metadata, saved with the model
+    # free-form metadata, saved with the model
+    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         def check(ok: bool, name: str, fix: str):
@@ -89,7 +90,8 @@ class BlockRecurrentConfig:
         if isinstance(self.recurrent_layers, int) or not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.recurrent_layers
         ):
-            raise TypeError(f"recurrent_layers must be a tuple of ints, got {self.recurrent_layers!r}")
+            raise TypeError("recurrent_layers must be a tuple of ints, got "
+                            f"{self.recurrent_layers!r}")
         self.recurrent_layers = tuple(sorted(self.recurrent_layers))
         check(all(1 <= i <= self.depth for i in self.recurrent_layers), "recurrent_layers",
               f"layers are numbered 1..depth={self.depth}")

@@ -22,14 +22,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Rotary, WindowPlan, append
+from .attention import GrowthBuffer, Rotary, WindowPlan, append
 from .cell import activation_kind, mlp_activation
 
+if TYPE_CHECKING:  # model imports this module
+    from .model import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 # Set while generation's decoder runs a step on its own outputs: the memories and states it passes
 # are exactly what the model returned for the last step, and the token was sampled from the
@@ -69,7 +72,7 @@ def eligible(model, seq: Tensor, mems, reset) -> bool:
     L = mems.cache_len
     # Every row's document started at or before the cache (WindowPlan.all_valid). A fast
     # step's own memories keep that (lengths and cache grow together): no comparison then.
-    all_valid = (trusted() and getattr(mems, "_all_valid", False)) or (
+    all_valid = (trusted() and mems.all_valid) or (
         seq.shape[1] == 1 and bool((mems.lengths >= L).all()))
     return WindowPlan.is_step(cfg, L, seq.shape[1], all_valid)
 
@@ -81,10 +84,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, flash: bool) -> Tenso
     return ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1) @ v
 
 
-def step(model, seq: Tensor, mems, states: Tensor):
+def step(model: BlockRecurrentTransformer, seq: Tensor, mems: XLMemories,
+         states: Tensor) -> ModelOutput:
     """One decoding step, for a call that `eligible` accepts: the same outputs as the general
-    path (logits (b, 1, v), the next XLMemories, states (r, b, s, e))."""
-    from .model import XLMemories  # model imports this module
+    path (a ModelOutput: logits (b, 1, v), the next XLMemories, states (r, b, s, e)).
+    One function of ~85 lines on purpose: the per-layer body runs for every layer of every token,
+    and a helper per layer would add a Python call each time (see the module docstring)."""
+    from .model import ModelOutput, XLMemories  # model imports this module
 
     if model._compiled_decode is not None:
         return model._compiled_decode(seq, mems, states)
@@ -99,6 +105,8 @@ def step(model, seq: Tensor, mems, states: Tensor):
     ln, linear, addmm = torch.layer_norm, F.linear, torch.addmm  # no Python wrappers
     rotary = None
     keys, values, state_keys, state_values = [], [], [], []
+    key_bufs, value_bufs = mems.key_buffers, mems.value_buffers
+    key_bufs_out, value_bufs_out = [], []
     r = 0
     for i, layer in enumerate(model.layers):
         attn = layer.attn
@@ -126,10 +134,13 @@ def step(model, seq: Tensor, mems, states: Tensor):
             qk = Rotary._rotate(qkv[:, :2], cos, sin)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
             scale = d ** -0.5
-        ck = append(mems.keys[i], k[:, None], 2 * W)  # (b, l+1, h, d)
-        cv = append(mems.values[i], v[:, None], 2 * W)
+        ck, kbuf = append(mems.keys[i], key_bufs[i] if key_bufs else None, k[:, None], 2 * W)
+        cv, vbuf = append(mems.values[i], value_bufs[i] if value_bufs else None, v[:, None],
+                          2 * W)  # (b, l+1, h, d) each
         keys.append(ck)
         values.append(cv)
+        key_bufs_out.append(kbuf)
+        value_bufs_out.append(vbuf)
         y = _attend(q[:, :, None], ck[:, first:].transpose(1, 2), cv[:, first:].transpose(1, 2),
                     scale, attn.flash).view(b, hd)
         if layer.recurrent:
@@ -156,28 +167,29 @@ def step(model, seq: Tensor, mems, states: Tensor):
         keys=tuple(keys), values=tuple(values), lengths=mems.lengths + 1,
         state_keys=tuple(state_keys) if keep else None,
         state_values=tuple(state_values) if keep else None,
-        state_source=tuple(states.unbind(0)) if keep else None)
-    new_mems._all_valid = True  # see eligible
-    return logits, new_mems, states
+        state_source=tuple(states.unbind(0)) if keep else None,
+        key_buffers=tuple(key_bufs_out), value_buffers=tuple(value_bufs_out),
+        all_valid=True)  # see eligible
+    return ModelOutput(logits, new_mems, states)
 
 
 # --- compiled step over fixed-size buffers -------------------------------------------------
 
 
-def _static_buffer(cache: Tensor, dtype: torch.dtype, capacity: int) -> Tensor:
-    """A (b, capacity, h, d) buffer whose first L positions hold `cache` (b, L, h, d) and whose
-    position L may be written: the cache's own buffer when it is the longest view yet taken of
-    it and has been zero-filled beyond its views (so masked positions hold finite numbers:
-    attention multiplies them by 0), else a fresh zero-filled copy (the first compiled step
-    after a prefill or a branch)."""
+def _static_buffer(cache: Tensor, buffer: GrowthBuffer | None, dtype: torch.dtype,
+                   capacity: int) -> GrowthBuffer:
+    """A buffer (b, capacity, h, d) whose first L positions hold `cache` (b, L, h, d) and whose
+    position L may be written: `buffer` when `cache` is the longest view yet taken of it and it
+    has been zero-filled beyond its views (so masked positions hold finite numbers: attention
+    multiplies them by 0), else a fresh zero-filled copy (the first compiled step after a
+    prefill or a branch)."""
     L = cache.shape[1]
-    buf = getattr(cache, "_buffer", None)
-    if (buf is None or buf._fill != L or buf.dtype != dtype or buf.shape[1] != capacity
-            or not getattr(buf, "_finite", False)):
-        buf = cache.new_zeros(cache.shape[0], capacity, *cache.shape[2:], dtype=dtype)
-        buf[:, :L] = cache
-        buf._finite = True
-    return buf
+    if (buffer is None or not buffer.extends(cache, dtype) or buffer.capacity != capacity
+            or not buffer.finite):
+        buffer = GrowthBuffer(cache.new_zeros(cache.shape[0], capacity, *cache.shape[2:],
+                                              dtype=dtype), finite=True)
+        buffer.data[:, :L] = cache
+    return buffer
 
 
 def _layout(model) -> tuple:
@@ -273,8 +285,8 @@ class CompiledStep:
                                 dynamic=False, **compile_kwargs)
         self._positions: dict = {}
 
-    def __call__(self, seq: Tensor, mems, states: Tensor):
-        from .model import XLMemories
+    def __call__(self, seq: Tensor, mems: XLMemories, states: Tensor) -> ModelOutput:
+        from .model import ModelOutput, XLMemories
 
         model = self.model
         cfg = model.config
@@ -286,8 +298,12 @@ class CompiledStep:
         pos = self._positions.get(L)
         if pos is None or pos.device != seq.device:
             pos = self._positions[L] = torch.tensor(L, device=seq.device)
-        kbufs = [_static_buffer(c, dtype, 2 * W) for c in mems.keys]
-        vbufs = [_static_buffer(c, dtype, 2 * W) for c in mems.values]
+        depth = len(mems.keys)
+        no_bufs = (None,) * depth
+        kbufs = [_static_buffer(c, buf, dtype, 2 * W) for c, buf in
+                 zip(mems.keys, mems.key_buffers or no_bufs, strict=True)]
+        vbufs = [_static_buffer(c, buf, dtype, 2 * W) for c, buf in
+                 zip(mems.values, mems.value_buffers or no_bufs, strict=True)]
         skeys, svals = [], []
         for r, cell in enumerate(model.recurrent_cells):
             kv = model._cached_state_kv(mems, r, states[r])
@@ -295,18 +311,15 @@ class CompiledStep:
                 kv = cell.state_keys_values(states[r])
             skeys.append(kv[0])
             svals.append(kv[1])
-        x = self.fn(seq[:, 0], pos, cos, sin, kbufs, vbufs, skeys, svals, _weights(model))
+        x = self.fn(seq[:, 0], pos, cos, sin, [buf.data for buf in kbufs],
+                    [buf.data for buf in vbufs], skeys, svals, _weights(model))
         logits = model.to_logits(x[:, None])
-        views = []
-        for buf in kbufs + vbufs:
-            buf._fill = L + 1
-            view = buf[:, :L + 1]
-            view._buffer = buf
-            views.append(view)
-        depth, keep = len(kbufs), bool(skeys)
+        keep = bool(skeys)
         new_mems = XLMemories(
-            keys=tuple(views[:depth]), values=tuple(views[depth:]), lengths=mems.lengths + 1,
+            keys=tuple(buf.hand_out(L + 1) for buf in kbufs),
+            values=tuple(buf.hand_out(L + 1) for buf in vbufs), lengths=mems.lengths + 1,
             state_keys=tuple(skeys) if keep else None, state_values=tuple(svals) if keep else None,
-            state_source=tuple(states.unbind(0)) if keep else None)
-        new_mems._all_valid = True  # see eligible
-        return logits, new_mems, states
+            state_source=tuple(states.unbind(0)) if keep else None,
+            key_buffers=tuple(kbufs), value_buffers=tuple(vbufs),
+            all_valid=True)  # see eligible
+        return ModelOutput(logits, new_mems, states)

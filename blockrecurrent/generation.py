@@ -1,4 +1,4 @@
-"""Text generation: chunked prefill, cached decoding, sampling.
+"""Generation: chunked prefill and cached decoding (sampling.py samples; text.py: text in and out).
 
 Axis letters: b batch, n prompt tokens, t generated tokens, v vocabulary.
 
@@ -19,11 +19,8 @@ carried gives the same logits as one call, so
 from __future__ import annotations
 
 import contextlib
-import math
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -31,66 +28,19 @@ from torch import Tensor
 
 from .decode import own_outputs
 from .model import BlockRecurrentTransformer, XLMemories
+from .plan import WindowPlan
+from .sampling import check_count, check_sampling, filter_logits, sample_next
+
+__all__ = ["GenerationResult", "cache_len_after", "chunk_bounds", "filter_logits", "generate",
+           "prefill", "sample_next", "stream"]  # and generate_text (text.py)
 
 
-# --- sampling ----------------------------------------------------------------------------
-
-
-def _check_sampling(temperature, top_k, top_p, do_sample) -> None:
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), "
-                         f"got {temperature!r}")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None to keep every token), got {top_k}")
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-            raise TypeError(f"top_p must be a number or None, got {type(top_p).__name__}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p!r}")
-
-
-def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
-    """(b, v) logits -> float32 logits divided by the temperature, with the tokens removed by
-    top-k and then top-p (nucleus, Holtzman et al. 2019) set to -inf. Always keeps the most
-    likely token. temperature must be > 0 here (0 is greedy, handled by `sample_next`)."""
-    _check_sampling(temperature, top_k, top_p, True)
-    if temperature == 0:
-        raise ValueError("filter_logits needs temperature > 0; temperature 0 means greedy")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (b, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
-        # first token has nothing above it, so at least one survives.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-def sample_next(logits: Tensor, do_sample: bool = True, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
-    """Pick the next token of each row from (b, v) logits -> (b,) int64.
-    Greedy (argmax) when do_sample is False or temperature is 0 (the usual convention, so a
-    temperature sweep can include 0); otherwise sample from `filter_logits`."""
-    if not do_sample or temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# --- inputs ------------------------------------------------------------------------------
+def __getattr__(name: str):
+    """generate_text lives in text.py, which imports this module."""
+    if name == "generate_text":
+        from .text import generate_text
+        return generate_text
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _as_batch(prompt, model: BlockRecurrentTransformer) -> Tensor:
@@ -134,7 +84,7 @@ def _is_ragged(prompt) -> bool:
 def cache_len_after(n: int, block_width: int) -> int:
     """Tokens in each layer's cache after reading a document of n tokens from its start: the
     partial block, after the last complete block once there are two (WindowPlan.next_cache)."""
-    return n if n < 2 * block_width else block_width + n % block_width
+    return WindowPlan.next_cache_len(block_width, 0, n)
 
 
 def _check_ragged(model, lengths: list[int]) -> None:
@@ -174,20 +124,14 @@ def _check_carry(model, b: int, mems, states) -> None:
     model._check_inputs(torch.zeros(b, 1, dtype=torch.long), mems, states, None)
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 # --- prefill and decoding ----------------------------------------------------------------
 
 
 @torch.inference_mode()
 def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | None = None,
-            states: Tensor | None = None, chunk_size: int | None = None):
-    """Read a prompt of any length -> (last logits (b, v), xl_memories, states).
+            states: Tensor | None = None, chunk_size: int | None = None
+            ) -> tuple[Tensor, XLMemories, Tensor]:
+    """Read a prompt of any length -> (last logits (b, v), memories, states).
 
     Chunks of `chunk_size` tokens (default `max_seq_len`, whole blocks) keep memory constant in
     the prompt length; the first chunk is shortened to finish a partial block left in the
@@ -199,7 +143,7 @@ def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | 
     W = model.config.block_width
     if chunk_size is None:
         chunk_size = model.config.max_seq_len
-    _check_count("chunk_size", chunk_size, 1)
+    check_count("chunk_size", chunk_size, 1)
     mems, logits = xl_memories, None
     cache_len = mems.cache_len if mems is not None else 0
     for a, b in chunk_bounds(seq.shape[1], cache_len, W, chunk_size):
@@ -223,8 +167,9 @@ def chunk_bounds(n: int, cache_len: int, block_width: int, chunk_size: int
 
 
 @torch.inference_mode()
-def _step(model, tokens: Tensor, mems, states, own: bool = False):
-    """One cached decoding step: (b,) tokens -> next logits (b, v), xl_memories, states.
+def _step(model: BlockRecurrentTransformer, tokens: Tensor, mems: XLMemories, states: Tensor,
+          own: bool = False) -> tuple[Tensor, XLMemories, Tensor]:
+    """One cached decoding step: (b,) tokens -> next logits (b, v), memories, states.
     own: the memories and states are the model's own outputs of the last step and the tokens
     were sampled from its logits (see decode.own_outputs: the per-call checks are skipped)."""
     with own_outputs() if own else contextlib.nullcontext():
@@ -336,10 +281,10 @@ def _check(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=Non
     """Every check of a generation call, and nothing else: no model work happens here."""
     if not isinstance(model, BlockRecurrentTransformer):
         raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
-    _check_count("max_new_tokens", max_new_tokens, 0)
-    _check_sampling(temperature, top_k, top_p, do_sample)
+    check_count("max_new_tokens", max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p, do_sample)
     if eos_token_id is not None:
-        _check_count("eos_token_id", eos_token_id, 0)
+        check_count("eos_token_id", eos_token_id, 0)
         if eos_token_id >= model.config.num_tokens:
             raise ValueError(f"eos_token_id must lie in [0, num_tokens={model.config.num_tokens}),"
                              f" got {eos_token_id}")
@@ -348,7 +293,7 @@ def _check(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=Non
     if seed is not None:
         if generator is not None:
             raise ValueError("pass either seed or generator, not both")
-        _check_count("seed", seed, 0)
+        check_count("seed", seed, 0)
     if past is not None:
         if not isinstance(past, GenerationResult):
             raise TypeError(f"past must be the GenerationResult of generate(..., "
@@ -462,86 +407,3 @@ def stream(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
                 yield int(tok[0]) if single else tok
 
     return tokens()
-
-
-# --- text in, text out -------------------------------------------------------------------
-
-
-def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
-                  max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None, out=None, err=None,
-                  device: str = "cpu") -> dict:
-    """Load a saved model and its tokenizer from model_dir, continue `prompt` (or the text of
-    `prompt_file`; neither: generate a document from its start) and print the new text to `out`
-    as it is produced, then prefill and decode speeds to `err` (default: sys.stdout, sys.stderr
-    at call time). The prompt is read as the start of a document (bos first); generation stops
-    at max_new_tokens or when the model starts a new document (emits bos).
-
-    Returns {"text", "prompt_tokens", "new_tokens", "stopped_at_eos", "prefill_seconds",
-    "prefill_tokens_per_s", "decode_seconds", "decode_tokens_per_s"}; decode counts the tokens
-    after the first, whose logits come from the prefill."""
-    from .data import load_tokenizer
-
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
-    if prompt is not None and prompt_file is not None:
-        raise ValueError("pass either prompt or prompt_file, not both")
-    if prompt is not None and not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if prompt_file is not None:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise ValueError(f"prompt file {str(path)!r} does not exist")
-        prompt = path.read_text(encoding="utf-8")
-    _check_count("max_new_tokens", max_new_tokens, 0)
-    _check_sampling(temperature, top_k, top_p, True)
-    if seed is not None:
-        _check_count("seed", seed, 0)
-    model_dir = Path(model_dir)
-    model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer.vocab_size > model.config.num_tokens:
-        raise ValueError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
-                         f"model only num_tokens={model.config.num_tokens}; are they from the "
-                         f"same run?")
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt or "")
-    req = _check(model, ids, max_new_tokens, temperature, top_k, top_p, True,
-                 eos_token_id=tokenizer.bos_id, seed=seed)
-
-    with _EvalMode(model):
-        t0 = time.perf_counter()
-        dec = _start(req)
-        prefill_s = time.perf_counter() - t0
-        decoder, pieces, new = tokenizer.stream_decoder(), [], 0
-        for tok in dec.tokens(max_new_tokens):
-            tok = int(tok[0])
-            if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
-                break
-            new += 1
-            piece = decoder.feed([tok])
-            if piece:
-                out.write(piece)
-                out.flush()
-                pieces.append(piece)
-        pieces.append(decoder.flush())
-    text = "".join(pieces)
-    out.write(pieces[-1] + ("\n" if text and not text.endswith("\n") else ""))
-    out.flush()
-
-    n, steps, decode_s = len(ids), dec.steps, dec.decode_seconds
-    stats = {
-        "text": text,
-        "prompt_tokens": n,
-        "new_tokens": new,
-        "stopped_at_eos": bool(dec.finished.all()),
-        "prefill_seconds": prefill_s,
-        "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else None,
-        "decode_seconds": decode_s,
-        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else None,
-    }
-    rate = lambda v: "n/a" if v is None else f"{v:,.1f} tokens/s"
-    err.write(f"prefill: {n} tokens in {prefill_s:.3f} s ({rate(stats['prefill_tokens_per_s'])});"
-              f" decode: {steps} tokens in {decode_s:.3f} s "
-              f"({rate(stats['decode_tokens_per_s'])})\n")
-    err.flush()
-    return stats

@@ -41,8 +41,13 @@ import torch
 from torch import Tensor
 
 try:
-    from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig,
-                              PreTrainedModel)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        GenerationMixin,
+        PreTrainedConfig,
+        PreTrainedModel,
+    )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as err:  # the core package does not depend on transformers
     raise ImportError("blockrecurrent.hf needs transformers >= 5 (Python >= 3.11 for the pinned "
@@ -52,7 +57,7 @@ except ImportError as err:  # the core package does not depend on transformers
 from blockrecurrent.attention import Rotary
 from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, BlockRecurrentConfig
 from blockrecurrent.generation import chunk_bounds
-from blockrecurrent.model import BlockRecurrentTransformer, XLMemories
+from blockrecurrent.model import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
 
@@ -143,7 +148,8 @@ def _check_mask(attention_mask: Tensor | None, n: int, has_cache: bool, use_cach
     if attention_mask is None:
         return False
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, length), got {tuple(attention_mask.shape)}")
+        raise ValueError("attention_mask must be (batch, length), got "
+                         f"{tuple(attention_mask.shape)}")
     real = attention_mask.bool()
     if bool(real.all()):
         return False
@@ -186,7 +192,8 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
     def from_brt(cls, model: BlockRecurrentTransformer) -> "BlockRecurrentForCausalLM":
         """Wrap an existing model, sharing its parameters."""
         if not isinstance(model, BlockRecurrentTransformer):
-            raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+            raise TypeError(f"model must be a BlockRecurrentTransformer, "
+                            f"got {type(model).__name__}")
         with torch.device("meta"):  # its own submodules are replaced at once: no init work
             hf = cls(hf_config(model.config))
         for name, child in model.named_children():
@@ -244,7 +251,7 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
                 return_dict: bool | None = None, past_key_values=None,
                 inputs_embeds: Tensor | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs):
+                output_hidden_states: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (b, n), continuing from `cache` when given. Returns logits (b, n, vocab)
         (the last `logits_to_keep` positions when > 0), the updated cache when use_cache
         (default: True unless right-padded rows are scored), and with `labels` the shifted
@@ -292,7 +299,8 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return out if return_dict else out.to_tuple()
 
-    def _run(self, ids: Tensor, mems, states, last: int | None):
+    def _run(self, ids: Tensor, mems: XLMemories | None, states: Tensor | None,
+             last: int | None) -> ModelOutput:
         """Our forward. Without autograd, a long input is read in chunks of max_seq_len (as our
         generate's prefill does, so the two agree exactly), the first finishing a partial block
         of the cache; memory then stays constant in the input length."""
@@ -363,11 +371,13 @@ def write_choice_task(directory, items, name: str = "brt_choice") -> Path:
         try:
             question, choices, answer = item
         except (TypeError, ValueError):
-            raise TypeError(f"each item must be (question, choices, answer index), got {item!r}") from None
+            raise TypeError(f"each item must be (question, choices, answer index), "
+                            f"got {item!r}") from None
         if not isinstance(question, str) or not question or not isinstance(choices, (list, tuple)) \
                 or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise ValueError(f"item {item!r}: need a question and at least two non-empty choices")
-        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        if (isinstance(answer, bool) or not isinstance(answer, int)
+                or not 0 <= answer < len(choices)):
             raise ValueError(f"item {item!r}: answer must index one of the {len(choices)} choices")
         records.append({"question": question, "choices": [" " + c for c in choices],
                         "answer": answer})

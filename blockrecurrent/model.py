@@ -5,26 +5,32 @@ l cached tokens, h heads, d head width.
 
     logits, mems, states = model(seq, xl_memories=mems, states=states, reset=None)
 
-`mems` (XLMemories) holds every layer's cache of the previous block and the current partial
-block, and the tokens seen of each row's document; `states` (r, b, s, e) the recurrent states.
-Both come back detached, so calls chain without growing a graph; within one call gradients flow
-through the state across all its blocks.
+The call returns a `ModelOutput` (a NamedTuple: it unpacks as above). `mems` (XLMemories) holds
+every layer's cache of the previous block and the current partial block (`LayerCache`, one per
+layer through `XLMemories.layer`), and the tokens seen of each row's document; `states`
+(r, b, s, e) the recurrent states. Both come back detached, so calls chain without growing a
+graph; within one call gradients flow through the state across all its blocks. One name per
+concept: "memories" (`mems`, `xl_memories` as the keyword) for XLMemories, "cache" for one
+layer's part of them, "states" for the recurrent states.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import decode
-from .attention import WindowAttention, WindowPlan, stack
-from .cell import FixedGate, LSTMGate, RecurrentCell, mlp, retention_bias
+from .attention import LayerCache, WindowAttention, WindowPlan, stack
+from .cell import FixedGate, LSTMGate, RecurrentCell, StateKV, mlp, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
+from .memories import XLMemories
+
+__all__ = ["BlockRecurrentTransformer", "Layer", "LayerOutput", "ModelOutput", "XLMemories"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # What transformers imports from a saved directory under trust_remote_code (see config.HF_KEYS):
@@ -33,99 +39,30 @@ _HF_SHIM = ('"""Lets transformers load this directory with trust_remote_code=Tru
             "from blockrecurrent.hf import BlockRecurrentForCausalLM, BlockRecurrentHFConfig\n")
 
 
-@dataclass
-class XLMemories:
-    """Per-layer caches carried from one call to the next (tuples have one entry per layer)."""
-    keys: tuple[Tensor, ...]  # (b, l, h, d), l < 2W: previous complete block + partial block
-    values: tuple[Tensor, ...]
-    lengths: Tensor  # (b,) int64: tokens of each row's current document seen so far
-    compressed_keys: tuple[Tensor, ...] | None = None  # (b, W, h, d) when use_compressed_mem
-    compressed_values: tuple[Tensor, ...] | None = None
-    # Per recurrent layer, when the last call ended inside a block: the unit keys and values
-    # (b, s, h, d) of the state it returned, and that state (b, s, e), so the next call can
-    # check that it is given the same state before reusing them.
-    state_keys: tuple[Tensor, ...] | None = None
-    state_values: tuple[Tensor, ...] | None = None
-    state_source: tuple[Tensor, ...] | None = None
+class ModelOutput(NamedTuple):
+    """What the model returns; unpacks as `logits, mems, states = model(...)`."""
+    logits: Tensor  # (b, n, num_tokens), or (b, logits_to_keep, num_tokens)
+    mems: XLMemories  # the memories for the next call
+    states: Tensor  # (r, b, s, e) the recurrent states for the next call
 
-    @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
 
-    @property
-    def cache_len(self) -> int:
-        return self.keys[0].shape[1]
-
-    def _map(self, fn) -> "XLMemories":
-        out = {}
-        for f in fields(self):
-            val = getattr(self, f.name)
-            out[f.name] = (None if val is None else fn(val) if isinstance(val, Tensor)
-                           else tuple(fn(t) for t in val))
-        return XLMemories(**out)
-
-    def detach(self) -> "XLMemories":
-        return self._map(Tensor.detach)
-
-    def to(self, *args, **kwargs) -> "XLMemories":
-        return self._map(lambda t: t.to(*args, **kwargs))
-
-    def select(self, rows) -> "XLMemories":
-        """The memories of some batch rows (an index, slice or index tensor)."""
-        return self._map(lambda t: t[rows])
-
-    @classmethod
-    def cat(cls, parts: list["XLMemories"]) -> "XLMemories":
-        """The rows of several memories as one batch (e.g. prompts of different lengths, each
-        prefilled alone, decoded together). Their caches must have the same length: rows then
-        sit at the same position in their blocks. Cached state keys/values are kept when every
-        part has them (else the next call projects the state again)."""
-        if not parts:
-            raise ValueError("XLMemories.cat needs at least one XLMemories")
-        lens = sorted({p.cache_len for p in parts})
-        if len(lens) > 1:
-            raise ValueError(f"cannot batch memories with caches of different lengths {lens}: "
-                             f"their rows are at different positions in their blocks")
-        if len({p.compressed_keys is None for p in parts}) > 1:
-            raise ValueError("cannot batch memories with and without compressed memory")
-        out = {}
-        for f in fields(cls):
-            vals = [getattr(p, f.name) for p in parts]
-            if any(v is None for v in vals):
-                out[f.name] = None
-            elif isinstance(vals[0], Tensor):
-                out[f.name] = torch.cat(vals)
-            else:
-                out[f.name] = tuple(torch.cat(ts) for ts in zip(*vals))
-        if out["state_keys"] is None or out["state_values"] is None or \
-                out["state_source"] is None:
-            out["state_keys"] = out["state_values"] = out["state_source"] = None
-        return cls(**out)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Flat name -> tensor mapping (for safetensors checkpoints)."""
-        out = {"lengths": self.lengths}
-        for f in fields(self):
-            val = getattr(self, f.name)
-            if f.name != "lengths" and val is not None:
-                out.update({f"{f.name}.{i}": t.contiguous() for i, t in enumerate(val)})
-        return out
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, Tensor]) -> "XLMemories":
-        kw = {"lengths": d["lengths"]}
-        for f in fields(cls):
-            if f.name != "lengths":
-                items = sorted((int(k.rsplit(".", 1)[1]), t) for k, t in d.items()
-                               if k.startswith(f.name + "."))
-                kw[f.name] = tuple(t for _, t in items) if items else None
-        return cls(**kw)
+class LayerOutput(NamedTuple):
+    """What `Layer.forward` returns: the residual stream, the layer's next cache and, in a
+    recurrent layer, its state and state keys/values (see `cell.CellOutput`; else None)."""
+    x: Tensor
+    cache: LayerCache
+    state: Tensor | None
+    state_kv: StateKV | None
 
 
 def _detached(t: Tensor) -> Tensor:
     """t cut from its graph; the same object when it has none, so that a decoding step's cache
-    keeps the buffer it can grow in place (see attention.append)."""
+    stays the view that its buffer may extend in place (see attention.GrowthBuffer)."""
     return t.detach() if t.requires_grad else t
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
 
 
 class Layer(nn.Module):
@@ -140,16 +77,16 @@ class Layer(nn.Module):
         self.mlp = mlp(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: tuple, plan: WindowPlan, state: Tensor | None = None,
-                state_kv: tuple[Tensor, Tensor] | None = None):
+    def forward(self, x: Tensor, cache: LayerCache, plan: WindowPlan, state: Tensor | None = None,
+                state_kv: StateKV | None = None) -> LayerOutput:
         if self.recurrent:
-            y, cache, state, state_kv = self.attn(self.attn_norm(x), cache, state, plan, state_kv)
+            y, cache, state, state_kv = self.attn(self.attn_norm(x), cache, plan, state, state_kv)
         else:
             y, cache = self.attn(self.attn_norm(x), cache, plan)
-        drop = self.drop if self.training else (lambda t: t)  # no call per decoding step
+        drop = self.drop if self.training else _identity  # no module call per decoding step
         x = x + drop(y)
         x = x + drop(self.mlp(self.mlp_norm(x)))
-        return x, cache, state, state_kv
+        return LayerOutput(x, cache, state, state_kv)
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -167,8 +104,8 @@ class BlockRecurrentTransformer(nn.Module):
         self.fast_decode = True
         self._compiled_decode = None  # see compile_decode
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
-        self.layers = nn.ModuleList(
-            Layer(config, recurrent=(i + 1) in config.recurrent_layers) for i in range(config.depth))
+        self.layers = nn.ModuleList(Layer(config, recurrent=(i + 1) in config.recurrent_layers)
+                                    for i in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
         if config.tie_embeddings:
@@ -233,7 +170,8 @@ class BlockRecurrentTransformer(nn.Module):
         return torch.stack([c.initial_state.expand(batch_size, -1, -1) for c in cells])
 
     # --- input checks --------------------------------------------------------------------
-    def _check_inputs(self, seq, mems, states, reset):
+    def _check_inputs(self, seq: Tensor, mems: XLMemories | None, states: Tensor | None,
+                      reset: Tensor | None) -> None:
         cfg = self.config
         if not isinstance(seq, Tensor):
             raise TypeError(f"seq must be a torch.Tensor of token ids, got {type(seq).__name__}")
@@ -252,33 +190,7 @@ class BlockRecurrentTransformer(nn.Module):
             if not isinstance(mems, XLMemories):
                 raise TypeError(f"xl_memories must be the XLMemories returned by the model, "
                                 f"got {type(mems).__name__}")
-            shape = (b, cfg.heads, cfg.dim_head)
-            if len(mems.keys) != cfg.depth or len(mems.values) != cfg.depth:
-                raise ValueError(f"xl_memories hold {len(mems.keys)} layers, the model has "
-                                 f"depth={cfg.depth}; were they made by another model?")
-            for t in mems.keys + mems.values:
-                if (t.shape[0], t.shape[2], t.shape[3]) != shape or t.shape[1] != mems.cache_len:
-                    raise ValueError(f"xl_memories cache of shape {tuple(t.shape)} does not fit a "
-                                     f"batch of {b} and heads x dim_head = {shape[1:]}")
-            if mems.cache_len >= 2 * cfg.block_width or mems.lengths.shape != (b,):
-                raise ValueError(f"xl_memories do not match block_width={cfg.block_width} and "
-                                 f"batch size {b}")
-            if (mems.compressed_keys is not None) != cfg.use_compressed_mem:
-                raise ValueError("xl_memories and the model disagree on use_compressed_mem")
-            if cfg.use_compressed_mem:
-                want = (b, cfg.block_width, cfg.heads, cfg.dim_head)
-                for t in mems.compressed_keys + mems.compressed_values:
-                    if tuple(t.shape) != want:
-                        raise ValueError(f"compressed memory of shape {tuple(t.shape)}, "
-                                         f"expected {want}")
-            if mems.state_keys is not None:
-                r, want = len(cfg.recurrent_layers), (b, cfg.num_state_vectors, cfg.heads,
-                                                      cfg.dim_head)
-                parts = (mems.state_keys, mems.state_values, mems.state_source)
-                if any(p is None or len(p) != r for p in parts) or any(
-                        tuple(t.shape) != want for t in mems.state_keys + mems.state_values):
-                    raise ValueError(f"xl_memories carry state keys/values that do not fit "
-                                     f"{r} recurrent layers of shape {want}")
+            mems.check_fits(cfg, b)
         if states is not None:
             if not isinstance(states, Tensor):
                 raise TypeError(f"states must be a tensor, got {type(states).__name__}")
@@ -299,7 +211,7 @@ class BlockRecurrentTransformer(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, seq: Tensor, xl_memories: XLMemories | None = None,
                 states: Tensor | None = None, reset: Tensor | None = None,
-                logits_to_keep: int | None = None):
+                logits_to_keep: int | None = None) -> ModelOutput:
         """seq (b, n) token ids of any length. reset (b,) bool marks rows starting a new document:
         they start from the learned initial state and an empty cache. logits_to_keep: compute the
         logits of the last positions only (prefill needs one; saves a (b, n, vocab) tensor).
@@ -307,14 +219,43 @@ class BlockRecurrentTransformer(nn.Module):
         if not decode.trusted():
             self._check_inputs(seq, xl_memories, states, reset)
         if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or
-                                           not isinstance(logits_to_keep, int) or logits_to_keep < 1):
-            raise ValueError(f"logits_to_keep must be a positive int or None, got {logits_to_keep!r}")
+                                           not isinstance(logits_to_keep, int)
+                                           or logits_to_keep < 1):
+            raise ValueError(f"logits_to_keep must be a positive int or None, "
+                             f"got {logits_to_keep!r}")
         if self.fast_decode and decode.eligible(self, seq, xl_memories, reset):
             return decode.step(self, seq, xl_memories,
                                self.initial_states(seq.shape[0]) if states is None else states)
-        b, n = seq.shape
-        cfg, dev = self.config, seq.device
         mems = xl_memories
+        lengths, states = self._start(seq, mems, states, reset)
+        plan = WindowPlan(self.config, mems.cache_len if mems is not None else 0, seq.shape[1],
+                          lengths)
+        x = self.token_emb(seq)
+        caches, new_states, new_kv, r = [], [], [], 0
+        for i, layer in enumerate(self.layers):
+            cache = LayerCache() if mems is None else mems.layer(i)
+            if layer.recurrent:
+                state, state_kv = states[r], self._cached_state_kv(mems, r, states[r])
+            else:
+                state, state_kv = None, None
+            x, cache, state, state_kv = layer(x, cache, plan, state, state_kv)
+            if layer.recurrent:
+                new_states.append(state)
+                new_kv.append(state_kv)
+                r += 1
+            caches.append(cache)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
+        logits = self.to_logits(self.norm(x))
+        states_out = (stack(new_states, 0) if new_states else states).detach()
+        return ModelOutput(logits, self._memories(caches, new_kv, lengths + seq.shape[1],
+                                                  states_out), states_out)
+
+    def _start(self, seq: Tensor, mems: XLMemories | None, states: Tensor | None,
+               reset: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The document lengths (b,) before the call and the states (r, b, s, e) it starts from:
+        reset rows at length 0 and the initial state."""
+        b, dev = seq.shape[0], seq.device
         lengths = mems.lengths.to(dev) if mems is not None else torch.zeros(b, dtype=torch.long,
                                                                               device=dev)
         if states is None:
@@ -324,42 +265,27 @@ class BlockRecurrentTransformer(nn.Module):
             reset = reset.to(dev)
             lengths = torch.where(reset, 0, lengths)
             states = torch.where(reset[None, :, None, None], init, states.to(init.dtype))
-        plan = WindowPlan(cfg, mems.cache_len if mems is not None else 0, n, lengths)
+        return lengths, states
 
-        x = self.token_emb(seq)
-        caches, new_states, new_kv, r = [], [], [], 0
-        for i, layer in enumerate(self.layers):
-            cache = (None, None, None) if mems is None else (
-                mems.keys[i], mems.values[i],
-                (mems.compressed_keys[i], mems.compressed_values[i])
-                if mems.compressed_keys is not None else None)
-            state, kv = (states[r], self._cached_state_kv(mems, r, states[r])) if layer.recurrent \
-                else (None, None)
-            x, cache, state, kv = layer(x, cache, plan, state, kv)
-            if layer.recurrent:
-                new_states.append(state)
-                new_kv.append(kv)
-                r += 1
-            caches.append(cache)
-        if logits_to_keep is not None:
-            x = x[:, -logits_to_keep:]
-        logits = self.to_logits(self.norm(x))
-
-        comp = cfg.use_compressed_mem
-        states_out = (stack(new_states, 0) if new_states else states).detach()
+    def _memories(self, caches: list[LayerCache], new_kv: list[StateKV | None], lengths: Tensor,
+                  states: Tensor) -> XLMemories:
+        """The next XLMemories from every layer's next cache, detached."""
+        comp = self.config.use_compressed_mem
         keep_kv = bool(new_kv) and new_kv[0] is not None  # all layers end in the same block
-        new_mems = XLMemories(
-            keys=tuple(_detached(c[0]) for c in caches), values=tuple(_detached(c[1]) for c in caches),
-            lengths=lengths + n,
-            compressed_keys=tuple(c[2][0].detach() for c in caches) if comp else None,
-            compressed_values=tuple(c[2][1].detach() for c in caches) if comp else None,
+        return XLMemories(
+            keys=tuple(_detached(c.keys) for c in caches),
+            values=tuple(_detached(c.values) for c in caches),
+            lengths=lengths,
+            compressed_keys=tuple(c.compressed[0].detach() for c in caches) if comp else None,
+            compressed_values=tuple(c.compressed[1].detach() for c in caches) if comp else None,
             state_keys=tuple(kv[0].detach() for kv in new_kv) if keep_kv else None,
             state_values=tuple(kv[1].detach() for kv in new_kv) if keep_kv else None,
-            state_source=tuple(states_out.unbind(0)) if keep_kv else None)
-        return logits, new_mems, states_out
+            state_source=tuple(states.unbind(0)) if keep_kv else None,
+            key_buffers=tuple(c.key_buffer for c in caches),
+            value_buffers=tuple(c.value_buffer for c in caches))
 
     @staticmethod
-    def _cached_state_kv(mems: XLMemories | None, r: int, state: Tensor):
+    def _cached_state_kv(mems: XLMemories | None, r: int, state: Tensor) -> StateKV | None:
         """The (K_s, V_s) the last call computed for recurrent layer r, if `state` is the state
         they came from (a cheap comparison of S x E values against an S x E x 2hd projection).
         Only without autograd: the cached keys are detached, and a training call must send
@@ -403,7 +329,8 @@ class BlockRecurrentTransformer(nn.Module):
             if not (directory / name).is_file():
                 raise ValueError(f"{directory} is not a saved model: {name} is missing")
         try:
-            config = BlockRecurrentConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+            text = (directory / CONFIG_FILE).read_text()
+            config = BlockRecurrentConfig.from_dict(json.loads(text))
         except json.JSONDecodeError as err:
             raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON: {err}") from None
         model = cls(config)

@@ -214,7 +214,8 @@ ModelFactory = Callable[[BlockRecurrentConfig], nn.Module]
 def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                num_keys: Iterable[int] = (1,), distances: Iterable[int] = range(1, 7),
                queries: int = 1, lead: int = 2, models: Iterable[str] = ("recurrent", "slide"),
-               steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seeds: Iterable[int] = (0,),
+               steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
+               seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
                mixed: bool = False, log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model

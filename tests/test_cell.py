@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from models import run_chunks, tiny
+from reference import reference_forward
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cell import FixedGate, LSTMGate
-
-from reference import reference_forward
 
 VOCAB = 257
 
@@ -17,7 +18,8 @@ VOCAB = 257
 def perturbed(**kw) -> BlockRecurrentTransformer:
     """A tiny model whose parameters are moved off their initial values, so that no term of the
     cell (gate weights, LayerNorm biases, scales) can be wrong unnoticed."""
-    model = BlockRecurrentTransformer(preset("tiny", **{"depth": 3, "recurrent_layers": (2,), **kw}))
+    cfg = preset("tiny", **{"depth": 3, "recurrent_layers": (2,), **kw})
+    model = BlockRecurrentTransformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -70,7 +72,8 @@ def test_initialisation():
     # The LSTM gate's kernel keeps its own small init (the generic loop must not overwrite it).
     proj = cell.gate.proj
     assert isinstance(cell.gate, LSTMGate)
-    assert proj.weight.std().item() == pytest.approx(math.sqrt(0.1 / proj.weight.shape[1]), rel=0.05)
+    want = math.sqrt(0.1 / proj.weight.shape[1])
+    assert proj.weight.std().item() == pytest.approx(want, rel=0.05)
     assert 0.05 < proj.bias.std().item() < 0.2
     assert cell.state_ids.std().item() == pytest.approx(1.0, rel=0.05)
     assert cell.initial_state.std().item() == pytest.approx(0.1, rel=0.05)
@@ -84,3 +87,51 @@ def test_fixed_gate_starts_with_a_spread_of_retention():
     g = torch.sigmoid(gates[0].bias)
     assert g.min() >= 0.5 - 1e-6 and g.max() <= 63 / 64 + 1e-6
     assert (g > 0.9).float().mean() > 0.5 and (g < 0.75).any()
+
+
+# --- the state across blocks ----------------------------------------------------------------------
+
+def test_information_passes_through_the_state_beyond_the_window():
+    """Changing block 0 changes logits many windows later only when there is recurrence."""
+    for recurrent, expect_change in (((2,), True), ((), False)):
+        model = tiny(recurrent_layers=recurrent)
+        W, depth = model.config.block_width, model.config.depth
+        seq = torch.randint(0, VOCAB, (1, 10 * W))
+        other = seq.clone()
+        other[:, :W] = torch.randint(0, VOCAB, (1, W))
+        far = (depth + 2) * W  # beyond the receptive field of depth windows
+        with torch.no_grad():
+            a = run_chunks(model, seq, [2 * W] * 5)[0]
+            b = run_chunks(model, other, [2 * W] * 5)[0]
+        changed = (a[:, far:] - b[:, far:]).abs().max().item()
+        assert (changed > 1e-4) == expect_change, (recurrent, changed)
+
+
+def test_gradients_reach_the_state_parameters():
+    for gate, variant in (("fixed", "skip"), ("lstm", "dual")):
+        model = tiny(gate=gate, variant=variant).train()
+        seq = torch.randint(0, VOCAB, (2, 4 * model.config.block_width))
+        logits, _, _ = model(seq)
+        F.cross_entropy(logits.flatten(0, 1), seq.flatten()).backward()
+        cell = model.recurrent_cells[0]
+        names = ["initial_state", "state_ids", "state_proj.weight", "state_out.weight", "scales"]
+        names += ["gate.bias"] if gate == "fixed" else ["gate.proj.weight", "mlp_gate.proj.weight",
+                                                        "state_mlp.0.weight"]
+        params = dict(cell.named_parameters())
+        for name in names:
+            g = params[name].grad
+            assert g is not None and g.abs().sum() > 0, (gate, name)
+
+
+def test_gradient_flows_through_the_state_across_blocks():
+    """Within one call, a loss on the last block reaches the tokens of the first block."""
+    model = tiny().train()
+    W = model.config.block_width
+    seq = torch.randint(0, VOCAB, (1, 8 * W))
+    emb = model.token_emb.weight
+    logits, _, _ = model(seq)
+    logits[:, -1].sum().backward()
+    first = seq[0, :W].unique()
+    late = seq[0, 4 * W:].unique()
+    only_first = first[~torch.isin(first, late)]
+    assert len(only_first) and emb.grad[only_first].abs().sum() > 0

@@ -89,7 +89,8 @@ def test_split_deterministic_disjoint_nonempty():
     a, b = D.split_documents(docs, 0.1, 0.1), D.split_documents(list(reversed(docs)), 0.1, 0.1)
     names = {k: {d.name for d in v} for k, v in a.items()}
     assert names == {k: {d.name for d in v} for k, v in b.items()}
-    assert sum(map(len, names.values())) == 200 and set.union(*names.values()) == {d.name for d in docs}
+    assert sum(map(len, names.values())) == 200
+    assert set.union(*names.values()) == {d.name for d in docs}
     assert not names["train"] & names["val"] and not names["train"] & names["test"]
     assert not names["val"] & names["test"]
     assert 5 <= len(names["val"]) <= 40 and 5 <= len(names["test"]) <= 40
@@ -184,14 +185,17 @@ def test_missing_tokenizers_package_is_explained(monkeypatch):
 def test_hf_directory(tmp_path, bpe_docs):
     tok = D.train_bpe([d.text for d in bpe_docs], 280)
     tok.save(tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer_config.json").unlink()  # now a bare Hugging Face tokenizer directory
+    # now a bare Hugging Face tokenizer directory
+    (tmp_path / "hf" / "tokenizer_config.json").unlink()
     hf = D.make_tokenizer(str(tmp_path / "hf"))
-    assert type(hf) is D.HFTokenizer and hf.bos_id == tok.bos_id and hf.encode("def x") == tok.encode("def x")
+    assert type(hf) is D.HFTokenizer and hf.bos_id == tok.bos_id
+    assert hf.encode("def x") == tok.encode("def x")
     hf.save(tmp_path / "hf2")
     assert type(D.load_tokenizer(tmp_path / "hf2")) is D.HFTokenizer
     tk = pytest.importorskip("tokenizers")
     bare = tk.Tokenizer(tk.models.BPE())
-    bare.train_from_iterator(["abc abc"], tk.trainers.BpeTrainer(vocab_size=10, show_progress=False))
+    bare.train_from_iterator(["abc abc"],
+                             tk.trainers.BpeTrainer(vocab_size=10, show_progress=False))
     (tmp_path / "nobos").mkdir()
     bare.save(str(tmp_path / "nobos" / "tokenizer.json"))
     with pytest.raises(ValueError, match="document-start"):
@@ -212,7 +216,8 @@ def test_tokenized_corpus_cache(tmp_path, monkeypatch):
         assert corpus.num_bytes(i) == len(d.text.encode("utf-8"))
     assert corpus.total_tokens == sum(len(d.text.encode()) + 1 for d in docs)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["num_docs"] == 10 and manifest["tokenizer_kind"] == "byte" and manifest["dtype"] == "uint16"
+    assert manifest["num_docs"] == 10 and manifest["tokenizer_kind"] == "byte"
+    assert manifest["dtype"] == "uint16"
     # Reused without tokenizing again.
     monkeypatch.setattr(tok, "encode", lambda t: pytest.fail("re-tokenised"))
     monkeypatch.setattr(tok, "encode_batch", lambda t: pytest.fail("re-tokenised"))
@@ -264,7 +269,8 @@ def test_lanes_segments_targets_padding_resets():
     previous = {}  # lane -> (document, where its next segment must start)
     for _ in range(60):
         b = lanes.next_batch()
-        assert b["inputs"].dtype == b["targets"].dtype == torch.int64 and b["loss_mask"].dtype == torch.bool
+        assert b["inputs"].dtype == b["targets"].dtype == torch.int64
+        assert b["loss_mask"].dtype == torch.bool
         for k in range(4):
             m, i = b["loss_mask"][k], int(b["doc_index"][k])
             n = int(m.sum())
@@ -290,7 +296,8 @@ def test_lanes_segments_targets_padding_resets():
 
 
 def test_lanes_cover_every_token_once_without_loop():
-    lengths = [1 + int(n) for n in np.random.default_rng(1).integers(1, 30, 23)] + [1]  # last: bos only
+    # last: bos only
+    lengths = [1 + int(n) for n in np.random.default_rng(1).integers(1, 30, 23)] + [1]
     corpus = corpus_of(lengths)
     lanes = D.DocumentLanes(corpus, 5, 7, shuffle=True, loop=False)
     got = {i: [] for i in range(len(lengths))}
@@ -302,9 +309,10 @@ def test_lanes_cover_every_token_once_without_loop():
             if not m.any():
                 assert bool(b["reset"][k]) and int(b["doc_index"][k]) == -1
                 continue
-            got[int(b["doc_index"][k])] += list(zip(b["positions"][k][m].tolist(), b["targets"][k][m].tolist()))
+            got[int(b["doc_index"][k])] += list(zip(b["positions"][k][m].tolist(),
+                                                    b["targets"][k][m].tolist(), strict=True))
     assert lanes.exhausted and batches < 100
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)):
         assert got[i] == list(enumerate(corpus.doc(i)[1:].tolist()))
     padded = lanes.next_batch()  # after exhaustion: fully padded rows, harmless to run
     assert not padded["loss_mask"].any() and padded["reset"].all()

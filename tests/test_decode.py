@@ -46,7 +46,7 @@ def test_fast_step_equals_general_path(overrides):
     torch.testing.assert_close(fast, slow, **TOL)
     torch.testing.assert_close(states_f, states_s, **TOL)
     assert mems_f.cache_len == mems_s.cache_len
-    for a, b in zip(mems_f.keys + mems_f.values, mems_s.keys + mems_s.values):
+    for a, b in zip(mems_f.keys + mems_f.values, mems_s.keys + mems_s.values, strict=True):
         torch.testing.assert_close(a, b, **TOL)
     assert torch.equal(mems_f.lengths, mems_s.lengths)
 

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.generation import (GenerationResult, filter_logits, generate, generate_text,
-                                       prefill, sample_next, stream)
+from blockrecurrent.generation import (
+    GenerationResult,
+    filter_logits,
+    generate,
+    generate_text,
+    prefill,
+    sample_next,
+    stream,
+)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from corpora import write_word_corpus  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
@@ -24,8 +25,6 @@ from blockrecurrent import hf as H  # noqa: E402
 from blockrecurrent import train as T  # noqa: E402
 from blockrecurrent.config import BlockRecurrentConfig  # noqa: E402
 from blockrecurrent.evaluate import evaluate  # noqa: E402
-from corpora import write_word_corpus  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +36,8 @@ def _quiet(monkeypatch):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny random model (W=16, segment 64) saved by our save_pretrained, with the byte tokenizer."""
+    """A tiny random model (W=16, segment 64) saved by our save_pretrained, with the byte
+    tokenizer."""
     d = tmp_path_factory.mktemp("saved")
     torch.manual_seed(0)
     model = BlockRecurrentTransformer(preset("tiny")).eval()
@@ -106,7 +106,7 @@ def test_auto_classes_load_save_pretrained_dir(saved):
 def test_hf_save_pretrained_writes_our_format(tmp_path, tie):
     model = BlockRecurrentTransformer(preset("tiny", tie_embeddings=tie, use_compressed_mem=True))
     hf = H.BlockRecurrentForCausalLM.from_brt(model.eval())
-    assert all(p is q for p, q in zip(hf.parameters(), model.parameters()))
+    assert all(p is q for p, q in zip(hf.parameters(), model.parameters(), strict=True))
     assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
     hf.save_pretrained(tmp_path)
     again = BlockRecurrentTransformer.from_pretrained(tmp_path).eval()
@@ -268,7 +268,8 @@ def test_forward_options(saved):
     manual = F.cross_entropy(logits[:, :-1][keep], labels[:, 1:][keep])
     torch.testing.assert_close(out.loss, manual)
     out.loss.backward()  # gradients reach the parameters, which are our model's
-    assert hf.token_emb.weight.grad.abs().sum() > 0 and hf.brt.token_emb.weight is hf.token_emb.weight
+    assert hf.token_emb.weight.grad.abs().sum() > 0
+    assert hf.brt.token_emb.weight is hf.token_emb.weight
     with torch.no_grad():
         assert torch.equal(hf(x, logits_to_keep=3).logits, hf(x).logits[:, -3:])
         idx = torch.tensor([0, 7])
@@ -289,7 +290,8 @@ def test_padding(saved):
     tok = AutoTokenizer.from_pretrained(d)
     for side in ("left", "right"):
         tok.padding_side = side
-        batch = tok(["a short prompt", "a longer prompt, padded"], return_tensors="pt", padding=True)
+        batch = tok(["a short prompt", "a longer prompt, padded"], return_tensors="pt",
+                    padding=True)
         with pytest.raises(ValueError, match="one prompt at a time"):
             hf.generate(**batch, max_new_tokens=3)
     # Right padding can be scored without a cache: real positions are unaffected.
@@ -361,7 +363,8 @@ def test_lm_eval_rolling_loglikelihood_equals_brt_eval(trained, corpus, tmp_path
     pytest.importorskip("accelerate")
     d = trained["byte"]
     (script,) = readme_blocks("bash")
-    script = script.replace("runs/brt/model", str(d)).rstrip() + f" --output_path {tmp_path / 'out'}"
+    script = (script.replace("runs/brt/model", str(d)).rstrip()
+              + f" --output_path {tmp_path / 'out'}")
     bin_dir = os.path.dirname(sys.executable)  # the environment's python and lm_eval
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -77,11 +77,12 @@ def test_mixed_trains_one_model_per_k_over_all_distances(tmp_path):
     """mixed=True: one model per K, trained on every distance in turn and scored at each; the
     saved model is the one evaluated at every distance."""
     base = preset("probe", block_width=8, num_state_vectors=8)
-    rows = run_probes(base, num_keys=(1, 2), distances=(1, 3), lead=1, steps=4, models=("recurrent",),
-                      mixed=True, save_dir=tmp_path, log=None)
+    rows = run_probes(base, num_keys=(1, 2), distances=(1, 3), lead=1, steps=4,
+                      models=("recurrent",), mixed=True, save_dir=tmp_path, log=None)
     assert [(r["num_keys"], r["distance"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     assert all(r["mixed"] for r in rows)
-    assert rows[0]["final_loss"] == rows[1]["final_loss"] != rows[2]["final_loss"]  # one model per K
+    # one model per K
+    assert rows[0]["final_loss"] == rows[1]["final_loss"] != rows[2]["final_loss"]
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["recurrent-keys-K1-mixed-s0", "recurrent-keys-K2-mixed-s0"]
     with pytest.raises(TypeError, match="mixed"):

@@ -1,0 +1,23 @@
+"""Small models and helpers shared by the model-core tests."""
+
+import torch
+
+from blockrecurrent import BlockRecurrentTransformer, preset
+
+VOCAB = 257
+
+
+def tiny(**kw) -> BlockRecurrentTransformer:
+    cfg = dict(depth=3, recurrent_layers=(2,))
+    cfg.update(kw)
+    return BlockRecurrentTransformer(preset("tiny", **cfg)).eval()
+
+
+def run_chunks(model, seq, chunks, **kw):
+    pos, mems, states, outs = 0, None, None, []
+    for c in chunks:
+        logits, mems, states = model(seq[:, pos:pos + c], xl_memories=mems, states=states, **kw)
+        outs.append(logits)
+        pos += c
+    assert pos == seq.shape[1]
+    return torch.cat(outs, dim=1), mems, states

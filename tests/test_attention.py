@@ -1,0 +1,144 @@
+"""attention.py and plan.py: window attention against a dense reference, fused and plain paths,
+causality, WindowPlan's frame arithmetic, and the in-place growth of decoding caches."""
+
+import pytest
+import torch
+from models import VOCAB, tiny
+
+from blockrecurrent.attention import LayerCache, Rotary, WindowPlan, append, step_attention
+
+
+@pytest.mark.parametrize("window", ["sliding", "block"])
+def test_window_attention_matches_a_dense_reference(window):
+    """One ordinary layer equals dense attention with absolute rotary and the mask i-W < j <= i
+    (sliding) or (i // W - 1) * W <= j <= i (block: the previous block and its own so far)."""
+    model = tiny(depth=1, recurrent_layers=(), use_flash_attn=False, window=window)
+    cfg, layer = model.config, model.layers[0]
+    W, h, d = cfg.block_width, cfg.heads, cfg.dim_head
+    seq = torch.randint(0, VOCAB, (2, 75))
+    n = seq.shape[1]
+    with torch.no_grad():
+        logits, _, _ = model(seq)
+        x = model.token_emb(seq)
+        q, k, v = layer.attn.qkv(layer.attn_norm(x)).view(2, n, 3, h, d).unbind(2)
+        rot = Rotary(d, n, cfg.rotary_base)  # absolute positions 0..n-1
+        q, k = rot(q, 0), rot(k, 0)
+        i = torch.arange(n)
+        first = i - W + 1 if window == "sliding" else (i // W - 1) * W
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] >= first[:, None])
+        att = ((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * d ** -0.5)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(2, n, h * d)
+        x = x + layer.attn.out(y)
+        x = x + layer.mlp(layer.mlp_norm(x))
+        ref = model.to_logits(model.norm(x))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_compressed_mem=True), dict(gate="lstm")])
+def test_flash_and_plain_paths_agree(kw):
+    fused = tiny(use_flash_attn=True, **kw)
+    plain = tiny(use_flash_attn=False, **kw)
+    plain.load_state_dict(fused.state_dict())
+    seq = torch.randint(0, VOCAB, (2, 70))
+    with torch.no_grad():
+        a, _, sa = fused(seq)
+        b, _, sb = plain(seq)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-4)
+
+
+def test_causal():
+    model = tiny(use_compressed_mem=True)
+    seq = torch.randint(0, VOCAB, (1, 120))
+    t = 61
+    other = seq.clone()
+    other[:, t:] = torch.randint(0, VOCAB, (1, 120 - t))
+    with torch.no_grad():
+        a, _, _ = model(seq)
+        b, _, _ = model(other)
+    torch.testing.assert_close(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+# --- WindowPlan: frame positions ---------------------------------------------------------------
+
+@pytest.mark.parametrize("cache_len,n", [(0, 1), (0, 16), (0, 37), (5, 11), (15, 1), (16, 40),
+                                         (20, 3), (31, 1), (31, 2)])
+def test_window_plan_frame_arithmetic(cache_len, n):
+    """The plan's positions agree with the frame layout: block 0 empty, then the cache from a
+    block boundary, then the new tokens; parts cover the new tokens in order."""
+    cfg = tiny().config
+    W = cfg.block_width
+    plan = WindowPlan(cfg, cache_len, n, torch.full((2,), cache_len))
+    assert (plan.start, plan.end) == (W + cache_len, W + cache_len + n)
+    assert plan.block_start(3) == 3 * W and plan.window_start(3) == 2 * W
+    assert plan.rotary_position(W) == 0  # the cache starts at rotary position 0
+    assert plan.index(plan.origin) == 0
+    if plan.single:  # a decoding step: no parts, the cache's last W keys (sliding window)
+        assert n == 1 and plan.parts == [] and plan.step_keys == max(0, cache_len + 1 - W)
+        return
+    blocks = plan.query_blocks
+    assert blocks == list(range(plan.start // W, (plan.end - 1) // W + 1))
+    assert sum(part.num_queries for part in plan.parts) == n
+    assert [plan.completes(blk) for blk in blocks] == [plan.block_start(blk + 1) <= plan.end
+                                                       for blk in blocks]
+    assert plan.first_window == plan.window_start(blocks[0]) == plan.origin
+    # The next cache: the last complete block and the partial one after it (< 2W tokens).
+    frame = torch.arange(plan.origin, plan.end).view(1, -1, 1, 1).float()
+    nxt = plan.next_cache(frame)
+    assert nxt.shape[1] < 2 * W and nxt[0, 0].item() == plan.block_start(plan.first_cached_block)
+    assert nxt[0, -1].item() == plan.end - 1
+    pair = plan.blocks_of(frame, blocks[0], blocks[0] + 1)
+    lo = max(plan.origin, plan.block_start(blocks[0]))
+    hi = min(plan.end, plan.block_start(blocks[0] + 1))  # the frame ends with the new tokens
+    assert pair[0, 0].item() == lo and pair.shape[1] == hi - lo
+
+
+def test_window_rotary_starts_sit_at_each_window_start():
+    cfg = tiny(use_compressed_mem=True).config
+    W = cfg.block_width
+    plan = WindowPlan(cfg, 0, 4 * W, torch.zeros(1, dtype=torch.long))
+    (part,) = plan.parts  # four full blocks, frame blocks 1 .. 4
+    starts = plan.window_rotary_starts(part, torch.device("cpu"))
+    # block 1's window starts in the empty block 0 (clamped to 0), block k's at (k - 2) W
+    assert starts.tolist() == [0, 0, W, 2 * W]
+
+
+# --- decoding caches grow in place --------------------------------------------------------------
+
+def test_append_grows_only_the_last_view_in_place():
+    b, h, d = 2, 3, 4
+    new = lambda: torch.randn(b, 1, h, d)
+    with torch.no_grad():
+        c1, buf = append(None, None, new(), capacity=8)
+        c2, buf2 = append(c1, buf, new(), capacity=8)
+        assert buf2 is buf and c2.data_ptr() == c1.data_ptr()  # written in place
+        before = c2.clone()
+        c3, buf3 = append(c2, buf, new(), capacity=8)
+        assert buf3 is buf and buf.last is c3 and torch.equal(c3[:, :2], before)
+        # A second step from an older view (a branch) copies into a fresh buffer.
+        branch, other = append(c2, buf, new(), capacity=8)
+        assert other is not buf and torch.equal(c3[:, :2], before) and torch.equal(c2, before)
+        assert not torch.equal(branch[:, 2], c3[:, 2])
+        # A cache of another dtype, or one that is not the buffer's last view, is copied too.
+        _, third = append(c3.double(), buf, new().double(), capacity=8)
+        assert third is not buf
+    # With autograd: plain concatenation, no buffer.
+    grown, none = append(c3, buf, new(), capacity=8)
+    assert none is None and grown.shape[1] == 4
+
+
+def test_step_attention_returns_a_layer_cache():
+    cfg = tiny().config
+    W, h, d = cfg.block_width, cfg.heads, cfg.dim_head
+    plan = WindowPlan(cfg, 5, 1, torch.full((1,), 5))
+    assert plan.single
+    cache = LayerCache(torch.randn(1, 5, h, d), torch.randn(1, 5, h, d))
+    q, k, v = (torch.randn(1, 1, h, d) for _ in range(3))
+    with torch.no_grad():
+        out, nxt = step_attention(q, k, v, cache, plan, scale=d ** -0.5, flash=False)
+    assert out.shape == (1, 1, h, d) and isinstance(nxt, LayerCache)
+    assert nxt.keys.shape[1] == 6 and nxt.compressed is None
+    assert nxt.key_buffer.last is nxt.keys and nxt.key_buffer.capacity == 2 * W
+    assert torch.equal(nxt.keys[:, :5], cache.keys) and torch.equal(nxt.values[:, 5:], v)

@@ -1,0 +1,53 @@
+"""config.py: validation messages and the JSON round trip."""
+
+import json
+
+import pytest
+
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        BlockRecurrentConfig(max_seq_len=100, block_width=64)
+    with pytest.raises(ValueError, match="recurrent_layers"):
+        BlockRecurrentConfig(depth=4, recurrent_layers=(5,))
+    with pytest.raises(ValueError, match="recurrent_layers"):
+        BlockRecurrentConfig(depth=4, recurrent_layers=(0,))
+    with pytest.raises(ValueError, match="gate"):
+        BlockRecurrentConfig(gate="gru")
+    with pytest.raises(ValueError, match="variant"):
+        BlockRecurrentConfig(variant="single")
+    with pytest.raises(ValueError, match="mlp"):
+        BlockRecurrentConfig(mlp="swiglu")
+    with pytest.raises(TypeError, match="dim"):
+        BlockRecurrentConfig(dim=64.0)
+    with pytest.raises(ValueError, match="compressed_mem_factor"):
+        BlockRecurrentConfig(block_width=30, max_seq_len=60, use_compressed_mem=True,
+                             compressed_mem_factor=4)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        BlockRecurrentConfig.from_dict({"dim": 64, "bogus": 1})
+    with pytest.raises(TypeError):
+        BlockRecurrentTransformer(BlockRecurrentConfig(), dim=3)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = preset("small", gate="lstm", recurrent_layers=(2, 3))
+    cfg.to_json(tmp_path / "c.json")
+    assert BlockRecurrentConfig.from_json(tmp_path / "c.json") == cfg
+    assert json.loads((tmp_path / "c.json").read_text())["recurrent_layers"] == [2, 3]
+    assert BlockRecurrentConfig(depth=12).recurrent_layers == (10,)  # the paper's placement
+    # A config saved before the `mlp` field existed describes a GELU MLP.
+    old = json.loads((tmp_path / "c.json").read_text())
+    del old["mlp"]
+    assert BlockRecurrentConfig.from_dict(old).mlp == "gelu"
+
+
+def test_config_reads_files_with_and_without_transformers_keys():
+    cfg = preset("tiny")
+    d = cfg.to_dict()
+    hf = {"model_type": "block_recurrent", "architectures": ["BlockRecurrentForCausalLM"],
+          "auto_map": {}, "transformers_version": "5.24.0", **d}
+    assert BlockRecurrentConfig.from_dict(d) == BlockRecurrentConfig.from_dict(hf) == cfg
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        BlockRecurrentConfig.from_dict({**d, "model_type": "llama"})
