@@ -53,9 +53,9 @@ class BlockRecurrentConfig:
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
     mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim
-    # "gelu": Linear-GELU-Linear; "geglu": a GELU-gated linear unit at the same parameters
-    # (each half 2/3 of the width).
-    mlp: str = "gelu"
+    # "geglu": a GELU-gated linear unit, each half 2/3 of the width (the same parameters and
+    # FLOPs as "gelu", Linear-GELU-Linear); 3-7% lower loss at 1,200 steps (README, design).
+    mlp: str = "geglu"
     dropout: float = 0.0  # residual dropout on the token side (never on the state side)
     tie_embeddings: bool = False  # share the input embedding with the output projection
     rotary_base: float = 10000.0  # rotary position base (token self-attention only)

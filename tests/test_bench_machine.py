@@ -17,11 +17,11 @@ def tiny(**kw):
 
 
 def test_flops_hand_count_plain_layer():
-    # E=4, one head of width 2, W=2, MLP 8, vocabulary 10; per token:
+    # E=4, one head of width 2, W=2, GELU MLP 8, vocabulary 10; per token:
     # qkv 2*4*6=48, attention 4*(2W=4)*2=32, out 2*2*4=16, MLP 4*4*8=128, logits 2*4*10=80.
     cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
                                  block_width=2, max_seq_len=2, num_state_vectors=1,
-                                 recurrent_layers=(), mlp_mult=2.0)
+                                 recurrent_layers=(), mlp_mult=2.0, mlp="gelu")
     assert B.flops_per_token(cfg) == 48 + 32 + 16 + 128 + 80
     assert B.flops_per_token(cfg, training=True) == 3 * 304
 
@@ -32,14 +32,14 @@ def test_flops_hand_count_recurrent_layer():
     # State side per block: projections 64, S x S 8, S x 2W 32, output 32 = 136, over W=2 tokens.
     cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
                                  block_width=2, max_seq_len=2, num_state_vectors=1,
-                                 recurrent_layers=(1,), mlp_mult=2.0)
+                                 recurrent_layers=(1,), mlp_mult=2.0, mlp="gelu")
     assert B.flops_per_token(cfg) == 64 + 32 + 8 + 32 + 128 + 136 / 2 + 80
     # A partial block does not advance the state: 3 tokens = 3 token-side counts + 1 state step.
     assert B.count_flops(cfg, 3) == 3 * (64 + 32 + 8 + 32 + 128 + 80) + 136
 
 
 @pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
-                                dict(mlp="geglu", variant="dual")])
+                                dict(mlp="gelu", variant="dual")])
 def test_flops_linear_in_length(kw):
     cfg = tiny(**kw)
     per_token = [B.count_flops(cfg, n) / n for n in (16, 64, 1024, 65536)]
@@ -48,7 +48,7 @@ def test_flops_linear_in_length(kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
-                                dict(mlp="geglu", variant="dual")])
+                                dict(mlp="gelu", variant="dual")])
 def test_flops_match_torch_flop_counter(kw):
     # The plain attention path runs every matmul the analytic count assumes, no more: torch's
     # own counter must agree exactly on a steady-state segment (memories carried in).
