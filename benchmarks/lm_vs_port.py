@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--recurrent-layer", type=int, default=3)
     ap.add_argument("--window", nargs="+", default=["sliding"], choices=["sliding", "block"],
                     help="our model's window(s); the port's is always block-causal")
+    ap.add_argument("--mlp", nargs="+", default=["geglu"], choices=["geglu", "gelu"],
+                    help="our model's MLP(s); the port's is always GEGLU")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--eval-segments", type=int, default=200,
@@ -144,20 +146,21 @@ def main(argv=None) -> dict:
     splits = split_documents(load_documents("stdlib"))
     train_c, test_c = (tokenize_corpus(splits[s], tok) for s in ("train", "test"))
     rows = []
-    runs = [(impl, window) for impl in args.impl
-            for window in (args.window if impl == "ours" else ["block"])]
+    runs = [(impl, window, mlp) for impl in args.impl
+            for window in (args.window if impl == "ours" else ["block"])
+            for mlp in (args.mlp if impl == "ours" else ["geglu"])]
     for kind in args.models:
-        for impl, window in runs:
+        for impl, window, mlp in runs:
             if kind == "frozen" and impl != "ours":
                 continue
             config = BlockRecurrentConfig(
                 num_tokens=tok.vocab_size, dim=args.dim, depth=args.depth, heads=args.heads,
                 dim_head=args.dim_head, max_seq_len=args.segment, block_width=args.block_width,
-                num_state_vectors=args.block_width, window=window,
+                num_state_vectors=args.block_width, window=window, mlp=mlp,
                 recurrent_layers=() if kind == "slide" else (args.recurrent_layer,))
             torch.manual_seed(args.seed)
             model = build(impl, config, port_cls, frozen=kind == "frozen")
-            row = dict(impl=impl, model=kind, window=window, steps=args.steps,
+            row = dict(impl=impl, model=kind, window=window, mlp=mlp, steps=args.steps,
                        params=sum(p.numel() for p in model.parameters()))
             row.update(train(model, impl, train_c, args))
             row.update(evaluate(model, impl, test_c, args))
@@ -166,10 +169,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_vs_port.json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
-    print("\n| impl | model | window | params | test bits/byte | train tokens/s |\n"
-          "|---|---|---|---|---|---|")
+    print("\n| impl | model | window | MLP | params | test bits/byte | train tokens/s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['model']} | {r['window']} | {r['params']:,} "
+        print(f"| {r['impl']} | {r['model']} | {r['window']} | {r['mlp']} | {r['params']:,} "
               f"| {r['test_bits_per_byte']:.3f} "
               f"| {r['train_tokens_per_s']:,.0f} |")
     return dict(rows=rows)
