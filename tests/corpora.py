@@ -9,5 +9,6 @@ def write_word_corpus(root, max_words: int, docs: int = 16, seed: int = 0):
     """`docs` text files doc00.txt ... of 20 to max_words - 1 random WORDS each (seeded)."""
     rng = np.random.default_rng(seed)
     for i in range(docs):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(20, max_words)))))
+        words = rng.choice(WORDS, int(rng.integers(20, max_words)))
+        (root / f"doc{i:02d}.txt").write_text(" ".join(words))
     return root
