@@ -5,7 +5,7 @@
     python -m blockrecurrent.bench --lengths 1024 65536 --dtypes fp32 bf16 --json out.json
 
 Three models are built from one config (paper section 4 names the baselines):
-- "rec":   the Block-Recurrent Transformer itself;
+- "recurrent": the Block-Recurrent Transformer itself;
 - "slide": the same sliding window and previous-block cache, no recurrent layer;
 - "xl":    Slide with training segments of one block (max_seq_len = block_width), i.e.
            Transformer-XL with segment = window.
@@ -138,7 +138,7 @@ def baseline_configs(config: BlockRecurrentConfig, baselines: bool = True
     """The recurrent model and, if asked, the Slide and XL baselines built from its config (the
     trainer's `apply_baseline`)."""
     # A config without recurrent layers is itself the Slide model: name it so.
-    out = {"rec": config} if config.recurrent_layers else {"slide": config}
+    out = {"recurrent": config} if config.recurrent_layers else {"slide": config}
     if baselines:
         out["slide"] = apply_baseline(config, "slide")
         out["xl"] = apply_baseline(config, "xl")
@@ -290,7 +290,7 @@ def _timed_passes(runners: dict, tokens, mode: str, dtype: str, lengths, repeats
                 pass_times[name] = sum(seg_times) / k
                 pass_cpu[name] = cpu[name, n][-1]
             # Same pass, same machine load: ratio of time per token (same n for both).
-            for name in ("rec", "xl"):
+            for name in ("recurrent", "xl"):
                 if name in pass_times and "slide" in pass_times:
                     pair_ratios.append(dict(
                         model=name, mode=mode, dtype=dtype, length=n,

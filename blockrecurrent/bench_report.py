@@ -13,7 +13,7 @@ from .bench_machine import fmt
 
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")
-MODELS = ("rec", "slide", "xl")
+MODELS = ("recurrent", "slide", "xl")
 
 # The figures of the best-known PyTorch port (block-recurrent-transformer-pytorch 0.4.4) on
 # issue 5's reference configuration (bench.REFERENCE_CONFIG), batch 4, stream of 2048 tokens.
@@ -36,7 +36,7 @@ def _vs_slide_mark(s: dict, x) -> str:
     if x is None:
         return "-"
     ok = " ok" if x <= TARGET_REC_OVER_SLIDE else " MISS"
-    return f"{x:.3f}" + (ok if s["model"] == "rec" else "")
+    return f"{x:.3f}" + (ok if s["model"] == "recurrent" else "")
 
 
 def format_markdown(res: dict) -> str:
@@ -67,7 +67,7 @@ def format_markdown(res: dict) -> str:
                      f"{r['model_tflops_per_s'] * 1e3:.2f} | {100 * r['mfu']:.1f}% | "
                      f"{r['cpu_share']:.0%} | {r['tokens_per_cpu_s']:,.0f} |")
     lines += ["", f"Ratios (largest / smallest length; linear cost: tokens/s ratio within "
-              f"{TARGET_LINEAR:.0%} of 1; step time vs Slide, target rec <= "
+              f"{TARGET_LINEAR:.0%} of 1; step time vs Slide, target recurrent <= "
               f"{TARGET_REC_OVER_SLIDE}). Each as wall time, and as process CPU time, which "
               f"drops the waits for a busy core:", "",
               "| mode | dtype | model | lengths | tokens/s ratio | same, CPU time | "
@@ -95,9 +95,9 @@ def format_reference(res: dict) -> str:
     lines = ["", "### Reference config (issue 5): recurrent model, batch 4, stream 2048",
              "", "| mode | dtype | ours tokens/s | port tokens/s | ours / port | target | met | "
              "bound at 100% MFU |", "|---|---|---:|---:|---:|---:|---|---:|"]
-    fpt = res["models"]["rec"]["flops_per_token"]
+    fpt = res["models"]["recurrent"]["flops_per_token"]
     for r in res["results"]:
-        if r["model"] != "rec":
+        if r["model"] != "recurrent":
             continue
         port = PORT_TOKENS_PER_S[r["mode"], r["dtype"]]
         target = TARGET_TOKENS_PER_S[r["mode"]]

@@ -19,10 +19,10 @@ def tiny(**kw):
 def test_baseline_configs():
     cfg = tiny()
     models = B.baseline_configs(cfg)
-    assert list(models) == ["rec", "slide", "xl"]
+    assert list(models) == ["recurrent", "slide", "xl"]
     assert models["slide"].recurrent_layers == () and models["slide"].max_seq_len == 32
     assert models["xl"].recurrent_layers == () and models["xl"].max_seq_len == 16
-    assert list(B.baseline_configs(cfg, baselines=False)) == ["rec"]
+    assert list(B.baseline_configs(cfg, baselines=False)) == ["recurrent"]
     assert list(B.baseline_configs(tiny(recurrent_layers=()), baselines=False)) == ["slide"]
 
 
@@ -32,12 +32,12 @@ def test_run_benchmark_structure(tmp_path):
                           repeats=1, out_json=out_json, out_md=out_md, verbose=False)
     assert json.loads(out_json.read_text())["summary"] == res["summary"]
     md = out_md.read_text()
-    assert "| train | fp32 | rec | 2 x 32 |" in md and "step time / Slide" in md
+    assert "| train | fp32 | recurrent | 2 x 32 |" in md and "step time / Slide" in md
 
     assert set(res["peak_flops"]) == {"fp32", "bf16"}
     assert all(v > 0 for v in res["peak_flops"].values())
-    assert set(res["models"]) == {"rec", "slide", "xl"}
-    assert res["models"]["rec"]["flops_per_token"]["train"] > \
+    assert set(res["models"]) == {"recurrent", "slide", "xl"}
+    assert res["models"]["recurrent"]["flops_per_token"]["train"] > \
         res["models"]["slide"]["flops_per_token"]["train"] > 0
     rows = res["results"]
     assert len(rows) == 3 * 2 * 2 * 2  # models x modes x dtypes x lengths
