@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import BlockRecurrentConfig
+from .config import BlockRecurrentConfig, as_saved_now
 from .distributed import DistEnv, full_model
 from .files import make_temp_dir, write_atomic, write_json
 from .model import BlockRecurrentTransformer, XLMemories
@@ -133,7 +133,7 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def check_model_config(saved, now: BlockRecurrentConfig) -> None:
-    now = now.to_dict()
+    now, saved = now.to_dict(), as_saved_now(saved)  # a checkpoint from before a field: its value
     if saved != now:
         saved = saved if isinstance(saved, dict) else {}
         diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))

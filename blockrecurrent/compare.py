@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from .config import as_saved_now
 from .errors import TrainingInterrupted
 from .eval_report import _fmt, _plot_buckets, _table, ablation_table, human_count
 from .evaluate import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
@@ -74,8 +75,9 @@ def check_reusable(model_config, train_config) -> bool:
     if not prior.is_file():
         return False
     saved = json.loads(prior.read_text())
-    if {k: saved.get(k) for k in ("model_config", "train_config")} != \
-            _run_settings(model_config, train_config):
+    saved = {k: saved.get(k) for k in ("model_config", "train_config")}
+    saved["model_config"] = as_saved_now(saved["model_config"])  # a run from before a field
+    if saved != _run_settings(model_config, train_config):
         raise ValueError(f"{train_config.out_dir} holds a finished run with other settings; "
                          f"choose another output directory or delete {train_config.out_dir}")
     return True

@@ -134,6 +134,20 @@ class BlockRecurrentConfig:
             return cls.from_dict(json.load(f))
 
 
+def as_saved_now(saved):
+    """A model config dict read back from a file (a checkpoint's trainer.json, a summary.json) as
+    to_dict() would write it today: a field added since takes the value from_dict gives configs
+    without it (mlp: "gelu", not the current default), so a file written before the field
+    existed still compares equal to the settings it was trained with. Returned unchanged when it
+    is not a valid config (the caller's comparison then reports the difference)."""
+    if isinstance(saved, dict):
+        try:
+            return BlockRecurrentConfig.from_dict(saved).to_dict()
+        except (TypeError, ValueError):
+            pass
+    return saved
+
+
 # Named presets. "small" trains in minutes on a 2-core CPU; "paper-150m" is the paper's setup
 # (12 layers, recurrent layer 10, E=1024, 8x128 heads, W=S=512, segment 4096) with a 32k vocabulary.
 PRESETS: dict[str, dict] = {

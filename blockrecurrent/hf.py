@@ -76,6 +76,17 @@ def _config_class():
         self.to_brt()  # validates: bad values raise here, as BlockRecurrentConfig would
         PreTrainedConfig.__post_init__(self, **kwargs)
 
+    # A config.json written before a field existed: the value BlockRecurrentConfig.from_dict
+    # gives it (mlp: "gelu"), not the dataclass default (GEGLU), or the weights would not fit.
+    # from_pretrained (AutoConfig, trust_remote_code, the model's) reads config.json here.
+    def from_dict(cls, config_dict, **kwargs):
+        config_dict = {**config_dict}
+        config_dict.setdefault("mlp", "gelu")
+        return PreTrainedConfig.from_dict.__func__(cls, config_dict, **kwargs)
+
+    def from_json_file(cls, json_file):
+        return cls.from_dict(cls._dict_from_json_file(json_file))
+
     def to_brt(self) -> BlockRecurrentConfig:
         """The BlockRecurrentConfig with these values."""
         values = {f.name: getattr(self, f.name) for f in _FIELDS}
@@ -83,7 +94,8 @@ def _config_class():
 
     namespace.update({
         "__annotations__": annotations, "__module__": __name__, "__post_init__": __post_init__,
-        "to_brt": to_brt, "model_type": MODEL_TYPE,
+        "to_brt": to_brt, "model_type": MODEL_TYPE, "from_dict": classmethod(from_dict),
+        "from_json_file": classmethod(from_json_file),
         "__doc__": "BlockRecurrentConfig as a transformers config (same fields and values).",
         # The standard names transformers and lm-eval look for.
         "attribute_map": {"vocab_size": "num_tokens", "hidden_size": "dim",

@@ -1,5 +1,6 @@
 """config.py: validation messages and the JSON round trip."""
 
+import dataclasses
 import json
 
 import pytest
@@ -51,3 +52,24 @@ def test_config_reads_files_with_and_without_transformers_keys():
     assert BlockRecurrentConfig.from_dict(d) == BlockRecurrentConfig.from_dict(hf) == cfg
     with pytest.raises(ValueError, match="model_type='llama'"):
         BlockRecurrentConfig.from_dict({**d, "model_type": "llama"})
+
+
+def test_settings_saved_before_the_mlp_field_compare_equal_to_gelu(tmp_path):
+    """A checkpoint's trainer.json and a finished run's summary.json written before `mlp`
+    existed: resumable / reusable with mlp="gelu", and a clear difference against GEGLU."""
+    from blockrecurrent.checkpoint import check_model_config
+    from blockrecurrent.compare import check_reusable
+    from blockrecurrent.settings import TrainConfig
+
+    gelu, geglu = preset("tiny", mlp="gelu"), preset("tiny", mlp="geglu")
+    old = gelu.to_dict()
+    del old["mlp"]
+    check_model_config(old, gelu)
+    with pytest.raises(ValueError, match=r"'mlp': \('gelu', 'geglu'\)"):
+        check_model_config(old, geglu)
+    tc = TrainConfig(out_dir=str(tmp_path))
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"model_config": old, "train_config": json.loads(json.dumps(tc.to_dict()))}))
+    assert check_reusable(gelu, tc)
+    with pytest.raises(ValueError, match="other settings"):
+        check_reusable(geglu, dataclasses.replace(tc))

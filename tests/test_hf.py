@@ -102,6 +102,23 @@ def test_auto_classes_load_save_pretrained_dir(saved):
     assert torch.equal(hf(x).logits.detach(), ours)  # with autograd: one call
 
 
+def test_directory_saved_before_the_mlp_field_loads_as_gelu(tmp_path):
+    """config.json without "mlp" (written before the field existed) describes a GELU MLP, as
+    BlockRecurrentConfig.from_dict reads it; the dataclass default (GEGLU) would not fit."""
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(preset("tiny", mlp="gelu")).eval()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["mlp"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert AutoConfig.from_pretrained(tmp_path).mlp == "gelu"
+    hf = hf_model(tmp_path)
+    x = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, model(x)[0])
+    assert H.BlockRecurrentHFConfig().mlp == BlockRecurrentConfig().mlp  # defaults unchanged
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_save_pretrained_writes_our_format(tmp_path, tie):
     model = BlockRecurrentTransformer(preset("tiny", tie_embeddings=tie, use_compressed_mem=True))
