@@ -77,9 +77,14 @@ def check_reusable(model_config, train_config) -> bool:
     saved = json.loads(prior.read_text())
     saved = {k: saved.get(k) for k in ("model_config", "train_config")}
     saved["model_config"] = as_saved_now(saved["model_config"])  # a run from before a field
-    if saved != _run_settings(model_config, train_config):
-        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings; "
-                         f"choose another output directory or delete {train_config.out_dir}")
+    now = _run_settings(model_config, train_config)
+    if saved != now:
+        diff = {f"{part}.{k}": (old.get(k), new.get(k))
+                for part in now for old, new in [(saved[part] or {}, now[part])]
+                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings "
+                         f"({{name: (finished run, now)}}: {diff}); choose another output "
+                         f"directory or delete {train_config.out_dir}")
     return True
 
 

@@ -71,5 +71,6 @@ def test_settings_saved_before_the_mlp_field_compare_equal_to_gelu(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(
         {"model_config": old, "train_config": json.loads(json.dumps(tc.to_dict()))}))
     assert check_reusable(gelu, tc)
-    with pytest.raises(ValueError, match="other settings"):
+    named = r"other settings .*'model_config.mlp': \('gelu', 'geglu'\)"  # says which
+    with pytest.raises(ValueError, match=named):
         check_reusable(geglu, dataclasses.replace(tc))
