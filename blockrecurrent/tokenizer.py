@@ -199,7 +199,15 @@ def load_tokenizer(directory: str | os.PathLike):
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"tokenizer directory {str(d)!r} does not exist")
-    config = json.loads((d / _CONFIG).read_text("utf-8")) if (d / _CONFIG).is_file() else None
+    config = None
+    if (d / _CONFIG).is_file():
+        try:  # a JSONDecodeError from json itself would be a traceback (errors.is_expected)
+            config = json.loads((d / _CONFIG).read_text("utf-8"))
+        except (UnicodeError, json.JSONDecodeError) as err:
+            config = err
+        if not isinstance(config, dict):
+            raise ValueError(f"{d / _CONFIG} is not a tokenizer configuration (a JSON object): "
+                             f"{config}; save the tokenizer again")
     if config is None and not (d / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer in {str(d)!r}: expected {_CONFIG} (saved by this library) "
                          "or tokenizer.json")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blockrecurrent import data as D
+from blockrecurrent.errors import is_expected
 
 
 def write(path, content):
@@ -134,6 +135,10 @@ def test_byte_tokenizer_roundtrip_and_stream(tmp_path):
         D.make_tokenizer("wordpiece")
     with pytest.raises(ValueError, match="no tokenizer"):
         D.load_tokenizer(tmp_path)
+    (tmp_path / "t" / "tokenizer_config.json").write_text("{not json")  # one line in brt
+    with pytest.raises(ValueError, match="not a tokenizer configuration") as err:
+        D.load_tokenizer(tmp_path / "t")
+    assert is_expected(err.value)
 
 
 @pytest.fixture(scope="module")
