@@ -41,7 +41,9 @@ def raised_by_our_check(err: BaseException) -> bool:
         ours = Path(filename).resolve().is_relative_to(_PACKAGE)
     except (OSError, ValueError):
         return False
-    return ours and any(a <= tb.tb_lineno <= b for a, b in _raise_statements(filename))
+    line = tb.tb_lineno  # None in rare frames of Python >= 3.10
+    return ours and line is not None and any(a <= line <= b
+                                             for a, b in _raise_statements(filename))
 
 
 @functools.lru_cache(maxsize=None)
