@@ -52,7 +52,7 @@ class BlockRecurrentConfig:
     use_flash_attn: bool = True  # fused scaled_dot_product_attention instead of the plain path
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
-    mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim
+    mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim ("geglu": 2/3 of it per half)
     # "geglu": a GELU-gated linear unit, each half 2/3 of the width (the same parameters and
     # FLOPs as "gelu", Linear-GELU-Linear); 3-7% lower loss at 1,200 steps (README, design).
     mlp: str = "geglu"
