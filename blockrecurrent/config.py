@@ -28,6 +28,9 @@ HF_KEYS = {
                  "AutoModelForCausalLM": "block_recurrent_hf.BlockRecurrentForCausalLM"},
 }
 _HF_ONLY = (*HF_KEYS, "transformers_version")
+# Fields added after models were first saved, with the value that describes a file written
+# before them (not the current default): such a file's weights were made with these.
+SAVED_BEFORE_FIELD = {"mlp": "gelu"}
 
 
 @dataclass
@@ -119,7 +122,7 @@ class BlockRecurrentConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         d = dict(d)
-        d.setdefault("mlp", "gelu")  # configs saved before the field existed had GELU MLPs
+        d = {**SAVED_BEFORE_FIELD, **d}
         if d.get("recurrent_layers") is not None:
             d["recurrent_layers"] = tuple(d["recurrent_layers"])
         return cls(**d)
@@ -137,7 +140,7 @@ class BlockRecurrentConfig:
 def as_saved_now(saved):
     """A model config dict read back from a file (a checkpoint's trainer.json, a summary.json) as
     to_dict() would write it today: a field added since takes the value from_dict gives configs
-    without it (mlp: "gelu", not the current default), so a file written before the field
+    without it (SAVED_BEFORE_FIELD, not the current default), so a file written before the field
     existed still compares equal to the settings it was trained with. Returned unchanged when it
     is not a valid config (the caller's comparison then reports the difference)."""
     if isinstance(saved, dict):

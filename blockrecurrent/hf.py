@@ -55,7 +55,7 @@ except ImportError as err:  # the core package does not depend on transformers
 
 # Absolute imports: block_recurrent_hf.py in a saved directory imports this module by name.
 from blockrecurrent.attention import Rotary
-from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, BlockRecurrentConfig
+from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, SAVED_BEFORE_FIELD, BlockRecurrentConfig
 from blockrecurrent.generation import chunk_bounds
 from blockrecurrent.model import BlockRecurrentTransformer, ModelOutput, XLMemories
 
@@ -76,12 +76,11 @@ def _config_class():
         self.to_brt()  # validates: bad values raise here, as BlockRecurrentConfig would
         PreTrainedConfig.__post_init__(self, **kwargs)
 
-    # A config.json written before a field existed: the value BlockRecurrentConfig.from_dict
-    # gives it (mlp: "gelu"), not the dataclass default (GEGLU), or the weights would not fit.
+    # A config.json written before a field existed gets the value BlockRecurrentConfig.from_dict
+    # gives it (SAVED_BEFORE_FIELD), not the dataclass default, or the weights would not fit.
     # from_pretrained (AutoConfig, trust_remote_code, the model's) reads config.json here.
     def from_dict(cls, config_dict, **kwargs):
-        config_dict = {**config_dict}
-        config_dict.setdefault("mlp", "gelu")
+        config_dict = {**SAVED_BEFORE_FIELD, **config_dict}
         return PreTrainedConfig.from_dict.__func__(cls, config_dict, **kwargs)
 
     def from_json_file(cls, json_file):
