@@ -2,7 +2,7 @@
 
     brt train    [--config FILE] [--preset NAME] [--resume] [key=value ...]  -> train.train
     brt eval     CHECKPOINT [--data SRC] [--split val|test] ...     -> evaluate.evaluate_checkpoint
-    brt generate CHECKPOINT [--prompt TEXT | --prompt-file FILE] ...  -> generation.generate_text
+    brt generate CHECKPOINT [--prompt TEXT | --prompt-file FILE] ...  -> text.generate_text
     brt compare  [--config FILE] [--preset NAME] [--out DIR] [key=value ...]  -> compare.compare
     brt bench    ...                                                          -> bench.main
     brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes
@@ -79,7 +79,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generation import generate_text
+    from .text import generate_text
 
     generate_text(args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,

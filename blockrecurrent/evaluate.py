@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DocumentLanes, TokenizedCorpus
-
-# probes.py imports _table and _figure from here (they live in eval_report).
-from .eval_report import _figure, _table, write_eval_report  # noqa: F401
+from .eval_report import write_eval_report
 from .model import BlockRecurrentTransformer
 from .settings import DTYPE_NAMES, torch_dtype
 

@@ -304,7 +304,7 @@ def summarise(rows: list[dict]) -> dict:
 def probe_table(rows: list[dict], markdown: bool = True) -> str:
     """Accuracy by distance (rows) and model x K (columns), mean over seeds; '(w)' marks
     settings where an answer is within the windows' reach."""
-    from .evaluate import _table
+    from .eval_report import _table
 
     summary = summarise(rows)
     columns = sorted(summary, key=lambda mk: (mk[1], mk[0] != "recurrent", mk[0]))
@@ -323,7 +323,7 @@ def probe_table(rows: list[dict], markdown: bool = True) -> str:
 
 def write_probe_report(rows: list[dict], out_dir, title: str = "recall probe") -> dict:
     """out_dir/probe.json (every run), probe.md (the table) and probe.png (accuracy by distance)."""
-    from .evaluate import _figure
+    from .eval_report import _figure
     from .files import write_atomic, write_json
 
     out = Path(out_dir)

@@ -158,7 +158,7 @@ def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
 def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, dict]:
     """A continuation of the start of a held-out document -> (document, prompt, sample)."""
     from .data import load_documents, split_documents
-    from .generation import generate_text
+    from .text import generate_text
 
     test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
     prompt_doc, prompt = _sample_prompt(test_docs)
