@@ -12,9 +12,9 @@ from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
 
-# Files and the environment: a path the user named, a permission, a package not installed.
-_ENVIRONMENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                ModuleNotFoundError)
+# Files and the environment: a path the user named, a permission. (A package not installed is
+# checked apart: a missing module of our own is a bug.)
+_ENVIRONMENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 # Raised by this package's own checks of what it was given.
 _VALIDATION = (ValueError, TypeError, ImportError)
 
@@ -63,4 +63,6 @@ def is_expected(err: BaseException) -> bool:
     ValueError/TypeError/ImportError raised by this package's own checks."""
     if isinstance(err, (NonFiniteLossError, TrainingInterrupted, _ENVIRONMENT)):
         return True
+    if isinstance(err, ModuleNotFoundError):  # an optional package the user has not installed
+        return not (err.name or "").startswith(_PACKAGE.name)
     return isinstance(err, _VALIDATION) and raised_by_our_check(err)

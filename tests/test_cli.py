@@ -3,6 +3,8 @@ user errors exit 2 with a one-line message, and a tiny end-to-end main job."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cli import build_parser, main
 from blockrecurrent.data import ByteTokenizer
+from blockrecurrent.errors import is_expected
 
 COMMANDS = ("train", "eval", "generate", "compare", "bench", "probe", "run")
 
@@ -123,6 +126,23 @@ def test_unknown_training_setting_exits_2(capsys, tmp_path):
     assert code == 2 and "error:" in err and "no_such_field" in err
     code, _, err = run(capsys, "train", "model.no_such_field=1", f"out_dir={tmp_path}")
     assert code == 2 and "no_such_field" in err
+
+
+def test_top_level_help_does_not_import_torch():
+    """`brt --help` answers at once: the package imports its torch modules on first use."""
+    code = ("import sys; from blockrecurrent.cli import main; main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "from blockrecurrent import BlockRecurrentTransformer, preset; "
+            "assert 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_modules_of_ours_are_bugs():
+    """A missing optional package is one line; a missing module of this package is a bug."""
+    assert is_expected(ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval"))
+    assert not is_expected(ModuleNotFoundError("No module named 'blockrecurrent.gone'",
+                                               name="blockrecurrent.gone"))
 
 
 def test_traceback_flag_reraises(model_dir, tmp_path):
