@@ -57,10 +57,12 @@ def _label(name: str, config) -> str:
 
 def _scaled_train_config(tc, baseline: str, factor: int, out_dir: Path):
     """The training settings of one model: its baseline, its own out_dir, and (XL) `factor`
-    times the lanes, so that both the optimizer steps and the training tokens (steps x batch x
-    segment) stay equal."""
+    times the segments per step (grad_accum): the same lanes read `factor` consecutive
+    one-window segments, so the optimizer steps, the training tokens and the documents in each
+    batch stay equal. (Giving XL `factor` times the lanes instead gave it more documents per
+    batch, worth far more than the architecture: `benchmarks/batch_shape.py`.)"""
     return dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
-                               batch_size=tc.batch_size * factor)
+                               grad_accum=tc.grad_accum * factor)
 
 
 def _run_settings(model_config, train_config) -> dict:
@@ -126,10 +128,10 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     that late positions are filled), add the state ablation of the recurrent model, and write
     out_dir/comparison.{md,json,png}.
 
-    Each model trains in out_dir/<name>. XL's segment is one window, so it reads
-    max_seq_len / block_width times the lanes per step. Parameter counts are printed and
-    tabulated. A model whose out_dir already holds a finished
-    run with the same settings (summary.json) is reused, an interrupted one resumed, so an
+    Each model trains in out_dir/<name>. XL's segment is one window, so each of its steps
+    reads max_seq_len / block_width consecutive segments of the same lanes. Parameter counts
+    are printed and tabulated. A model whose out_dir already holds a finished run with the same
+    settings (summary.json) is reused, an interrupted one resumed, so an
     interrupted comparison continues where it stopped. Evaluation reads every model with the
     recurrent model's segment length (the results do not depend on it: memories are carried),
     eval_batch_size documents side by side (None: auto_batch_size)."""
@@ -173,7 +175,8 @@ def _plan(model_config, tc, extra_layer: bool, out: Path) -> dict:
     for name, (mc, tci) in plan.items():
         trained = apply_baseline(mc, tci.baseline)
         print(f"  {_label(name, mc):24s} {BlockRecurrentTransformer(trained).num_params():>12,}  "
-              f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}",
+              f"segment {trained.max_seq_len}, {tci.max_steps} steps x batch {tci.batch_size}"
+              f" x {tci.grad_accum} segments",
               file=sys.stderr)
     return plan
 

@@ -273,9 +273,14 @@ def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
     res = json.loads((out / "comparison.json").read_text())["models"]
     assert list(res) == ["recurrent", "slide", "slide+1", "xl"]
     rec, slide, slide1, xl = res.values()
-    # Equal steps and segment positions: XL's segment is one block (16 of 64), so 4x the lanes.
+    # Equal steps, tokens and lanes: XL's segment is one block (16 of 64), so each step reads
+    # 4 consecutive segments of the same lanes.
     assert rec["summary"]["step"] == xl["summary"]["step"] == slide["summary"]["step"] == 2
-    assert xl["train_config"]["batch_size"] == 4 * rec["train_config"]["batch_size"]
+    positions = [r["train_config"]["batch_size"] * r["train_config"]["grad_accum"]
+                 * r["model_config"]["max_seq_len"] for r in (rec, xl)]
+    assert positions[0] == positions[1]
+    assert xl["train_config"]["batch_size"] == rec["train_config"]["batch_size"]
+    assert xl["train_config"]["grad_accum"] == 4 * rec["train_config"]["grad_accum"]
     assert slide["model_config"]["depth"] == rec["model_config"]["depth"]
     assert slide1["model_config"]["depth"] == rec["model_config"]["depth"] + 1
     assert (slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"]
