@@ -64,7 +64,8 @@ def cmd_eval(args) -> int:
         cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
         dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
         device=args.device, out_dir=out, reset_state=args.reset_state,
-        name=f"eval-{args.split}" + ("-state-reset" if args.reset_state != "carry" else ""))
+        name=f"eval-{args.split}" + {"carry": "", "every-segment": "-state-reset",
+                                     "other-document": "-state-other-document"}[args.reset_state])
     print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "
           f"{human_count(res['non_embedding_params'])} non-embedding)")
     print(f"data: {res['data']!r}, {args.split} split: {res['documents']} documents, "
@@ -241,10 +242,13 @@ def _eval_command(add) -> None:
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--cache-dir", default="data_cache",
                    help="directory for the tokenized held-out documents (default: %(default)s)")
-    p.add_argument("--reset-state", choices=("carry", "every-segment"), default="carry",
-                   help="carry the recurrent state across segments (default), or reset it to "
-                        "the initial state at every segment (the state ablation; the window's "
-                        "cache still carries)")
+    p.add_argument("--reset-state", choices=("carry", "every-segment", "other-document"),
+                   default="carry",
+                   help="carry the recurrent state across segments (default), reset it to the "
+                        "initial state at every segment (the state ablation; the window's "
+                        "cache still carries), or give each document, at every segment, the "
+                        "state another document reached (what the state knows, without an "
+                        "initial state in mid-document)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write eval-<split>.json and .png (default: CHECKPOINT/eval)")
 

@@ -32,7 +32,7 @@ from .model import BlockRecurrentTransformer
 from .settings import DTYPE_NAMES, torch_dtype
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
-RESET_STATE = ("carry", "every-segment")
+RESET_STATE = ("carry", "every-segment", "other-document")
 SELECT = ("first", "longest")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by name: settings.DTYPE_NAMES
 LN2 = math.log(2)
@@ -187,7 +187,11 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     reset_state: "carry" (the default, as in training) carries the recurrent states from segment
     to segment; "every-segment" starts every segment from the learned initial state while the
     block caches still carry the window across segments: the state ablation, whose difference
-    from "carry" by position is the gain due to the state.
+    from "carry" by position is the gain due to the state; "other-document" gives every row,
+    at every segment, the state that the previous row's document reached (rows read different
+    documents side by side): a state of the usual kind that holds nothing about this document,
+    so its difference from "carry" is what the state knows, without the surprise of an initial
+    state in mid-document. It needs batch_size >= 2 and at least two documents.
 
     segment_len: tokens per model call (default model.config.max_seq_len; a multiple of
     block_width, so documents start on block boundaries). max_docs: only the first max_docs
@@ -219,6 +223,9 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
 
     sub, original = _select(corpus, max_docs, max_tokens, batch_size, select)
     batch_size = min(batch_size, len(sub))
+    if reset_state == "other-document" and batch_size < 2:
+        raise ValueError("reset_state='other-document' reads two or more documents side by side: "
+                         f"got batch_size {batch_size} over {len(sub)} document(s)")
     lanes = DocumentLanes(sub, batch_size, segment_len, shuffle=False, loop=False)
     sums, seconds = _stream(model, lanes, sub, buckets, dtype, device, reset_state,
                             _progress(int((sub.doc_lengths - 1).sum()), desc, progress))
@@ -252,6 +259,8 @@ def _stream(model, lanes: DocumentLanes, sub: TokenizedCorpus, buckets: tuple, d
         for batch in lanes:
             if reset_state == "every-segment":
                 states = None  # the learned initial state; the caches still carry the window
+            elif reset_state == "other-document" and states is not None:
+                states = states.roll(1, dims=1)  # (r, b, s, e): row k gets row k-1's state
             with autocast:
                 logits, mems, states = model(batch["inputs"].to(device), xl_memories=mems,
                                              states=states, reset=batch["reset"].to(device))

@@ -236,6 +236,27 @@ def test_state_ablation_resets_only_the_state(model, corpus):
         evaluate(model, corpus, reset_state="never", progress=False)
 
 
+def test_other_document_state_carries_nothing_of_this_document(model):
+    """"other-document" hands each row the state its neighbour row reached: with two copies of
+    one document side by side the states are the same, so it equals "carry"; with two different
+    documents it changes the loss after the first segment, not within it."""
+    rng = np.random.default_rng(1)
+    text = "".join(rng.choice(list("abcdefgh \n"), 200))
+    other = "".join(rng.choice(list("abcdefgh \n"), 200))
+    twins = tokenize_corpus([Document("a", text), Document("b", text)], ByteTokenizer())
+    pair = tokenize_corpus([Document("a", text), Document("c", other)], ByteTokenizer())
+    kw = dict(batch_size=2, buckets=BUCKETS, progress=False)
+    carry = evaluate(model, twins, **kw)
+    assert evaluate(model, twins, reset_state="other-document", **kw)["loss"] == pytest.approx(
+        carry["loss"], rel=1e-6)
+    carry, swap = (evaluate(model, pair, reset_state=r, **kw) for r in ("carry", "other-document"))
+    assert swap["reset_state"] == "other-document"
+    assert carry["buckets"][0]["loss"] == pytest.approx(swap["buckets"][0]["loss"], rel=1e-6)
+    assert carry["loss"] != pytest.approx(swap["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="two or more documents"):
+        evaluate(model, pair, reset_state="other-document", batch_size=1, progress=False)
+
+
 def test_select_longest_documents_first(model, corpus):
     """With max_tokens, select="longest" keeps the longest whole documents (late positions
     filled), "first" the first ones in corpus order."""
