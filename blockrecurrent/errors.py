@@ -64,5 +64,6 @@ def is_expected(err: BaseException) -> bool:
     if isinstance(err, (NonFiniteLossError, TrainingInterrupted, _ENVIRONMENT)):
         return True
     if isinstance(err, ModuleNotFoundError):  # an optional package the user has not installed
-        return not (err.name or "").startswith(_PACKAGE.name)
+        name = err.name or ""
+        return name != _PACKAGE.name and not name.startswith(_PACKAGE.name + ".")
     return isinstance(err, _VALIDATION) and raised_by_our_check(err)

@@ -143,6 +143,8 @@ def test_missing_modules_of_ours_are_bugs():
     assert is_expected(ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval"))
     assert not is_expected(ModuleNotFoundError("No module named 'blockrecurrent.gone'",
                                                name="blockrecurrent.gone"))
+    assert is_expected(ModuleNotFoundError("No module named 'blockrecurrent_extras'",
+                                           name="blockrecurrent_extras"))
 
 
 def test_traceback_flag_reraises(model_dir, tmp_path):
