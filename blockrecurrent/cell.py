@@ -156,15 +156,18 @@ class RecurrentCell(nn.Module):
         # Token side (vertical): K_e, V_e, Q_e (self), Q2_e (cross to state).
         self.token_proj = nn.Linear(e, 4 * h * d, bias=False)
         self.token_out = nn.Linear(2 * h * d, e, bias=False)
-        # State side (horizontal): K_s, V_s, Q_s (self), Q2_s (cross to tokens).
+        # State side (horizontal): K_s, V_s, Q_s (self; none without state self-attention), Q2_s
+        # (cross to tokens).
+        self.state_self = config.state_self_attention
+        reads = 2 if self.state_self else 1  # attention outputs the candidate z is made from
         self.state_norm = nn.LayerNorm(e)
-        self.state_proj = nn.Linear(e, 4 * h * d, bias=False)
-        self.state_out = nn.Linear(2 * h * d, e, bias=False)
+        self.state_proj = nn.Linear(e, (2 + reads) * h * d, bias=False)
+        self.state_out = nn.Linear(reads * h * d, e, bias=False)
         self.state_ids = nn.Parameter(torch.empty(s, e))  # learned "position" of each slot
         self.initial_state = nn.Parameter(torch.empty(s, e))  # the state at document start
         # Per-head scales for token self, token cross, state self, state cross attention.
         self.scales = nn.Parameter(torch.full((4, h), math.sqrt(d)))
-        self.gate = GATES[config.gate](config, 2 * h * d)
+        self.gate = GATES[config.gate](config, reads * h * d)
         if config.variant == "dual":  # a state MLP with its own gate after the attention gate
             self.mlp_norm = nn.LayerNorm(e)
             self.state_mlp = mlp(config)
@@ -172,30 +175,33 @@ class RecurrentCell(nn.Module):
         self.rotary = Rotary(d, config.block_width, config.rotary_base)
         self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
 
-    def state_projections(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """state (b, s, e) -> K_s, V_s, Q_s, Q2_s, each (b, s, h, d). No dropout on this side."""
+    def state_projections(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """state (b, s, e) -> K_s, V_s, Q_s, Q2_s, each (b, s, h, d); Q_s is None without state
+        self-attention. No dropout on this side."""
         b, s, _ = state.shape
         x = self.state_norm(state) + self.state_ids.to(state.dtype)
-        return self.state_proj(x).view(b, s, 4, self.heads, self.dim_head).unbind(2)
+        parts = self.state_proj(x).view(b, s, -1, self.heads, self.dim_head).unbind(2)
+        return parts if self.state_self else (parts[0], parts[1], None, parts[2])
 
     def state_keys_values(self, state: Tensor) -> StateKV:
         """Unit K_s and V_s only, each (b, s, h, d): all that the tokens of a block read. Half
-        of `state_projections`, whose output rows are ordered K_s, V_s, Q_s, Q2_s."""
+        of `state_projections`, whose output rows are ordered K_s, V_s, [Q_s,] Q2_s."""
         b, s, _ = state.shape
         x = self.state_norm(state) + self.state_ids.to(state.dtype)
         w = self.state_proj.weight[:2 * self.heads * self.dim_head]
         sk, sv = F.linear(x, w).view(b, s, 2, self.heads, self.dim_head).unbind(2)
         return F.normalize(sk, dim=-1), sv
 
-    def update(self, state: Tensor, sk: Tensor, sv: Tensor, sq: Tensor, sq2: Tensor,
+    def update(self, state: Tensor, sk: Tensor, sv: Tensor, sq: Tensor | None, sq2: Tensor,
                tk: Tensor, tv: Tensor, key_mask: Tensor) -> Tensor:
         """One step of the state: s_t -> s_{t+1}, reading the token keys/values tk, tv
-        (b, 2W, h, d) of blocks t-1 and t. Returns (b, s, e)."""
+        (b, 2W, h, d) of blocks t-1 and t (and itself, unless sq is None). Returns (b, s, e)."""
         t = lambda x: x.transpose(1, 2)  # (b, h, ., d)
-        self_out = attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0, self.flash)
-        cross_out = attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0,
-                           self.flash)
-        gate_in = torch.cat([t(self_out), t(cross_out)], dim=-1).flatten(2)  # (b, s, 2*h*d)
+        reads = [attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0, self.flash)]
+        if sq is not None:
+            reads.insert(0, attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0,
+                                   self.flash))
+        gate_in = torch.cat([t(r) for r in reads], dim=-1).flatten(2)  # (b, s, reads*h*d)
         new = self.gate(state, self.state_out(gate_in), gate_in)
         if self.variant == "dual":
             z = self.state_mlp(self.mlp_norm(new))

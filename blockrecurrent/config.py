@@ -55,6 +55,9 @@ class BlockRecurrentConfig:
     use_flash_attn: bool = True  # fused scaled_dot_product_attention instead of the plain path
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
+    # The state's update attends to itself as well as to the tokens (the paper's cell). Off, the
+    # candidate reads only the tokens: several keys are stored apart and kept longer (README).
+    state_self_attention: bool = True
     mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim ("geglu": 2/3 of it per half)
     # "geglu": a GELU-gated linear unit, each half 2/3 of the width (the same parameters and
     # FLOPs as "gelu", Linear-GELU-Linear); 3-7% lower loss at 1,200 steps (README, design).
@@ -80,6 +83,10 @@ class BlockRecurrentConfig:
               f"must be a multiple of block_width={self.block_width}")
         check(self.gate in GATES, "gate", f"choose one of {GATES}")
         check(self.variant in VARIANTS, "variant", f"choose one of {VARIANTS}")
+        for name in ("state_self_attention", "use_compressed_mem", "use_flash_attn",
+                     "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check(self.window in WINDOWS, "window", f"choose one of {WINDOWS}")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_mult > 0, "mlp_mult", "must be positive")

@@ -80,10 +80,12 @@ def recurrent_attention(cell, cfg, x: Tensor, state: Tensor) -> tuple[Tensor, Te
     cross_out = torch.empty_like(self_out)
     for t in range(0, -(-n // W)):
         blk = slice(t * W, min(n, (t + 1) * W))
-        # State side: LN(s) + state ids -> K_s, V_s, Q_s, Q2_s.
+        # State side: LN(s) + state ids -> K_s, V_s, Q_s (only with state self-attention), Q2_s.
         s_in = F.layer_norm(state, (cfg.dim,), cell.state_norm.weight, cell.state_norm.bias)
         s_in = s_in + cell.state_ids
-        sk, sv, sq, sq2 = (s_in @ cell.state_proj.weight.T).view(-1, 4, h, d).unbind(1)
+        proj = (s_in @ cell.state_proj.weight.T).view(-1, 4 if cfg.state_self_attention else 3,
+                                                       h, d).unbind(1)
+        sk, sv, sq2 = proj[0], proj[1], proj[-1]
         sk = unit(sk)
         # Tokens of block t read the incoming state s_t.
         cross_out[blk] = softmax_attention(q2[blk], sk, sv)
@@ -91,9 +93,12 @@ def recurrent_attention(cell, cfg, x: Tensor, state: Tensor) -> tuple[Tensor, Te
             break  # a partial block does not advance the state
         # Horizontal: state self-attention and cross-attention to blocks t-1 and t.
         tokens = slice(max(0, (t - 1) * W), (t + 1) * W)
-        a = softmax_attention(unit(sq) * sc[2][:, None], sk, sv)
         b = softmax_attention(unit(sq2) * sc[3][:, None], k[tokens], v[tokens])
-        hcat = torch.cat([a, b], dim=-1).reshape(-1, 2 * h * d)  # per head: [self, cross]
+        if cfg.state_self_attention:
+            a = softmax_attention(unit(proj[2]) * sc[2][:, None], sk, sv)
+            hcat = torch.cat([a, b], dim=-1).reshape(-1, 2 * h * d)  # per head: [self, cross]
+        else:
+            hcat = b.reshape(-1, h * d)
         z = hcat @ cell.state_out.weight.T
         state = gate(cell.gate, state, z, hcat, cfg.gate)
         if cfg.variant == "dual":

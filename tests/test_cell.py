@@ -30,8 +30,9 @@ def perturbed(**kw) -> BlockRecurrentTransformer:
     dict(), dict(gate="lstm"), dict(variant="dual"), dict(gate="lstm", variant="dual"),
     dict(use_flash_attn=False), dict(recurrent_layers=(1, 3)), dict(recurrent_layers=()),
     dict(window="block"), dict(window="block", recurrent_layers=(), use_flash_attn=False),
+    dict(state_self_attention=True), dict(state_self_attention=False, gate="lstm"),
 ], ids=["fixed-skip", "lstm-skip", "fixed-dual", "lstm-dual", "plain", "two-recurrent", "slide",
-        "block-window", "block-window-slide-plain"])
+        "block-window", "block-window-slide-plain", "state-self", "lstm-state-cross-only"])
 @pytest.mark.parametrize("n", [16, 37, 80])
 def test_model_equals_the_naive_reference(kw, n):
     """Logits and states equal a per-block implementation of the paper's equations (dense
@@ -48,8 +49,11 @@ def test_model_equals_the_naive_reference(kw, n):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(gate="lstm", variant="dual"), dict(window="block"),
-                                dict(recurrent_layers=(), use_flash_attn=False)],
-                         ids=["fixed-skip", "lstm-dual", "block-window", "slide-plain"])
+                                dict(recurrent_layers=(), use_flash_attn=False),
+                                dict(state_self_attention=True),
+                                dict(state_self_attention=False)],
+                         ids=["fixed-skip", "lstm-dual", "block-window", "slide-plain",
+                              "state-self", "state-cross-only"])
 def test_gradients_equal_the_naive_reference(kw):
     """Training follows the paper's equations too: every parameter's gradient of a loss over
     several blocks in one call (the banded windows' backward, the state loop's) equals the
