@@ -7,8 +7,9 @@ and `gate_in` the joined attention outputs that a gate reads.
 One layer with two directions over the block t (W tokens) and the state (S vectors):
 - vertical (tokens): self-attention over the sliding window, plus cross-attention to the
   *incoming* state s_t; both results concatenated and projected, then the usual MLP.
-- horizontal (state): self-attention among the state vectors, plus cross-attention to the token
-  keys/values of blocks t-1 and t; projected to a candidate z and gated into s_{t+1}.
+- horizontal (state): cross-attention to the token keys/values of blocks t-1 and t, and (the
+  paper's cell, `state_self_attention`) self-attention among the state vectors; projected to a
+  candidate z and gated into s_{t+1}.
 Keys/values are shared: token K/V serve token self-attention and the state's cross-attention,
 state K/V serve state self-attention and the tokens' cross-attention; four query projections.
 

@@ -11,6 +11,7 @@ from reference import reference_forward
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cell import FixedGate, LSTMGate
+from blockrecurrent.model import CANDIDATE_GAIN
 
 VOCAB = 257
 
@@ -93,8 +94,11 @@ def test_initialisation():
     model = BlockRecurrentTransformer(preset("small", gate="lstm", recurrent_layers=(2, 3)))
     cell = model.recurrent_cells[0]
     # Linear layers: std 1/sqrt(fan_in) (the official code's variance scaling).
-    for lin in (cell.token_proj, cell.state_out, model.layers[0].attn.qkv, model.layers[0].mlp[2]):
+    for lin in (cell.token_proj, model.layers[0].attn.qkv, model.layers[0].mlp[2]):
         assert lin.weight.std().item() == pytest.approx(lin.weight.shape[1] ** -0.5, rel=0.05)
+    # The state's candidate starts CANDIDATE_GAIN times larger (slow channels must be heard).
+    want = CANDIDATE_GAIN * cell.state_out.weight.shape[1] ** -0.5
+    assert cell.state_out.weight.std().item() == pytest.approx(want, rel=0.05)
     assert model.token_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
     # The LSTM gate's kernel keeps its own small init (the generic loop must not overwrite it).
     proj = cell.gate.proj
@@ -162,3 +166,21 @@ def test_gradient_flows_through_the_state_across_blocks():
     late = seq[0, 4 * W:].unique()
     only_first = first[~torch.isin(first, late)]
     assert len(only_first) and emb.grad[only_first].abs().sum() > 0
+
+
+@pytest.mark.parametrize("self_attention", [False, True])
+def test_state_slots_mix_only_through_state_self_attention(self_attention):
+    """Without state self-attention a slot's update reads the tokens and its own content only, so
+    changing one slot leaves every other slot's next state as it was; with it, all slots move."""
+    model = perturbed(state_self_attention=self_attention)
+    W = model.config.block_width
+    seq = torch.randint(0, VOCAB, (1, 2 * W))
+    with torch.no_grad():
+        _, mems, states = model(seq[:, :W])
+        _, _, a = model(seq[:, W:], xl_memories=mems, states=states)
+        moved = states.clone()
+        moved[:, :, 0] += torch.randn_like(moved[:, :, 0])
+        _, _, b = model(seq[:, W:], xl_memories=mems, states=moved)
+    others = (a[:, :, 1:] - b[:, :, 1:]).abs().max().item()
+    assert (others > 1e-4) == self_attention, others
+    assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4

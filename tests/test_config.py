@@ -42,6 +42,12 @@ def test_config_json_round_trip(tmp_path):
     old = json.loads((tmp_path / "c.json").read_text())
     del old["mlp"]
     assert BlockRecurrentConfig.from_dict(old).mlp == "gelu"
+    # ... and one saved before `state_self_attention` existed has the paper's cell (its weights).
+    del old["state_self_attention"]
+    assert BlockRecurrentConfig.from_dict(old).state_self_attention is True
+    assert cfg.state_self_attention is False
+    with pytest.raises(TypeError, match="state_self_attention must be a bool"):
+        preset("tiny", state_self_attention=1)
 
 
 def test_config_reads_files_with_and_without_transformers_keys():
