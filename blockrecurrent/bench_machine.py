@@ -68,12 +68,13 @@ def flops_breakdown(config: BlockRecurrentConfig) -> dict[str, float]:
     }
     if n_rec:
         token = 2 * E * 4 * HD + attn + 4 * S * HD + 2 * 2 * HD * E + mlp + comp
-        state = (2 * S * E * 4 * HD  # K_s, V_s, Q_s, Q2_s
-                 + 4 * S * S * HD  # state self-attention, S x S
+        reads = 2 if config.state_self_attention else 1  # attention outputs the state reads
+        state = (2 * S * E * (2 + reads) * HD  # K_s, V_s, [Q_s,] Q2_s
+                 + (4 * S * S * HD if config.state_self_attention else 0)  # S x S
                  + 4 * S * 2 * W * HD  # state cross-attention, S x 2W token keys
-                 + 2 * S * 2 * HD * E)  # state output projection
+                 + 2 * S * reads * HD * E)  # state output projection
         if config.gate == "lstm":
-            state += 2 * S * 2 * HD * 2 * E
+            state += 2 * S * reads * HD * 2 * E
         if config.variant == "dual":
             state += S * mlp + (2 * S * E * 2 * E if config.gate == "lstm" else 0)
         out["recurrent_tokens"] = n_rec * token

@@ -1,4 +1,6 @@
 """Model FLOP counts of the benchmark (bench_machine): by hand and against torch's counter."""
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,13 +31,17 @@ def test_flops_hand_count_plain_layer():
 def test_flops_hand_count_recurrent_layer():
     # Same sizes, the one layer recurrent with S=1. Token side: projections 2*4*8=64,
     # window attention 32, cross-attention to S=1 state keys 4*1*2=8, output 2*4*4=32, MLP 128.
-    # State side per block: projections 64, S x S 8, S x 2W 32, output 32 = 136, over W=2 tokens.
+    # State side per block: projections 64, S x S 8, S x 2W 32, output 32 = 136, over W=2 tokens
+    # (the paper's cell, with state self-attention; without it 48 + 32 + 16 = 96).
     cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
                                  block_width=2, max_seq_len=2, num_state_vectors=1,
-                                 recurrent_layers=(1,), mlp_mult=2.0, mlp="gelu")
+                                 recurrent_layers=(1,), mlp_mult=2.0, mlp="gelu",
+                                 state_self_attention=True)
     assert B.flops_per_token(cfg) == 64 + 32 + 8 + 32 + 128 + 136 / 2 + 80
     # A partial block does not advance the state: 3 tokens = 3 token-side counts + 1 state step.
     assert B.count_flops(cfg, 3) == 3 * (64 + 32 + 8 + 32 + 128 + 80) + 136
+    cross_only = dataclasses.replace(cfg, state_self_attention=False)
+    assert B.flops_per_token(cross_only) == 64 + 32 + 8 + 32 + 128 + 96 / 2 + 80
 
 
 @pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
@@ -48,7 +54,8 @@ def test_flops_linear_in_length(kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(recurrent_layers=()), dict(gate="lstm", variant="dual"),
-                                dict(mlp="gelu", variant="dual")])
+                                dict(mlp="gelu", variant="dual"),
+                                dict(gate="lstm", state_self_attention=True)])
 def test_flops_match_torch_flop_counter(kw):
     # The plain attention path runs every matmul the analytic count assumes, no more: torch's
     # own counter must agree exactly on a steady-state segment (memories carried in).
