@@ -4,12 +4,19 @@ dim 64, W = S = 16, Adam 2e-3, batch 32, 300 steps).
 
     python benchmarks/probe_init_ablation.py --variants gpt2 fan-in-g0.5 default --distances 2 4 6
 
-Variants (all the same architecture; only the initial values differ):
+Variants (the same architecture except paper-cell; otherwise only the initial values differ):
 - gpt2: what this project used before: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
   on the residual projections, fixed-gate biases N(0, 0.1) (g near 0.5);
 - fan-in-g0.5: linear layers at std 1/sqrt(fan_in) (the official code's variance scaling),
   embeddings 0.02, but the paper's gate biases N(0, 0.1);
-- default: the model's own init (fan-in, and gate biases spread over 2-64 block timescales).
+- default: the model's own init (fan-in, gate biases spread over 2-64 block timescales, the
+  state's candidate projection at CANDIDATE_GAIN x fan-in scale);
+- gain-1, gain-2, gain-8: the default with the candidate projection rescaled to that multiple
+  of fan-in scale (the same draw, scaled);
+- paper-cell: the paper's cell (state self-attention on) at gain 1, the cell of earlier releases.
+
+    python benchmarks/probe_init_ablation.py --variants paper-cell gain-1 gain-2 default \
+        --keys 2 --distances 4 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.cell import FixedGate  # noqa: E402
+from blockrecurrent.model import CANDIDATE_GAIN  # noqa: E402
 from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
 
 
@@ -51,7 +59,19 @@ def paper_gate(model: BlockRecurrentTransformer) -> None:
             nn.init.normal_(m.bias, std=0.1)
 
 
-VARIANTS = {"gpt2": gpt2_init, "fan-in-g0.5": paper_gate, "default": lambda model: None}
+def candidate_gain(gain: float):
+    @torch.no_grad()
+    def init(model: BlockRecurrentTransformer) -> None:
+        for cell in model.recurrent_cells:
+            cell.state_out.weight.mul_(gain / CANDIDATE_GAIN)
+    return init
+
+
+# name -> (probe model settings, init applied after the model's own)
+VARIANTS = {"gpt2": ({}, gpt2_init), "fan-in-g0.5": ({}, paper_gate),
+            "default": ({}, lambda model: None),
+            **{f"gain-{g}": ({}, candidate_gain(g)) for g in (1, 2, 8)},
+            "paper-cell": ({"state_self_attention": True}, candidate_gain(1))}
 
 
 def main(argv=None):
@@ -68,11 +88,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        def factory(cfg, init=VARIANTS[name]):
+        settings, init = VARIANTS[name]
+
+        def factory(cfg, init=init):
             model = BlockRecurrentTransformer(cfg)
             init(model)
             return model
-        rows = run_probes(preset("probe"), num_keys=args.keys,
+        rows = run_probes(preset("probe", **settings), num_keys=args.keys,
                           distances=args.distances, models=("recurrent",), steps=args.steps,
                           seeds=args.seeds, factory=factory,
                           log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
