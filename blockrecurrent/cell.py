@@ -14,9 +14,9 @@ Keys/values are shared: token K/V serve token self-attention and the state's cro
 state K/V serve state self-attention and the tokens' cross-attention; four query projections.
 
 Because the state update reads only the layer's *input* tokens (their keys and values), the
-states of all blocks of a call are computed first by a loop over blocks (S x S and S x 2W
-attention per block), and then every block's tokens are processed in parallel. The loop is the
-only sequential work in the model.
+states of all blocks of a call are computed first by a loop over blocks (S x 2W attention per
+block, and S x S with state self-attention), and then every block's tokens are processed in
+parallel. The loop is the only sequential work in the model.
 
 Attention here L2-normalises queries and keys per head and multiplies by a learned per-head scale,
 as the official code does; the scale starts at sqrt(d) so that scores have unit spread at
