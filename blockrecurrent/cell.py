@@ -166,7 +166,8 @@ class RecurrentCell(nn.Module):
         self.state_out = nn.Linear(reads * h * d, e, bias=False)
         self.state_ids = nn.Parameter(torch.empty(s, e))  # learned "position" of each slot
         self.initial_state = nn.Parameter(torch.empty(s, e))  # the state at document start
-        # Per-head scales for token self, token cross, state self, state cross attention.
+        # Per-head scales for token self, token cross, state self, state cross attention (the
+        # state-self row stays unused without state self-attention: saved shapes are the same).
         self.scales = nn.Parameter(torch.full((4, h), math.sqrt(d)))
         self.gate = GATES[config.gate](config, reads * h * d)
         if config.variant == "dual":  # a state MLP with its own gate after the attention gate
@@ -198,10 +199,12 @@ class RecurrentCell(nn.Module):
         """One step of the state: s_t -> s_{t+1}, reading the token keys/values tk, tv
         (b, 2W, h, d) of blocks t-1 and t (and itself, unless sq is None). Returns (b, s, e)."""
         t = lambda x: x.transpose(1, 2)  # (b, h, ., d)
-        reads = [attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0, self.flash)]
+        reads = []  # per head: [self,] cross
         if sq is not None:
-            reads.insert(0, attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0,
-                                   self.flash))
+            reads.append(attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0,
+                                self.flash))
+        reads.append(attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0,
+                            self.flash))
         gate_in = torch.cat([t(r) for r in reads], dim=-1).flatten(2)  # (b, s, reads*h*d)
         new = self.gate(state, self.state_out(gate_in), gate_in)
         if self.variant == "dual":

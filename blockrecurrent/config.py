@@ -84,10 +84,9 @@ class BlockRecurrentConfig:
               f"must be a multiple of block_width={self.block_width}")
         check(self.gate in GATES, "gate", f"choose one of {GATES}")
         check(self.variant in VARIANTS, "variant", f"choose one of {VARIANTS}")
-        for name in ("state_self_attention", "use_compressed_mem", "use_flash_attn",
-                     "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # every switch (a field whose default is a bool)
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")
         check(self.window in WINDOWS, "window", f"choose one of {WINDOWS}")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_mult > 0, "mlp_mult", "must be positive")
