@@ -44,6 +44,7 @@ from .model import BlockRecurrentTransformer
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
+LrScale = Callable[[str], float]  # parameter name -> learning-rate multiplier
 
 
 
@@ -158,13 +159,36 @@ def _logits(model: nn.Module, seq: Tensor) -> Tensor:
     return model(seq)[0]
 
 
+def _check_lr_scale(lr_scale) -> None:
+    if lr_scale is not None and not callable(lr_scale):
+        raise TypeError(f"lr_scale must map a parameter name to a factor, got "
+                        f"{type(lr_scale).__name__}")
+
+
+def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) -> list[dict]:
+    """Adam parameter groups: each parameter at `lr * lr_scale(name)` (all at `lr` without it)."""
+    if lr_scale is None:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    _check_lr_scale(lr_scale)
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        factor = lr_scale(name)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"lr_scale({name!r}) must be a positive number, got {factor!r}")
+        groups.setdefault(float(factor), []).append(param)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
+
+
 def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
-                 batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> float:
+                 batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                 lr_scale: LrScale | None = None) -> float:
     """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
-    trained in turn, one batch of each (mixed distances)."""
+    trained in turn, one batch of each (mixed distances). `lr_scale(name)` multiplies the
+    learning rate of each named parameter (benchmarks/probe_ablation.py: which layers move too
+    fast)."""
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
     for i in range(steps):
@@ -217,7 +241,8 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
-               mixed: bool = False, log: Callable[[str], None] | None = print) -> list[dict]:
+               mixed: bool = False, lr_scale: LrScale | None = None,
+               log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). mixed=True trains one model per (model,
     K, seed) on all the distances in turn (the same `steps` in all) and evaluates it at each:
@@ -238,6 +263,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not isinstance(mixed, bool):
         raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
+    _check_lr_scale(lr_scale)
     tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
     # What each model trains on: one task, or (mixed) every distance of one K.
     groups = ([[t for t in tasks if t.num_keys == k] for k in dict.fromkeys(num_keys)] if mixed
@@ -252,7 +278,8 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 model = factory(config)
                 t0 = time.perf_counter()
                 loss = train_recall(model, group if mixed else group[0], steps=steps,
-                                    batch_size=batch_size, lr=lr, seed=seed)
+                                    batch_size=batch_size, lr=lr, seed=seed,
+                                    lr_scale=lr_scale)
                 for task in group:
                     acc = recall_accuracy(model, task)
                     row = dict(model=name, kind=task.kind, num_keys=task.num_keys,

@@ -3,8 +3,16 @@ import json
 import pytest
 import torch
 
-from blockrecurrent import preset
-from blockrecurrent.probes import IGNORE, RecallTask, probe_table, run_probes, write_probe_report
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.probes import (
+    IGNORE,
+    RecallTask,
+    adam_groups,
+    probe_table,
+    run_probes,
+    train_recall,
+    write_probe_report,
+)
 
 
 def test_keys_task_layout():
@@ -87,3 +95,41 @@ def test_mixed_trains_one_model_per_k_over_all_distances(tmp_path):
     assert saved == ["recurrent-keys-K1-mixed-s0", "recurrent-keys-K2-mixed-s0"]
     with pytest.raises(TypeError, match="mixed"):
         run_probes(base, mixed="yes")
+
+
+def test_lr_scale_sets_each_parameters_learning_rate():
+    """lr_scale(name) multiplies the learning rate of that parameter alone: from the same
+    weights and batch, Adam's first step moves it by exactly that fraction of a plain step
+    and every other parameter by a plain step."""
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    slow = lambda name: 0.25 if name.startswith("layers.0.") else 1.0  # noqa: E731
+    groups = adam_groups(model, 1e-3, slow)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(by_lr) == [2.5e-4, 1e-3]
+    assert all(names[i].startswith("layers.0.") for i in by_lr[2.5e-4])
+    assert sum(len(v) for v in by_lr.values()) == len(names)
+    assert adam_groups(model, 1e-3)[0]["lr"] == 1e-3
+
+    task = RecallTask(block_width=8, distance=2, lead=1)
+    plain, scaled = (BlockRecurrentTransformer(model.config) for _ in range(2))
+    for m in (plain, scaled):
+        m.load_state_dict(model.state_dict())
+    train_recall(plain, task, steps=1, lr=1e-3)
+    train_recall(scaled, task, steps=1, lr=1e-3, lr_scale=slow)
+    start = dict(model.named_parameters())
+    for (n, a), b in zip(plain.named_parameters(), scaled.parameters(), strict=True):
+        step_plain, step_scaled = a.detach() - start[n].detach(), b.detach() - start[n].detach()
+        assert step_plain.abs().max() > 0, n
+        torch.testing.assert_close(step_scaled, slow(n) * step_plain, rtol=1e-3, atol=1e-7)
+
+
+def test_bad_lr_scale_is_rejected_before_training():
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    with pytest.raises(TypeError, match="lr_scale"):
+        run_probes(lr_scale=0.5)
+    with pytest.raises(ValueError, match=r"lr_scale\('token_emb.weight'\)"):
+        adam_groups(model, 1e-3, lambda name: 0.0)
+    with pytest.raises(ValueError, match="lr_scale"):
+        adam_groups(model, 1e-3, lambda name: True)

@@ -1,10 +1,11 @@
-"""Why the state learns: the recall probe under the initialisations this project tried, in one
-script, one fresh model per (variant, K, distance), the probe's settings otherwise (2 layers,
-dim 64, W = S = 16, Adam 2e-3, batch 32, 300 steps).
+"""Why the state learns: the recall probe under the initialisations and per-parameter learning
+rates this project tried, in one script, one fresh model per (variant, K, distance, seed), the
+probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Adam 2e-3, batch
+32, 300 steps).
 
-    python benchmarks/probe_init_ablation.py --variants gpt2 fan-in-g0.5 default --distances 2 4 6
+    python benchmarks/probe_ablation.py --variants gpt2 fan-in-g0.5 default --distances 2 4 6
 
-Variants (the same architecture except paper-cell; otherwise only the initial values differ):
+Initialisations (the same architecture except paper-cell; otherwise only the initial values differ):
 - gpt2: what this project used before: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
   on the residual projections, fixed-gate biases N(0, 0.1) (g near 0.5);
 - fan-in-g0.5: linear layers at std 1/sqrt(fan_in) (the official code's variance scaling),
@@ -15,8 +16,18 @@ Variants (the same architecture except paper-cell; otherwise only the initial va
   of fan-in scale (the same draw, scaled);
 - paper-cell: the paper's cell (state self-attention on) at gain 1, the cell of earlier releases.
 
-    python benchmarks/probe_init_ablation.py --variants paper-cell gain-1 gain-2 default \
+    python benchmarks/probe_ablation.py --variants paper-cell gain-1 gain-2 default \
         --keys 2 --distances 4 --seeds 0 1
+
+Learning rates (the default model and init; only Adam's rate for some parameters differs):
+- all-0.5: every parameter at half of --lr (the same as `brt probe --lr 1e-3`);
+- below-0.5, below-0.25: the layers below the recurrent layer (the state reads their output)
+  at that fraction, everything else at --lr;
+- below-mlp-0.5: only their MLPs; cell-0.5: the recurrent layer's attention (the cell's token
+  and state sides); not-cell-0.5: everything except the cell.
+
+    python benchmarks/probe_ablation.py --variants default all-0.5 below-0.5 --keys 2 \
+        --distances 5 --seeds 0 1
 """
 
 from __future__ import annotations
@@ -67,11 +78,45 @@ def candidate_gain(gain: float):
     return init
 
 
-# name -> (probe model settings, init applied after the model's own)
-VARIANTS = {"gpt2": ({}, gpt2_init), "fan-in-g0.5": ({}, paper_gate),
-            "default": ({}, lambda model: None),
-            **{f"gain-{g}": ({}, candidate_gain(g)) for g in (1, 2, 8)},
-            "paper-cell": ({"state_self_attention": True}, candidate_gain(1))}
+def lr_scale(factor: float, picks):
+    """`factor` for the parameters that `picks(layer_index or None, part)` selects, else 1."""
+    def scale(name: str) -> float:
+        parts = name.split(".")
+        layer, part = (int(parts[1]), parts[2]) if parts[0] == "layers" else (None, parts[0])
+        return factor if picks(layer, part) else 1.0
+    return scale
+
+
+CELL = min(preset("probe").recurrent_layers) - 1  # index of the probe model's recurrent layer
+
+
+def below(layer, part):
+    return layer is not None and layer < CELL
+
+
+def below_mlp(layer, part):
+    return below(layer, part) and part == "mlp"
+
+
+def cell(layer, part):
+    return layer == CELL and part == "attn"
+
+
+def no_init(model):
+    pass
+
+
+# name -> (probe model settings, init applied after the model's own, lr_scale or None)
+VARIANTS = {"gpt2": ({}, gpt2_init, None), "fan-in-g0.5": ({}, paper_gate, None),
+            "default": ({}, no_init, None),
+            **{f"gain-{g}": ({}, candidate_gain(g), None) for g in (1, 2, 8)},
+            "paper-cell": ({"state_self_attention": True}, candidate_gain(1), None),
+            "all-0.5": ({}, no_init, lr_scale(0.5, lambda layer, part: True)),
+            "below-0.5": ({}, no_init, lr_scale(0.5, below)),
+            "below-0.25": ({}, no_init, lr_scale(0.25, below)),
+            "below-mlp-0.5": ({}, no_init, lr_scale(0.5, below_mlp)),
+            "cell-0.5": ({}, no_init, lr_scale(0.5, cell)),
+            "not-cell-0.5": ({}, no_init, lr_scale(0.5, lambda layer, part: not cell(layer, part)))}
 
 
 def main(argv=None):
@@ -80,15 +125,16 @@ def main(argv=None):
     ap.add_argument("--keys", type=int, nargs="+", default=[1])
     ap.add_argument("--distances", type=int, nargs="+", default=[2, 4, 6])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="runs/probe-init")
+    ap.add_argument("--out", default="runs/probe-ablation")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        settings, init = VARIANTS[name]
+        settings, init, scale = VARIANTS[name]
 
         def factory(cfg, init=init):
             model = BlockRecurrentTransformer(cfg)
@@ -96,7 +142,7 @@ def main(argv=None):
             return model
         rows = run_probes(preset("probe", **settings), num_keys=args.keys,
                           distances=args.distances, models=("recurrent",), steps=args.steps,
-                          seeds=args.seeds, factory=factory,
+                          lr=args.lr, seeds=args.seeds, factory=factory, lr_scale=scale,
                           log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{name}:\n{probe_table(rows)}\n", flush=True)
