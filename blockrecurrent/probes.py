@@ -167,12 +167,10 @@ def _check_lr_scale(lr_scale) -> None:
 
 def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) -> list[dict]:
     """Adam parameter groups: each parameter at `lr * lr_scale(name)` (all at `lr` without it)."""
-    if lr_scale is None:
-        return [{"params": list(model.parameters()), "lr": lr}]
     _check_lr_scale(lr_scale)
     groups: dict[float, list] = {}
     for name, param in model.named_parameters():
-        factor = lr_scale(name)
+        factor = 1.0 if lr_scale is None else lr_scale(name)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
             raise ValueError(f"lr_scale({name!r}) must be a positive number, got {factor!r}")
         groups.setdefault(float(factor), []).append(param)
