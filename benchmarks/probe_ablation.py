@@ -3,30 +3,40 @@ rates this project tried, in one script, one fresh model per (variant, K, distan
 probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Adam 2e-3, batch
 32, 300 steps).
 
-    python benchmarks/probe_ablation.py --variants gpt2 fan-in-g0.5 default --distances 2 4 6
+The state's read of the tokens:
+- default: the model's own init (linear layers at fan-in scale, gate biases spread over 2-64
+  block timescales, the candidate projection at CANDIDATE_GAIN x fan-in scale, the state's
+  attention to the tokens at STATE_READ_GAIN x sqrt(dim_head));
+- read-gain-1, read-gain-2, read-gain-8: the same with that attention's scale at that multiple
+  of sqrt(dim_head) instead; read-gain-1 is the previous release.
+
+    python benchmarks/probe_ablation.py --variants read-gain-1 default read-gain-8 --keys 2 \
+        --distances 5 --seeds 0 1 2 3
+
+Every other variant was measured on the previous release and keeps its state read at gain 1, so
+that it reproduces the figures in the README (read-gain-1 is their baseline).
 
 Initialisations (the same architecture except paper-cell; otherwise only the initial values differ):
-- gpt2: what this project used before: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
+- gpt2: what this project used first: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
   on the residual projections, fixed-gate biases N(0, 0.1) (g near 0.5);
 - fan-in-g0.5: linear layers at std 1/sqrt(fan_in) (the official code's variance scaling),
   embeddings 0.02, but the paper's gate biases N(0, 0.1);
-- default: the model's own init (fan-in, gate biases spread over 2-64 block timescales, the
-  state's candidate projection at CANDIDATE_GAIN x fan-in scale);
-- gain-1, gain-2, gain-8: the default with the candidate projection rescaled to that multiple
-  of fan-in scale (the same draw, scaled);
-- paper-cell: the paper's cell (state self-attention on) at gain 1, the cell of earlier releases.
+- gain-1, gain-2, gain-8: the candidate projection rescaled to that multiple of fan-in scale
+  (the same draw, scaled);
+- paper-cell: the paper's cell (state self-attention on) at gain 1.
 
-    python benchmarks/probe_ablation.py --variants paper-cell gain-1 gain-2 default \
+    python benchmarks/probe_ablation.py --variants gpt2 fan-in-g0.5 read-gain-1 --distances 2 4 6
+    python benchmarks/probe_ablation.py --variants paper-cell gain-1 gain-2 read-gain-1 \
         --keys 2 --distances 4 --seeds 0 1
 
-Learning rates (the default model and init; only Adam's rate for some parameters differs):
+Learning rates (only Adam's rate for some parameters differs):
 - all-0.5: every parameter at half of --lr (the same as `brt probe --lr 1e-3`);
 - below-0.5, below-0.25: the layers below the recurrent layer (the state reads their output)
   at that fraction, everything else at --lr;
 - below-mlp-0.5: only their MLPs; cell-0.5: the recurrent layer's attention (the cell's token
   and state sides); not-cell-0.5: everything except the cell.
 
-    python benchmarks/probe_ablation.py --variants default all-0.5 below-0.5 --keys 2 \
+    python benchmarks/probe_ablation.py --variants read-gain-1 all-0.5 below-0.5 --keys 2 \
         --distances 5 --seeds 0 1
 """
 
@@ -44,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.cell import FixedGate  # noqa: E402
-from blockrecurrent.model import CANDIDATE_GAIN  # noqa: E402
+from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
 from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
 
 
@@ -78,6 +88,14 @@ def candidate_gain(gain: float):
     return init
 
 
+def read_gain(gain: float):
+    @torch.no_grad()
+    def init(model: BlockRecurrentTransformer) -> None:
+        for cell in model.recurrent_cells:
+            cell.scales[3].mul_(gain / STATE_READ_GAIN)  # row 3: the state's read of the tokens
+    return init
+
+
 def lr_scale(factor: float, picks):
     """`factor` for the parameters that `picks(layer_index or None, part)` selects, else 1."""
     def scale(name: str) -> float:
@@ -106,17 +124,29 @@ def no_init(model):
     pass
 
 
+def previous(init=no_init):
+    """`init` on the previous release's state read (gain 1), where the variants other than
+    default and read-gain-* were measured (README), so that they reproduce those figures."""
+    def both(model):
+        read_gain(1)(model)
+        init(model)
+    return both
+
+
 # name -> (probe model settings, init applied after the model's own, lr_scale or None)
-VARIANTS = {"gpt2": ({}, gpt2_init, None), "fan-in-g0.5": ({}, paper_gate, None),
+VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
+            "fan-in-g0.5": ({}, previous(paper_gate), None),
             "default": ({}, no_init, None),
-            **{f"gain-{g}": ({}, candidate_gain(g), None) for g in (1, 2, 8)},
-            "paper-cell": ({"state_self_attention": True}, candidate_gain(1), None),
-            "all-0.5": ({}, no_init, lr_scale(0.5, lambda layer, part: True)),
-            "below-0.5": ({}, no_init, lr_scale(0.5, below)),
-            "below-0.25": ({}, no_init, lr_scale(0.25, below)),
-            "below-mlp-0.5": ({}, no_init, lr_scale(0.5, below_mlp)),
-            "cell-0.5": ({}, no_init, lr_scale(0.5, cell)),
-            "not-cell-0.5": ({}, no_init, lr_scale(0.5, lambda layer, part: not cell(layer, part)))}
+            **{f"read-gain-{g}": ({}, read_gain(g), None) for g in (1, 2, 8)},
+            **{f"gain-{g}": ({}, previous(candidate_gain(g)), None) for g in (1, 2, 8)},
+            "paper-cell": ({"state_self_attention": True}, previous(candidate_gain(1)), None),
+            "all-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part: True)),
+            "below-0.5": ({}, previous(), lr_scale(0.5, below)),
+            "below-0.25": ({}, previous(), lr_scale(0.25, below)),
+            "below-mlp-0.5": ({}, previous(), lr_scale(0.5, below_mlp)),
+            "cell-0.5": ({}, previous(), lr_scale(0.5, cell)),
+            "not-cell-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part:
+                                                       not cell(layer, part)))}
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ parallel. The loop is the only sequential work in the model.
 
 Attention here L2-normalises queries and keys per head and multiplies by a learned per-head scale,
 as the official code does; the scale starts at sqrt(d) so that scores have unit spread at
-initialisation, like ordinary dot-product attention, instead of being nearly uniform.
+initialisation, like ordinary dot-product attention, instead of being nearly uniform (the
+state's read of the tokens starts sharper: model.STATE_READ_GAIN).
 """
 
 from __future__ import annotations

@@ -179,11 +179,12 @@ def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) ->
 
 def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
                  batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                 lr_scale: LrScale | None = None) -> float:
+                 lr_scale: LrScale | None = None,
+                 callback: Callable[[int, float], None] | None = None) -> float:
     """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
     trained in turn, one batch of each (mixed distances). `lr_scale(name)` multiplies the
     learning rate of each named parameter (benchmarks/probe_ablation.py: which layers move too
-    fast)."""
+    fast). `callback(step, loss)` is called after every step (benchmarks/probe_curve.py)."""
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr)
@@ -196,6 +197,8 @@ def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(i + 1, loss.item())
     return loss.item()
 
 

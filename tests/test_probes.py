@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -123,6 +124,17 @@ def test_lr_scale_sets_each_parameters_learning_rate():
         step_plain, step_scaled = a.detach() - start[n].detach(), b.detach() - start[n].detach()
         assert step_plain.abs().max() > 0, n
         torch.testing.assert_close(step_scaled, slow(n) * step_plain, rtol=1e-3, atol=1e-7)
+
+
+def test_train_recall_reports_every_step():
+    """callback(step, loss) sees every step in order, and the last loss is the one returned."""
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    seen = []
+    last = train_recall(model, RecallTask(block_width=8, distance=2, lead=1), steps=3,
+                        callback=lambda step, loss: seen.append((step, loss)))
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert seen[-1][1] == last and all(math.isfinite(loss) for _, loss in seen)
 
 
 def test_bad_lr_scale_is_rejected_before_training():

@@ -1,0 +1,61 @@
+"""The recall probe's training curve: mean training loss every --every steps and held-out accuracy
+every --eval-every, for one setting and a few seeds (the probe's model and recipe otherwise). It
+shows the plateau behind the multi-key results: the loss sits at chance (ln alphabet) and then
+falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw is on it.
+
+    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
+
+--read-gain sets the scale of the state's attention to the tokens at that multiple of
+sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the previous release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
+from blockrecurrent.model import STATE_READ_GAIN  # noqa: E402
+from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", type=int, default=2)
+    ap.add_argument("--distance", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--read-gain", type=float, default=STATE_READ_GAIN)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    task = RecallTask(block_width=preset("probe").block_width, num_keys=args.keys,
+                      distance=args.distance)
+    for seed in args.seeds:
+        torch.manual_seed(seed)  # the same draw as `brt probe --seeds SEED`
+        model = BlockRecurrentTransformer(probe_config(preset("probe"), task, recurrent=True))
+        with torch.no_grad():
+            for cell in model.recurrent_cells:
+                cell.scales[3].mul_(args.read_gain / STATE_READ_GAIN)
+        losses = []
+
+        def log(step, loss, model=model, losses=losses, seed=seed):
+            losses.append(loss)
+            if step % args.every == 0:
+                line = f"seed {seed} step {step}: loss {sum(losses) / len(losses):.3f}"
+                losses.clear()
+                if step % args.eval_every == 0:
+                    line += f", accuracy {recall_accuracy(model, task):.3f}"
+                print(line, flush=True)
+        train_recall(model, task, steps=args.steps, seed=seed, callback=log)
+
+
+if __name__ == "__main__":
+    main()
