@@ -30,7 +30,7 @@ Initialisations (the same architecture except paper-cell; otherwise only the ini
         --keys 2 --distances 4 --seeds 0 1
 
 Learning rates (only Adam's rate for some parameters differs):
-- all-0.5: every parameter at half of --lr (the same as `brt probe --lr 1e-3`);
+- all-0.5: every parameter at half of --lr (`brt probe --lr 1e-3` on the previous release);
 - below-0.5, below-0.25: the layers below the recurrent layer (the state reads their output)
   at that fraction, everything else at --lr;
 - below-mlp-0.5: only their MLPs; cell-0.5: the recurrent layer's attention (the cell's token
