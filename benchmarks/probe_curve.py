@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from probe_ablation import read_gain  # noqa: E402  (this folder: the same rescaling)
+
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.model import STATE_READ_GAIN  # noqa: E402
 from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
@@ -41,9 +43,7 @@ def main(argv=None):
     for seed in args.seeds:
         torch.manual_seed(seed)  # the same draw as `brt probe --seeds SEED`
         model = BlockRecurrentTransformer(probe_config(preset("probe"), task, recurrent=True))
-        with torch.no_grad():
-            for cell in model.recurrent_cells:
-                cell.scales[3].mul_(args.read_gain / STATE_READ_GAIN)
+        read_gain(args.read_gain)(model)
         losses = []
 
         def log(step, loss, model=model, losses=losses, seed=seed):
