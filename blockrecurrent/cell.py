@@ -48,6 +48,10 @@ from .config import BlockRecurrentConfig
 
 StateKV = tuple[Tensor, Tensor]  # unit K_s and V_s of a state, each (b, s, h, d)
 
+# Rows of RecurrentCell.scales, one per attention: the tokens' self-attention (window) and
+# cross-attention to the state, the state's self-attention and its read of the tokens.
+TOKEN_SELF, TOKEN_CROSS, STATE_SELF, STATE_READ = range(4)
+
 
 class CellOutput(NamedTuple):
     """What `RecurrentCell.forward` returns."""
@@ -167,8 +171,8 @@ class RecurrentCell(nn.Module):
         self.state_out = nn.Linear(reads * h * d, e, bias=False)
         self.state_ids = nn.Parameter(torch.empty(s, e))  # learned "position" of each slot
         self.initial_state = nn.Parameter(torch.empty(s, e))  # the state at document start
-        # Per-head scales for token self, token cross, state self, state cross attention (the
-        # state-self row stays unused without state self-attention: saved shapes are the same).
+        # Per-head scales, rows TOKEN_SELF ... STATE_READ (the STATE_SELF row stays unused
+        # without state self-attention: saved shapes are the same).
         self.scales = nn.Parameter(torch.full((4, h), math.sqrt(d)))
         self.gate = GATES[config.gate](config, reads * h * d)
         if config.variant == "dual":  # a state MLP with its own gate after the attention gate
@@ -202,9 +206,9 @@ class RecurrentCell(nn.Module):
         t = lambda x: x.transpose(1, 2)  # (b, h, ., d)
         reads = []  # per head: [self,] cross
         if sq is not None:
-            reads.append(attend(t(normed(sq, self.scales[2])), t(sk), t(sv), None, 1.0,
+            reads.append(attend(t(normed(sq, self.scales[STATE_SELF])), t(sk), t(sv), None, 1.0,
                                 self.flash))
-        reads.append(attend(t(normed(sq2, self.scales[3])), t(tk), t(tv), key_mask, 1.0,
+        reads.append(attend(t(normed(sq2, self.scales[STATE_READ])), t(tk), t(tv), key_mask, 1.0,
                             self.flash))
         gate_in = torch.cat([t(r) for r in reads], dim=-1).flatten(2)  # (b, s, reads*h*d)
         new = self.gate(state, self.state_out(gate_in), gate_in)
@@ -223,7 +227,7 @@ class RecurrentCell(nn.Module):
         k, v, q, q2 = self.token_proj(x).view(b, n, 4, self.heads, self.dim_head).unbind(2)
         # Unit keys, queries with the learned scale; window attention reads them rotated (the
         # cache holds rotated keys).
-        q = self.rotary(normed(q, self.scales[0]), plan.L)
+        q = self.rotary(normed(q, self.scales[TOKEN_SELF]), plan.L)
         k = self.rotary(F.normalize(k, dim=-1), plan.L)
         drop = self.dropout if self.training else 0.0
         if plan.single:  # a decoding step: no block completes, the state stays
@@ -249,7 +253,7 @@ class RecurrentCell(nn.Module):
         for count, m in parts:
             # (b, k, s, h, d); a view when the part is one block
             sk, sv = (stack(t, dim=1) for t in zip(*block_kv[i:i + count], strict=True))
-            qp = normed(q2[:, done:done + count * m], self.scales[1]).view(b, count, m,
+            qp = normed(q2[:, done:done + count * m], self.scales[TOKEN_CROSS]).view(b, count, m,
                                                                           *q2.shape[2:])
             out = attend(qp.transpose(2, 3), sk.transpose(2, 3), sv.transpose(2, 3), None, 1.0,
                          self.flash, drop)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import GrowthBuffer, Rotary, WindowPlan, append
-from .cell import activation_kind, mlp_activation
+from .cell import TOKEN_CROSS, TOKEN_SELF, activation_kind, mlp_activation
 
 if TYPE_CHECKING:  # model imports this module
     from .model import BlockRecurrentTransformer, ModelOutput, XLMemories
@@ -125,8 +125,8 @@ def step(model: BlockRecurrentTransformer, seq: Tensor, mems: XLMemories,
             unit = kvqq / kvqq.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             kq = Rotary._rotate(unit[:, 0:3:2], cos, sin)  # (b, 2, h, d): rotated k and q
             scales = attn.scales if attn.scales.dtype == dt else attn.scales.to(dt)
-            k, q = kq[:, 0], kq[:, 1] * scales[0][:, None]
-            q2 = unit[:, 3] * scales[1][:, None]
+            k, q = kq[:, 0], kq[:, 1] * scales[TOKEN_SELF][:, None]
+            q2 = unit[:, 3] * scales[TOKEN_CROSS][:, None]
             v = kvqq[:, 1]
             scale = 1.0
         else:
@@ -244,8 +244,8 @@ def _core(layout, tok, pos, cos, sin, kbufs, vbufs, skeys, svals, weights):
             kvqq = F.linear(xn, proj).view(b, 4, h, d)
             unit = F.normalize(kvqq, dim=-1)
             kq = Rotary._rotate(unit[:, 0:3:2], cos, sin)
-            k, q = kq[:, 0], kq[:, 1] * scales[0][:, None].to(dt)
-            q2 = unit[:, 3] * scales[1][:, None].to(dt)
+            k, q = kq[:, 0], kq[:, 1] * scales[TOKEN_SELF][:, None].to(dt)
+            q2 = unit[:, 3] * scales[TOKEN_CROSS][:, None].to(dt)
             v, scale = kvqq[:, 1], 1.0
         else:
             qkv_w, out = next(w), next(w)

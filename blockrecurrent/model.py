@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import decode
 from .attention import LayerCache, WindowAttention, WindowPlan, stack
-from .cell import FixedGate, LSTMGate, RecurrentCell, StateKV, mlp, retention_bias
+from .cell import STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, mlp, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
 from .memories import XLMemories
 
@@ -155,7 +155,7 @@ class BlockRecurrentTransformer(nn.Module):
                 nn.init.normal_(module.state_ids, std=1.0)  # paper: ids added after the norm
                 nn.init.normal_(module.initial_state, std=0.1)
                 module.scales.fill_(cfg.dim_head ** 0.5)
-                module.scales[3].mul_(STATE_READ_GAIN)  # the state's read of the tokens
+                module.scales[STATE_READ].mul_(STATE_READ_GAIN)
                 fan_in = module.state_out.weight.shape[1]
                 nn.init.normal_(module.state_out.weight, std=CANDIDATE_GAIN * fan_in ** -0.5)
             elif isinstance(module, FixedGate):

@@ -10,7 +10,7 @@ from models import run_chunks, tiny
 from reference import reference_forward
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.cell import FixedGate, LSTMGate
+from blockrecurrent.cell import STATE_READ, FixedGate, LSTMGate
 from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN
 
 VOCAB = 257
@@ -71,7 +71,7 @@ def test_gradients_equal_the_naive_reference_in_float32():
     model = perturbed().train()
     with torch.no_grad():
         for cell in model.recurrent_cells:
-            cell.scales[3].div_(STATE_READ_GAIN)
+            cell.scales[STATE_READ].div_(STATE_READ_GAIN)
     assert_gradients_match_the_reference(model)
 
 
@@ -125,7 +125,7 @@ def test_initialisation():
     assert cell.state_ids.std().item() == pytest.approx(1.0, rel=0.05)
     assert cell.initial_state.std().item() == pytest.approx(0.1, rel=0.05)
     # Attention scales start at sqrt(dim_head) = 8 (unit-spread scores), the state's read of the
-    # tokens (row 3) STATE_READ_GAIN times sharper.
+    # tokens (row STATE_READ) STATE_READ_GAIN times sharper.
     want = torch.tensor([8.0, 8.0, 8.0, 8.0 * STATE_READ_GAIN])[:, None].expand_as(cell.scales)
     torch.testing.assert_close(cell.scales.detach(), want)
 
