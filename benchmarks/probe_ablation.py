@@ -13,6 +13,14 @@ The state's read of the tokens:
     python benchmarks/probe_ablation.py --variants read-gain-1 default read-gain-8 --keys 2 \
         --distances 5 --seeds 0 1 2 3
 
+On this release's read (measured at d = 6, where 300 steps end before the last draws learn):
+- log-scales: every attention scale of the cell learned as exp(log scale), so that Adam's steps
+  are relative to the scale, as Adafactor's are in the official code;
+- scales-lr-10: those scales at 10x --lr; cell-2: the cell at 2x --lr; all-2: every parameter.
+
+    python benchmarks/probe_ablation.py --variants read-gain-8 log-scales scales-lr-10 cell-2 \
+        all-2 --keys 2 4 --distances 6 --seeds 0 1
+
 Every other variant was measured on the previous release and keeps its state read at gain 1, so
 that it reproduces the figures in the README (read-gain-1 is their baseline).
 
@@ -53,7 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.cell import FixedGate  # noqa: E402
+from blockrecurrent.cell import STATE_READ, FixedGate  # noqa: E402
 from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
 from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
 
@@ -92,7 +100,7 @@ def read_gain(gain: float):
     @torch.no_grad()
     def init(model: BlockRecurrentTransformer) -> None:
         for cell in model.recurrent_cells:
-            cell.scales[3].mul_(gain / STATE_READ_GAIN)  # row 3: the state's read of the tokens
+            cell.scales[STATE_READ].mul_(gain / STATE_READ_GAIN)
     return init
 
 
@@ -133,6 +141,26 @@ def previous(init=no_init):
     return both
 
 
+class Exp(nn.Module):
+    """scales = exp(log_scales): Adam's steps become relative to the scale (as Adafactor's are)."""
+    def forward(self, x):
+        return x.exp()
+
+    def right_inverse(self, y):
+        return y.log()
+
+
+@torch.no_grad()
+def log_scales(model: BlockRecurrentTransformer) -> None:
+    from torch.nn.utils import parametrize
+    for cell in model.recurrent_cells:
+        parametrize.register_parametrization(cell, "scales", Exp())
+
+
+def scales_lr(factor: float):
+    return lambda name: factor if "scales" in name else 1.0
+
+
 # name -> (probe model settings, init applied after the model's own, lr_scale or None)
 VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
             "fan-in-g0.5": ({}, previous(paper_gate), None),
@@ -140,6 +168,10 @@ VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
             **{f"read-gain-{g}": ({}, read_gain(g), None) for g in (1, 2, 8)},
             **{f"gain-{g}": ({}, previous(candidate_gain(g)), None) for g in (1, 2, 8)},
             "paper-cell": ({"state_self_attention": True}, previous(candidate_gain(1)), None),
+            "log-scales": ({}, log_scales, None),
+            "scales-lr-10": ({}, no_init, scales_lr(10.0)),
+            "cell-2": ({}, no_init, lr_scale(2.0, cell)),
+            "all-2": ({}, no_init, lr_scale(2.0, lambda layer, part: True)),
             "all-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part: True)),
             "below-0.5": ({}, previous(), lr_scale(0.5, below)),
             "below-0.25": ({}, previous(), lr_scale(0.25, below)),
