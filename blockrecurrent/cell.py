@@ -80,14 +80,22 @@ def retention_bias(shape, max_blocks: float = 64.0) -> Tensor:
 
 
 class FixedGate(nn.Module):
-    """s' = s * g + z * (1 - g), g = sigmoid(b) a learned per-channel constant (Rec:fixed)."""
+    """s' = s * g + z * w, g = sigmoid(b) a learned per-channel constant (Rec:fixed), with the
+    write w = 1 - g (the paper's convex gate, gate_write="convex") or w = sqrt(1 - g^2)
+    ("normalized"). A channel keeps g^k of what it held k blocks ago either way; the convex
+    write makes a slow channel (g = 0.97) take 3% of z per block and hold, in the long run,
+    sqrt((1 - g) / (1 + g)) = 1/8 of z's spread, while the normalized one holds all of it in
+    every channel (the input normalisation of the LRU, Orvieto et al. 2023)."""
 
     def __init__(self, config: BlockRecurrentConfig, input_dim: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(config.dim))
+        self.normalized = config.gate_write == "normalized"
 
     def forward(self, state: Tensor, z: Tensor, gate_in: Tensor) -> Tensor:
         g = torch.sigmoid(self.bias)
+        if self.normalized:  # 1 - g^2 as sigmoid(-b) (1 + g): exact, and > 0, for large b
+            return state * g + z * (torch.sigmoid(-self.bias) * (1 + g)).sqrt()
         return state * g + z * (1 - g)
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 GATES = ("fixed", "lstm")
+GATE_WRITES = ("convex", "normalized")
 VARIANTS = ("skip", "dual")
 WINDOWS = ("sliding", "block")
 MLPS = ("gelu", "geglu")
@@ -30,7 +31,7 @@ HF_KEYS = {
 _HF_ONLY = (*HF_KEYS, "transformers_version")
 # Fields added after models were first saved, with the value that describes a file written
 # before them (not the current default): such a file's weights were made with these.
-SAVED_BEFORE_FIELD = {"mlp": "gelu", "state_self_attention": True}
+SAVED_BEFORE_FIELD = {"mlp": "gelu", "state_self_attention": True, "gate_write": "convex"}
 
 
 @dataclass
@@ -55,6 +56,11 @@ class BlockRecurrentConfig:
     use_flash_attn: bool = True  # fused scaled_dot_product_attention instead of the plain path
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
+    # How the fixed gate writes its candidate z: "convex" s*g + z*(1-g) (the paper), or
+    # "normalized" s*g + z*sqrt(1-g^2), which keeps every channel's variance the same whatever
+    # its g, so the slow channels that carry far are not 8x quieter than the fast ones (LRU's
+    # input normalisation); the recall probe stores several keys further (README, Design).
+    gate_write: str = "normalized"
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
     # the candidate reads only the tokens and slots do not mix: the recall probe stores several
     # keys far better, and language modelling at 400 steps is no worse (README, Design).
@@ -84,6 +90,7 @@ class BlockRecurrentConfig:
               f"must be a multiple of block_width={self.block_width}")
         check(self.gate in GATES, "gate", f"choose one of {GATES}")
         check(self.variant in VARIANTS, "variant", f"choose one of {VARIANTS}")
+        check(self.gate_write in GATE_WRITES, "gate_write", f"choose one of {GATE_WRITES}")
         for f in dataclasses.fields(self):  # every switch (a field whose default is a bool)
             if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"{f.name} must be a bool, got {getattr(self, f.name)!r}")

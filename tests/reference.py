@@ -46,12 +46,12 @@ def window_mask(n: int, W: int, window: str = "sliding") -> Tensor:
     return (j <= i) & (j >= first)
 
 
-def gate(module, state: Tensor, z: Tensor, h: Tensor, kind: str) -> Tensor:
-    """The paper's gates: fixed s*g + z*(1-g), g = sigmoid(b); lstm s*f + z*i with
-    f = sigmoid(W_f h + b_f + 1), i = sigmoid(W_i h + b_i - 1)."""
+def gate(module, state: Tensor, z: Tensor, h: Tensor, kind: str, write: str) -> Tensor:
+    """The paper's gates: fixed s*g + z*(1-g), g = sigmoid(b) (write "normalized": z*sqrt(1-g^2)
+    instead); lstm s*f + z*i with f = sigmoid(W_f h + b_f + 1), i = sigmoid(W_i h + b_i - 1)."""
     if kind == "fixed":
         g = torch.sigmoid(module.bias)
-        return state * g + z * (1 - g)
+        return state * g + z * ((1 - g * g).sqrt() if write == "normalized" else 1 - g)
     wf, wi = module.proj.weight.chunk(2, 0)
     bf, bi = module.proj.bias.chunk(2, 0)
     f, i = torch.sigmoid(h @ wf.T + bf + 1), torch.sigmoid(h @ wi.T + bi - 1)
@@ -100,11 +100,11 @@ def recurrent_attention(cell, cfg, x: Tensor, state: Tensor) -> tuple[Tensor, Te
         else:
             hcat = b.reshape(-1, h * d)
         z = hcat @ cell.state_out.weight.T
-        state = gate(cell.gate, state, z, hcat, cfg.gate)
+        state = gate(cell.gate, state, z, hcat, cfg.gate, cfg.gate_write)
         if cfg.variant == "dual":
             y = F.layer_norm(state, (cfg.dim,), cell.mlp_norm.weight, cell.mlp_norm.bias)
             z = cell.state_mlp(y)
-            state = gate(cell.mlp_gate, state, z, z, cfg.gate)
+            state = gate(cell.mlp_gate, state, z, z, cfg.gate, cfg.gate_write)
     y = torch.cat([self_out.reshape(n, h * d), cross_out.reshape(n, h * d)], dim=-1)
     y = y @ cell.token_out.weight.T
     return y, state

@@ -32,8 +32,10 @@ def perturbed(**kw) -> BlockRecurrentTransformer:
     dict(use_flash_attn=False), dict(recurrent_layers=(1, 3)), dict(recurrent_layers=()),
     dict(window="block"), dict(window="block", recurrent_layers=(), use_flash_attn=False),
     dict(state_self_attention=True), dict(state_self_attention=False, gate="lstm"),
+    dict(gate_write="convex"), dict(gate_write="convex", variant="dual"),
 ], ids=["fixed-skip", "lstm-skip", "fixed-dual", "lstm-dual", "plain", "two-recurrent", "slide",
-        "block-window", "block-window-slide-plain", "state-self", "lstm-state-cross-only"])
+        "block-window", "block-window-slide-plain", "state-self", "lstm-state-cross-only",
+        "convex-write", "convex-write-dual"])
 @pytest.mark.parametrize("n", [16, 37, 80])
 def test_model_equals_the_naive_reference(kw, n):
     """Logits and states equal a per-block implementation of the paper's equations (dense
@@ -52,9 +54,9 @@ def test_model_equals_the_naive_reference(kw, n):
 @pytest.mark.parametrize("kw", [dict(), dict(gate="lstm", variant="dual"), dict(window="block"),
                                 dict(recurrent_layers=(), use_flash_attn=False),
                                 dict(state_self_attention=True),
-                                dict(state_self_attention=False)],
+                                dict(state_self_attention=False), dict(gate_write="convex")],
                          ids=["fixed-skip", "lstm-dual", "block-window", "slide-plain",
-                              "state-self", "state-cross-only"])
+                              "state-self", "state-cross-only", "convex-write"])
 def test_gradients_equal_the_naive_reference(kw):
     """Training follows the paper's equations too: every parameter's gradient of a loss over
     several blocks in one call (the banded windows' backward, the state loop's) equals the
@@ -140,6 +142,38 @@ def test_fixed_gate_starts_with_a_spread_of_retention():
 
 
 # --- the state across blocks ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("write", ["convex", "normalized"])
+def test_fixed_gate_write_sets_what_each_channel_holds(write):
+    """Fed independent unit-spread candidates block after block, a channel with retention g
+    settles at a spread of sqrt((1 - g) / (1 + g)) with the paper's convex write (1/8 for the
+    slow channels that carry far) and at 1 in every channel with the normalized write."""
+    torch.manual_seed(0)
+    gate = FixedGate(preset("tiny", gate_write=write), input_dim=0)
+    with torch.no_grad():
+        gate.bias.copy_(torch.linspace(-1.0, 4.0, gate.bias.numel()))
+    g = torch.sigmoid(gate.bias).detach()
+    state, held = torch.zeros(4096, g.numel()), []
+    with torch.no_grad():
+        for step in range(300):
+            state = gate(state, torch.randn_like(state), None)
+            if step >= 200:
+                held.append(state.std(dim=0))
+    spread = torch.stack(held).mean(0)
+    want = torch.ones_like(g) if write == "normalized" else ((1 - g) / (1 + g)).sqrt()
+    torch.testing.assert_close(spread, want, rtol=0.05, atol=0.0)
+
+
+def test_normalized_write_has_finite_gradients_for_saturated_gates():
+    """sqrt(1 - g^2) is computed as sqrt(sigmoid(-b) (1 + g)): a gate bias far beyond where
+    1 - sigmoid(b) rounds to 0 in float32 still gives finite values and gradients."""
+    gate = FixedGate(preset("tiny"), input_dim=0)
+    with torch.no_grad():
+        gate.bias.fill_(30.0)
+    out = gate(torch.randn(2, 3, gate.bias.numel()), torch.randn(2, 3, gate.bias.numel()), None)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(gate.bias.grad).all()
+
 
 def test_information_passes_through_the_state_beyond_the_window():
     """Changing block 0 changes logits many windows later only when there is recurrence."""

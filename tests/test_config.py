@@ -48,6 +48,12 @@ def test_config_json_round_trip(tmp_path):
     assert cfg.state_self_attention is False
     with pytest.raises(TypeError, match="state_self_attention must be a bool"):
         preset("tiny", state_self_attention=1)
+    # ... and one saved before `gate_write` existed has the paper's convex fixed gate.
+    del old["gate_write"]
+    assert BlockRecurrentConfig.from_dict(old).gate_write == "convex"
+    assert cfg.gate_write == "normalized"
+    with pytest.raises(ValueError, match="gate_write"):
+        preset("tiny", gate_write="sqrt")
 
 
 def test_config_reads_files_with_and_without_transformers_keys():
