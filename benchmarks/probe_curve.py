@@ -3,10 +3,13 @@ every --eval-every, for one setting and a few seeds (the probe's model and recip
 shows the plateau behind the multi-key results: the loss sits at chance (ln alphabet) and then
 falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw is on it.
 
-    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
+    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1 \
+        --gate-write convex
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
-sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the previous release).
+sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the release before the previous one);
+--gate-write how the fixed gate writes (the model's default "normalized"; "convex" is the
+previous release's, where the README's curves were logged).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from probe_ablation import read_gain  # noqa: E402  (this folder: the same rescaling)
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
+from blockrecurrent.config import GATE_WRITES  # noqa: E402
 from blockrecurrent.model import STATE_READ_GAIN  # noqa: E402
 from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
 
@@ -35,14 +39,15 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--read-gain", type=float, default=STATE_READ_GAIN)
+    ap.add_argument("--gate-write", choices=GATE_WRITES, default=preset("probe").gate_write)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = RecallTask(block_width=preset("probe").block_width, num_keys=args.keys,
-                      distance=args.distance)
+    base = preset("probe", gate_write=args.gate_write)
+    task = RecallTask(block_width=base.block_width, num_keys=args.keys, distance=args.distance)
     for seed in args.seeds:
         torch.manual_seed(seed)  # the same draw as `brt probe --seeds SEED`
-        model = BlockRecurrentTransformer(probe_config(preset("probe"), task, recurrent=True))
+        model = BlockRecurrentTransformer(probe_config(base, task, recurrent=True))
         read_gain(args.read_gain)(model)
         losses = []
 

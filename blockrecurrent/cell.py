@@ -94,7 +94,8 @@ class FixedGate(nn.Module):
 
     def forward(self, state: Tensor, z: Tensor, gate_in: Tensor) -> Tensor:
         g = torch.sigmoid(self.bias)
-        if self.normalized:  # 1 - g^2 as sigmoid(-b) (1 + g): exact, and > 0, for large b
+        if self.normalized:  # sqrt(1 - g^2) as sqrt(sigmoid(-b) (1 + g)): 1 - g rounds to 0 in
+            # float32 from b ~ 17, sigmoid(-b) only from b ~ 88 (the biases start below log 63)
             return state * g + z * (torch.sigmoid(-self.bias) * (1 + g)).sqrt()
         return state * g + z * (1 - g)
 

@@ -58,8 +58,9 @@ class BlockRecurrentConfig:
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
     # How the fixed gate writes its candidate z: "convex" s*g + z*(1-g) (the paper), or
     # "normalized" s*g + z*sqrt(1-g^2), which keeps every channel's variance the same whatever
-    # its g, so the slow channels that carry far are not 8x quieter than the fast ones (LRU's
-    # input normalisation); the recall probe stores several keys further (README, Design).
+    # its g (LRU's input normalisation), where the convex write leaves a slow channel (g = 0.97)
+    # holding 1/8 of z's spread; the recall probe stores several keys further (README, Design).
+    # Fixed gate only: the lstm gate's input gate sets its own write.
     gate_write: str = "normalized"
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
     # the candidate reads only the tokens and slots do not mix: the recall probe stores several

@@ -32,9 +32,10 @@ from .memories import XLMemories
 
 # The state's candidate z = state_out(attention outputs) starts at this multiple of fan-in scale.
 # An attention output averages many values, so at fan-in scale z starts at std ~0.5, and the
-# slow channels of the fixed gate, which write (1 - g) of it per block, stayed buried under
-# the learned initial state (std 0.1); on the recall probe 2 keys 4 blocks back rose from
-# 0.66 to 0.92 (seed 0) with 4 (README, Design).
+# slow channels of the fixed gate, which under the convex write take (1 - g) of it per block,
+# stayed buried under the learned initial state (std 0.1); on the recall probe 2 keys 4 blocks
+# back rose from 0.66 to 0.92 (seed 0) with 4 (README, Design). The normalized write still
+# prefers 4 to 1 (README).
 CANDIDATE_GAIN = 4.0
 
 # The state's attention to the tokens (each slot choosing what to write) starts this many times

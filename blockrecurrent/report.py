@@ -221,7 +221,8 @@ def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, tab
     rows = lambda pairs: "\n".join(f"| {k} | {show(v)} |" for k, v in pairs
                                     if isinstance(v, (int, float, str, bool, list)) or v is None)
     model_keys = ("num_tokens", "dim", "depth", "heads", "dim_head", "block_width",
-                  "num_state_vectors", "max_seq_len", "recurrent_layers", "gate", "variant")
+                  "num_state_vectors", "max_seq_len", "recurrent_layers", "gate", "gate_write",
+                  "variant", "state_self_attention", "mlp")
     plots = [f"![training and validation loss]({name})" for name in ("loss.png",)
              if (out / name).is_file()]
     if ev["report"].get("png"):

@@ -165,11 +165,11 @@ def test_fixed_gate_write_sets_what_each_channel_holds(write):
 
 
 def test_normalized_write_has_finite_gradients_for_saturated_gates():
-    """sqrt(1 - g^2) is computed as sqrt(sigmoid(-b) (1 + g)): a gate bias far beyond where
-    1 - sigmoid(b) rounds to 0 in float32 still gives finite values and gradients."""
+    """sqrt(1 - g^2) is computed as sqrt(sigmoid(-b) (1 + g)): gate biases far beyond where
+    1 - sigmoid(b) rounds to 0 in float32 (b ~ 17) still give finite values and gradients."""
     gate = FixedGate(preset("tiny"), input_dim=0)
     with torch.no_grad():
-        gate.bias.fill_(30.0)
+        gate.bias.copy_(torch.linspace(-80.0, 80.0, gate.bias.numel()))
     out = gate(torch.randn(2, 3, gate.bias.numel()), torch.randn(2, 3, gate.bias.numel()), None)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(gate.bias.grad).all()
