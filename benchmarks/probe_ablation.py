@@ -4,11 +4,12 @@ probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Ada
 32, 300 steps).
 
 The gate's write:
-- default: this release's model (the fixed gate writes z * sqrt(1 - g^2), gate_write="normalized");
-- convex: the previous release (the paper's write z * (1 - g)), where every other variant was
-  measured (each is pinned to it, so that it reproduces its README figures).
+- default: the model's own (the paper's convex write z * (1 - g) unless gate_write says else);
+- convex: that write pinned, where every other variant was measured (each is pinned to it, so
+  that it reproduces its README figures whatever the default);
+- normalized: the fixed gate writes z * sqrt(1 - g^2) (gate_write="normalized").
 
-    python benchmarks/probe_ablation.py --variants convex default --keys 2 4 --distances 6 \
+    python benchmarks/probe_ablation.py --variants convex normalized --keys 2 4 --distances 6 \
         --seeds 0 1 2 3
 
 The state's read of the tokens (measured on the convex write):
@@ -190,10 +191,11 @@ VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
             "not-cell-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part:
                                                        not cell(layer, part))),
             "convex": ({}, no_init, None)}
-# Every variant but default was measured with the paper's convex gate write (gate_write), the
-# default before the normalized one: pinned to it, they reproduce their README figures.
+# Every variant but default was measured with the paper's convex gate write (gate_write):
+# pinned to it, they reproduce their README figures whatever the model's default.
 VARIANTS = {name: ((settings if name == "default" else {**settings, "gate_write": "convex"}),
                    init, scale) for name, (settings, init, scale) in VARIANTS.items()}
+VARIANTS["normalized"] = ({"gate_write": "normalized"}, no_init, None)
 
 
 def main(argv=None):

@@ -8,8 +8,8 @@ falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
 sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the release before the previous one);
---gate-write how the fixed gate writes (the model's default "normalized"; "convex" is the
-previous release's, where the README's curves were logged).
+--gate-write how the fixed gate writes (the model's default, "convex", is where the README's
+curves were logged; "normalized": z * sqrt(1 - g^2)).
 """
 
 from __future__ import annotations

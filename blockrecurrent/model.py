@@ -34,8 +34,8 @@ from .memories import XLMemories
 # An attention output averages many values, so at fan-in scale z starts at std ~0.5, and the
 # slow channels of the fixed gate, which under the convex write take (1 - g) of it per block,
 # stayed buried under the learned initial state (std 0.1); on the recall probe 2 keys 4 blocks
-# back rose from 0.66 to 0.92 (seed 0) with 4 (README, Design). The normalized write still
-# prefers 4 to 1 (README).
+# back rose from 0.66 to 0.92 (seed 0) with 4 (README, Design). The normalized write
+# (gate_write) still prefers 4 to 1 on the probe (README).
 CANDIDATE_GAIN = 4.0
 
 # The state's attention to the tokens (each slot choosing what to write) starts this many times

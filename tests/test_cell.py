@@ -32,10 +32,10 @@ def perturbed(**kw) -> BlockRecurrentTransformer:
     dict(use_flash_attn=False), dict(recurrent_layers=(1, 3)), dict(recurrent_layers=()),
     dict(window="block"), dict(window="block", recurrent_layers=(), use_flash_attn=False),
     dict(state_self_attention=True), dict(state_self_attention=False, gate="lstm"),
-    dict(gate_write="convex"), dict(gate_write="convex", variant="dual"),
+    dict(gate_write="normalized"), dict(gate_write="normalized", variant="dual"),
 ], ids=["fixed-skip", "lstm-skip", "fixed-dual", "lstm-dual", "plain", "two-recurrent", "slide",
         "block-window", "block-window-slide-plain", "state-self", "lstm-state-cross-only",
-        "convex-write", "convex-write-dual"])
+        "normalized-write", "normalized-write-dual"])
 @pytest.mark.parametrize("n", [16, 37, 80])
 def test_model_equals_the_naive_reference(kw, n):
     """Logits and states equal a per-block implementation of the paper's equations (dense
@@ -54,9 +54,9 @@ def test_model_equals_the_naive_reference(kw, n):
 @pytest.mark.parametrize("kw", [dict(), dict(gate="lstm", variant="dual"), dict(window="block"),
                                 dict(recurrent_layers=(), use_flash_attn=False),
                                 dict(state_self_attention=True),
-                                dict(state_self_attention=False), dict(gate_write="convex")],
+                                dict(state_self_attention=False), dict(gate_write="normalized")],
                          ids=["fixed-skip", "lstm-dual", "block-window", "slide-plain",
-                              "state-self", "state-cross-only", "convex-write"])
+                              "state-self", "state-cross-only", "normalized-write"])
 def test_gradients_equal_the_naive_reference(kw):
     """Training follows the paper's equations too: every parameter's gradient of a loss over
     several blocks in one call (the banded windows' backward, the state loop's) equals the
@@ -167,7 +167,7 @@ def test_fixed_gate_write_sets_what_each_channel_holds(write):
 def test_normalized_write_has_finite_gradients_for_saturated_gates():
     """sqrt(1 - g^2) is computed as sqrt(sigmoid(-b) (1 + g)): gate biases far beyond where
     1 - sigmoid(b) rounds to 0 in float32 (b ~ 17) still give finite values and gradients."""
-    gate = FixedGate(preset("tiny"), input_dim=0)
+    gate = FixedGate(preset("tiny", gate_write="normalized"), input_dim=0)
     with torch.no_grad():
         gate.bias.copy_(torch.linspace(-80.0, 80.0, gate.bias.numel()))
     out = gate(torch.randn(2, 3, gate.bias.numel()), torch.randn(2, 3, gate.bias.numel()), None)

@@ -79,8 +79,9 @@ CHUNKINGS = [[1] * 150, [5] * 30, [16] * 9 + [6], [56, 94], [3, 29, 7, 100, 11],
     dict(), dict(use_flash_attn=False), dict(use_compressed_mem=True, compressed_mem_factor=4),
     dict(gate="lstm", variant="dual"), dict(recurrent_layers=()), dict(recurrent_layers=(1, 3)),
     dict(window="block"), dict(window="block", use_compressed_mem=True),
+    dict(gate_write="normalized", window="block", use_compressed_mem=True),
 ], ids=["fixed-skip", "plain", "compressed", "lstm-dual", "slide", "two-recurrent", "block-window",
-        "block-window-compressed"])
+        "block-window-compressed", "normalized-write-block-window-compressed"])
 def test_chunking_invariance(kw):
     """Feeding a stream in any chunk sizes with carried memories and states equals one call."""
     model = tiny(**kw)
@@ -88,7 +89,7 @@ def test_chunking_invariance(kw):
     with torch.no_grad():
         full, full_mems, full_states = model(seq)
         # float32 rounding grows with the state's spread, which the gate's write sets (about 3.8
-        # here with the normalized write, 0.8 with the convex one): states compare in its units.
+        # with the normalized write, 0.8 with the convex one): states compare in its units.
         unit = full_states.std().clamp(min=1.0)
         for chunks in CHUNKINGS:
             logits, mems, states = run_chunks(model, seq, chunks)
