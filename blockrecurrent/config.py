@@ -60,7 +60,7 @@ class BlockRecurrentConfig:
     # "normalized" s*g + z*sqrt(1-g^2), which keeps every channel's variance the same whatever
     # its g (LRU's input normalisation), where the convex write leaves a slow channel (g = 0.97)
     # holding 1/8 of z's spread. Normalized, the recall probe stores several keys further, but
-    # language modelling at 400 steps was 0.9% worse on two seeds (README, Design), so the
+    # language modelling at 400 steps was 0.9-2.2% worse on three seeds (README, Design), so the
     # paper's write stays the default. Fixed gate only: the lstm gate's input gate sets its own.
     gate_write: str = "convex"
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
