@@ -3,36 +3,33 @@ rates this project tried, in one script, one fresh model per (variant, K, distan
 probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Adam 2e-3, batch
 32, 300 steps).
 
-The gate's write:
-- default: the model's own (the paper's convex write z * (1 - g) unless gate_write says else);
-- convex: that write pinned, where every other variant was measured (each is pinned to it, so
-  that it reproduces its README figures whatever the default);
-- normalized: the fixed gate writes z * sqrt(1 - g^2) (gate_write="normalized").
+The gate's write: every variant but normalized has the model's default, the paper's convex
+write z * (1 - g), where they were all measured; normalized writes z * sqrt(1 - g^2)
+(gate_write="normalized").
 
-    python benchmarks/probe_ablation.py --variants convex normalized --keys 2 4 --distances 6 \
+    python benchmarks/probe_ablation.py --variants default normalized --keys 2 4 --distances 6 \
         --seeds 0 1 2 3
 
-The state's read of the tokens (measured on the convex write):
-- convex: the model's own init (linear layers at fan-in scale, gate biases spread over 2-64
+The state's read of the tokens:
+- default: the model's own init (linear layers at fan-in scale, gate biases spread over 2-64
   block timescales, the candidate projection at CANDIDATE_GAIN x fan-in scale, the state's
   attention to the tokens at STATE_READ_GAIN x sqrt(dim_head));
 - read-gain-1, read-gain-2, read-gain-8: the same with that attention's scale at that multiple
-  of sqrt(dim_head) instead; read-gain-1 is the release before the previous one.
+  of sqrt(dim_head) instead; read-gain-1 is the previous release.
 
-    python benchmarks/probe_ablation.py --variants read-gain-1 convex read-gain-8 --keys 2 \
+    python benchmarks/probe_ablation.py --variants read-gain-1 default read-gain-8 --keys 2 \
         --distances 5 --seeds 0 1 2 3
 
-On the previous release's read (gain 4; measured at d = 6, where 300 steps ended before the
-last draws learned):
+On this release's read (measured at d = 6, where 300 steps end before the last draws learn):
 - log-scales: every attention scale of the cell learned as exp(log scale), so that Adam's steps
   are relative to the scale, as Adafactor's are in the official code;
 - scales-lr-10: those scales at 10x --lr; cell-2: the cell at 2x --lr; all-2: every parameter.
 
-    python benchmarks/probe_ablation.py --variants convex read-gain-8 log-scales scales-lr-10 \
-        cell-2 all-2 --keys 2 4 --distances 6 --seeds 0 1
+    python benchmarks/probe_ablation.py --variants read-gain-8 log-scales scales-lr-10 cell-2 \
+        all-2 --keys 2 4 --distances 6 --seeds 0 1
 
-Every other variant was measured on the release before the previous one and keeps its state
-read at gain 1, so that it reproduces the figures in the README (read-gain-1 is their baseline).
+Every other variant was measured on the previous release and keeps its state read at gain 1, so
+that it reproduces the figures in the README (read-gain-1 is their baseline).
 
 Initialisations (the same architecture except paper-cell; otherwise only the initial values differ):
 - gpt2: what this project used first: every weight N(0, 0.02) with GPT-2's 1/sqrt(2 depth)
@@ -143,9 +140,8 @@ def no_init(model):
 
 
 def previous(init=no_init):
-    """`init` on the state read of the release before the previous one (gain 1), where the
-    variants other than default, convex and read-gain-* were measured (README), so that they
-    reproduce those figures."""
+    """`init` on the previous release's state read (gain 1), where the variants other than
+    default and read-gain-* were measured (README), so that they reproduce those figures."""
     def both(model):
         read_gain(1)(model)
         init(model)
@@ -190,12 +186,7 @@ VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
             "cell-0.5": ({}, previous(), lr_scale(0.5, cell)),
             "not-cell-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part:
                                                        not cell(layer, part))),
-            "convex": ({}, no_init, None)}
-# Every variant but default was measured with the paper's convex gate write (gate_write):
-# pinned to it, they reproduce their README figures whatever the model's default.
-VARIANTS = {name: ((settings if name == "default" else {**settings, "gate_write": "convex"}),
-                   init, scale) for name, (settings, init, scale) in VARIANTS.items()}
-VARIANTS["normalized"] = ({"gate_write": "normalized"}, no_init, None)
+            "normalized": ({"gate_write": "normalized"}, no_init, None)}
 
 
 def main(argv=None):

@@ -3,11 +3,10 @@ every --eval-every, for one setting and a few seeds (the probe's model and recip
 shows the plateau behind the multi-key results: the loss sits at chance (ln alphabet) and then
 falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw is on it.
 
-    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1 \
-        --gate-write convex
+    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
-sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the release before the previous one);
+sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the previous release);
 --gate-write how the fixed gate writes (the model's default, "convex", is where the README's
 curves were logged; "normalized": z * sqrt(1 - g^2)).
 """
