@@ -1,7 +1,11 @@
 """Why the state learns: the recall probe under the initialisations and per-parameter learning
 rates this project tried, in one script, one fresh model per (variant, K, distance, seed), the
-probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Adam 2e-3, batch
-32, 300 steps).
+probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Adam 2e-3 with the
+trainer's betas (0.9, 0.95), batch 32, 300 steps). Every figure of the variants below but the
+betas table was measured with torch's default betas: add `--betas 0.9 0.999` to reproduce it.
+
+    python benchmarks/probe_ablation.py --variants default normalized --keys 2 4 --distances 6 \
+        --seeds 0 1 2 3 --betas 0.9 0.95
 
 The gate's write: every variant but normalized has the model's default, the paper's convex
 write z * (1 - g), where they were all measured; normalized writes z * sqrt(1 - g^2)
@@ -70,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.cell import STATE_READ, FixedGate  # noqa: E402
 from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
-from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
+from blockrecurrent.probes import BETAS, probe_table, run_probes  # noqa: E402
 
 
 @torch.no_grad()
@@ -198,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--betas", type=float, nargs=2, default=list(BETAS),
+                    help="Adam's betas (default: the trainer's %(default)s)")
     ap.add_argument("--out", default="runs/probe-ablation")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -212,7 +218,8 @@ def main(argv=None):
             return model
         rows = run_probes(preset("probe", **settings), num_keys=args.keys,
                           distances=args.distances, models=("recurrent",), steps=args.steps,
-                          lr=args.lr, seeds=args.seeds, factory=factory, lr_scale=scale,
+                          lr=args.lr, seeds=args.seeds, betas=args.betas, factory=factory,
+                          lr_scale=scale,
                           log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{name}:\n{probe_table(rows)}\n", flush=True)

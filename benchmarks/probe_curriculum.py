@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+from blockrecurrent.probes import BETAS, RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     ap.add_argument("--then", type=int, default=300, help="steps at --distance")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--betas", type=float, nargs=2, default=list(BETAS),
+                    help="Adam's betas (default: the trainer's %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = preset("probe")
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     model = BlockRecurrentTransformer(probe_config(base, hard, recurrent=True))
     for task, steps, seed in ((easy, args.first, args.seed), (hard, args.then, args.seed + 1)):
-        train_recall(model, task, steps=steps, seed=seed)
+        train_recall(model, task, steps=steps, seed=seed, betas=args.betas)
         print(f"K={args.keys}, after {steps} steps at d={task.distance}: "
               f"d={easy.distance} {recall_accuracy(model, easy):.3f}, "
               f"d={hard.distance} {recall_accuracy(model, hard):.3f}", flush=True)

@@ -26,7 +26,7 @@ from probe_ablation import read_gain  # noqa: E402  (this folder: the same resca
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
 from blockrecurrent.config import GATE_WRITES  # noqa: E402
 from blockrecurrent.model import STATE_READ_GAIN  # noqa: E402
-from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+from blockrecurrent.probes import BETAS, RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
 
 
 def main(argv=None):
@@ -40,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--read-gain", type=float, default=STATE_READ_GAIN)
     ap.add_argument("--gate-write", choices=GATE_WRITES, default=preset("probe").gate_write)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--betas", type=float, nargs=2, default=list(BETAS),
+                    help="Adam's betas (default: the trainer's %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = preset("probe", gate_write=args.gate_write)
@@ -58,7 +60,7 @@ def main(argv=None):
                 if step % args.eval_every == 0:
                     line += f", accuracy {recall_accuracy(model, task):.3f}"
                 print(line, flush=True)
-        train_recall(model, task, steps=args.steps, seed=seed, callback=log)
+        train_recall(model, task, steps=args.steps, seed=seed, betas=args.betas, callback=log)
 
 
 if __name__ == "__main__":

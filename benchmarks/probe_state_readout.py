@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.probes import RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+from blockrecurrent.probes import BETAS, RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,6 +64,8 @@ def main(argv=None) -> None:
     ap.add_argument("--window", default="sliding", choices=["sliding", "block"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--betas", type=float, nargs=2, default=list(BETAS),
+                    help="Adam's betas (default: the trainer's %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = preset("probe", window=args.window)
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
             torch.manual_seed(args.seed)
             model = BlockRecurrentTransformer(probe_config(base, task, recurrent=True))
             if steps:
-                train_recall(model, task, steps=steps, seed=args.seed)
+                train_recall(model, task, steps=steps, seed=args.seed, betas=args.betas)
             acc = recall_accuracy(model, task)
             seq, _ = task.batch(3072, torch.Generator().manual_seed(1))
             source = seq[:, task.lead * W:(task.lead + 1) * W]

@@ -5,12 +5,12 @@ same tasks, data, optimizer and steps, side by side on one machine.
         einops beartype
     python benchmarks/probe_vs_port.py --port-path /tmp/portlib --impl ours port --keys 1 2 4
 
-Each (implementation, model, K, distance) trains a fresh model for 300 steps (Adam 2e-3, batch
-32) on the probe's model config (2 layers, dim 64, 4 x 16 heads, W = S = 16, layer 2 recurrent);
-"slide" is the same model without its recurrent layer. The port's window is block-causal (a
-query sees all of the previous block and its own block up to itself), so two port layers reach
-back two whole blocks: at distance <= 2 it can answer from the window alone. Writes one JSON
-per implementation and prints the table.
+Each (implementation, model, K, distance) trains a fresh model for 300 steps (Adam 2e-3 with the
+trainer's betas, batch 32) on the probe's model config (2 layers, dim 64, 4 x 16 heads, W = S = 16,
+layer 2 recurrent); "slide" is the same model without its recurrent layer. The port's window is
+block-causal (a query sees all of the previous block and its own block up to itself), so two port
+layers reach back two whole blocks: at distance <= 2 it can answer from the window alone. Writes
+one JSON per implementation and prints the table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.probes import probe_table, run_probes  # noqa: E402
+from blockrecurrent.probes import BETAS, probe_table, run_probes  # noqa: E402
 
 
 def port_factory(port_cls):
@@ -50,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--betas", type=float, nargs=2, default=list(BETAS),
+                    help="Adam's betas (default: the trainer's %(default)s)")
     ap.add_argument("--out", default="runs/probe-vs-port")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,6 +67,7 @@ def main(argv=None):
         base = preset("probe", window="block" if impl == "port" else args.window)
         rows = run_probes(base, kind=args.kind, num_keys=args.keys, distances=args.distances,
                           models=args.models, steps=args.steps, seeds=args.seeds,
+                          betas=args.betas,
                           factory=factories[impl],
                           log=lambda s, impl=impl: print(f"[{impl}] {s}", flush=True))
         for r in rows:

@@ -121,7 +121,7 @@ def cmd_probe(args) -> int:
     else:
         rows = run_probes(config, **task, models=args.models,
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          seeds=args.seeds, mixed=args.mixed,
+                          betas=tuple(args.betas), seeds=args.seeds, mixed=args.mixed,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
     paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
     print(probe_table(rows, markdown=False))
@@ -313,6 +313,8 @@ def _bench_command(add, with_bench: bool) -> None:
 
 
 def _probe_command(add) -> None:
+    from .settings import TrainConfig  # stdlib only
+
     p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
             "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "
             "recall tasks (keys placed d blocks before the questions, after filler) and print "
@@ -336,6 +338,9 @@ def _probe_command(add) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="sequences per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 2e-3)")
+    p.add_argument("--betas", type=float, nargs=2, default=list(TrainConfig.betas),
+                   metavar=("B1", "B2"),
+                   help="Adam's betas (default: %(default)s, the trainer's)")
     p.add_argument("--mixed", action="store_true",
                    help="train one model per K on all the distances in turn (the same steps) "
                         "and evaluate it at each, instead of one model per distance")

@@ -23,7 +23,8 @@ directly when it is within that reach; `beyond_reach` marks the settings where n
 reach, so that anything above chance there is carried by the state.
 
 The models train from scratch on fresh batches (Adam, lr 2e-3, batch 32, 300 steps by default,
-the probe of the project's state issue) and are evaluated on 1,024 held-out sequences.
+the probe of the project's state issue; betas (0.9, 0.95), the trainer's) and are evaluated on
+1,024 held-out sequences.
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ from torch import Tensor, nn
 
 from .config import BlockRecurrentConfig, preset
 from .model import BlockRecurrentTransformer
+from .settings import TrainConfig
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
 LrScale = Callable[[str], float]  # parameter name -> learning-rate multiplier
+# Adam's betas: the trainer's. With torch's default beta2 = 0.999 the steps stay damped by the
+# large gradients of the first steps while the loss sits on its plateau, and recall is learnt
+# later (README, Results: "Adam's betas").
+BETAS = TrainConfig.betas
 
 
 
@@ -159,6 +165,15 @@ def _logits(model: nn.Module, seq: Tensor) -> Tensor:
     return model(seq)[0]
 
 
+def _check_betas(betas) -> tuple[float, float]:
+    ok = (isinstance(betas, (tuple, list)) and len(betas) == 2
+          and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                  for b in betas))
+    if not ok:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
 def _check_lr_scale(lr_scale) -> None:
     if lr_scale is not None and not callable(lr_scale):
         raise TypeError(f"lr_scale must map a parameter name to a factor, got "
@@ -179,7 +194,7 @@ def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) ->
 
 def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
                  batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                 lr_scale: LrScale | None = None,
+                 lr_scale: LrScale | None = None, betas: tuple[float, float] = BETAS,
                  callback: Callable[[int, float], None] | None = None) -> float:
     """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
     trained in turn, one batch of each (mixed distances). `lr_scale(name)` multiplies the
@@ -187,7 +202,7 @@ def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps
     fast). `callback(step, loss)` is called after every step (benchmarks/probe_curve.py)."""
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr)
+    opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr, betas=_check_betas(betas))
     model.train()
     loss = torch.tensor(float("nan"))
     for i in range(steps):
@@ -243,6 +258,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
                mixed: bool = False, lr_scale: LrScale | None = None,
+               betas: tuple[float, float] = BETAS,
                log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). mixed=True trains one model per (model,
@@ -265,6 +281,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
     if not isinstance(mixed, bool):
         raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
     _check_lr_scale(lr_scale)
+    betas = _check_betas(betas)
     tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
     # What each model trains on: one task, or (mixed) every distance of one K.
     groups = ([[t for t in tasks if t.num_keys == k] for k in dict.fromkeys(num_keys)] if mixed
@@ -280,14 +297,15 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 t0 = time.perf_counter()
                 loss = train_recall(model, group if mixed else group[0], steps=steps,
                                     batch_size=batch_size, lr=lr, seed=seed,
-                                    lr_scale=lr_scale)
+                                    lr_scale=lr_scale, betas=betas)
                 for task in group:
                     acc = recall_accuracy(model, task)
                     row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
                                distance=task.distance, queries=task.queries, lead=task.lead,
                                seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
                                beyond_reach=task.beyond_reach(config.depth, config.window),
-                               steps=steps, mixed=mixed, seconds=time.perf_counter() - t0)
+                               steps=steps, betas=list(betas), mixed=mixed,
+                               seconds=time.perf_counter() - t0)
                     rows.append(row)
                     if log:
                         log(f"{name:9s} {task.kind} K={task.num_keys} d={task.distance} "

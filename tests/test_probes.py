@@ -6,6 +6,7 @@ import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.probes import (
+    BETAS,
     IGNORE,
     RecallTask,
     adam_groups,
@@ -14,6 +15,7 @@ from blockrecurrent.probes import (
     train_recall,
     write_probe_report,
 )
+from blockrecurrent.settings import TrainConfig
 
 
 def test_keys_task_layout():
@@ -145,3 +147,23 @@ def test_bad_lr_scale_is_rejected_before_training():
         adam_groups(model, 1e-3, lambda name: 0.0)
     with pytest.raises(ValueError, match="lr_scale"):
         adam_groups(model, 1e-3, lambda name: True)
+
+
+def test_betas_reach_adam_and_default_to_the_trainers():
+    """Adam's betas are the trainer's unless given; they change the second step on (the first
+    step of Adam is sign-like whatever the betas)."""
+    torch.manual_seed(0)
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    task = RecallTask(block_width=8, distance=2, lead=1)
+    assert BETAS == TrainConfig().betas
+    runs = {}
+    for betas in (None, BETAS, (0.9, 0.999)):
+        m = BlockRecurrentTransformer(model.config)
+        m.load_state_dict(model.state_dict())
+        train_recall(m, task, steps=2, **({} if betas is None else {"betas": betas}))
+        runs[betas] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert torch.equal(runs[None], runs[BETAS])
+    assert not torch.allclose(runs[BETAS], runs[(0.9, 0.999)])
+    for bad in ((0.9,), (0.9, 1.0), "0.9 0.95", (0.9, True)):
+        with pytest.raises(ValueError, match="betas"):
+            run_probes(betas=bad)
