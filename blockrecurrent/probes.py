@@ -47,9 +47,9 @@ from .settings import TrainConfig
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
 LrScale = Callable[[str], float]  # parameter name -> learning-rate multiplier
-# Adam's betas: the trainer's. With torch's default beta2 = 0.999 the steps stay damped by the
-# large gradients of the first steps while the loss sits on its plateau, and recall is learnt
-# later (README, Results: "Adam's betas").
+# Adam's betas: the trainer's. With torch's default beta2 = 0.999 recall is learnt later, likely
+# because the steps stay damped by the large gradients of the first steps while the loss sits
+# on its plateau (README, Results: "Adam's betas").
 BETAS = TrainConfig.betas
 
 
