@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .config import BlockRecurrentConfig, preset
 from .model import BlockRecurrentTransformer
-from .settings import TrainConfig
+from .settings import TrainConfig, valid_betas
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
@@ -166,10 +166,7 @@ def _logits(model: nn.Module, seq: Tensor) -> Tensor:
 
 
 def _check_betas(betas) -> tuple[float, float]:
-    ok = (isinstance(betas, (tuple, list)) and len(betas) == 2
-          and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
-                  for b in betas))
-    if not ok:
+    if not valid_betas(betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     return float(betas[0]), float(betas[1])
 

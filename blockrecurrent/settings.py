@@ -43,6 +43,13 @@ def torch_dtype(name: str):
 
 # ------------------------------------------------------------------------------- settings
 
+def valid_betas(betas) -> bool:
+    """Adam's (beta1, beta2): two numbers in [0, 1), as the trainer and the probes take them."""
+    return (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                    for b in betas))
+
+
 @dataclass
 class TrainConfig:
     """Training settings: the [train] section of a config file, or `key=value` on the command
@@ -116,9 +123,7 @@ class TrainConfig:
              f"must not exceed max_steps={self.max_steps}; lower it or raise max_steps")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
              "must be >= 0")
-        need(len(self.betas) == 2
-             and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
-             "betas", "give two numbers in [0, 1), e.g. [0.9, 0.95]")
+        need(valid_betas(self.betas), "betas", "give two numbers in [0, 1), e.g. [0.9, 0.95]")
         need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip",
              "must be >= 0 (0: off)")
         need(self.device in ("auto", "cpu", "cuda")
