@@ -4,24 +4,24 @@ probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Ada
 trainer's betas (0.9, 0.95), batch 32, 300 steps). Every figure of the variants below but the
 betas table was measured with torch's default betas: add `--betas 0.9 0.999` to reproduce it.
 
-    python benchmarks/probe_ablation.py --variants default normalized --keys 2 4 --distances 6 \
+    python benchmarks/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
         --seeds 0 1 2 3 --betas 0.9 0.95
 
-The gate's write: every variant but normalized has the model's default, the paper's convex
-write z * (1 - g), where they were all measured; normalized writes z * sqrt(1 - g^2)
-(gate_write="normalized").
+The gate's write: default is the model's own, the normalized write z * sqrt(1 - g^2); convex is
+the paper's z * (1 - g), the previous default. Every other variant was measured with the convex
+write and keeps it, so that it reproduces the README's figures.
 
-    python benchmarks/probe_ablation.py --variants default normalized --keys 2 4 --distances 6 \
+    python benchmarks/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
         --seeds 0 1 2 3
 
 The state's read of the tokens:
 - default: the model's own init (linear layers at fan-in scale, gate biases spread over 2-64
   block timescales, the candidate projection at CANDIDATE_GAIN x fan-in scale, the state's
-  attention to the tokens at STATE_READ_GAIN x sqrt(dim_head));
-- read-gain-1, read-gain-2, read-gain-8: the same with that attention's scale at that multiple
+  attention to the tokens at STATE_READ_GAIN x sqrt(dim_head)); convex: the same, convex write;
+- read-gain-1, read-gain-2, read-gain-8: convex with that attention's scale at that multiple
   of sqrt(dim_head) instead; read-gain-1 is the previous release.
 
-    python benchmarks/probe_ablation.py --variants read-gain-1 default read-gain-8 --keys 2 \
+    python benchmarks/probe_ablation.py --variants read-gain-1 convex read-gain-8 --keys 2 \
         --distances 5 --seeds 0 1 2 3
 
 On this release's read (measured at d = 6, where 300 steps end before the last draws learn):
@@ -145,7 +145,7 @@ def no_init(model):
 
 def previous(init=no_init):
     """`init` on the previous release's state read (gain 1), where the variants other than
-    default and read-gain-* were measured (README), so that they reproduce those figures."""
+    default, convex and read-gain-* were measured (README), so that they reproduce those figures."""
     def both(model):
         read_gain(1)(model)
         init(model)
@@ -172,25 +172,28 @@ def scales_lr(factor: float):
     return lambda name: factor if "scales" in name else 1.0
 
 
+CONVEX = {"gate_write": "convex"}  # the write every variant but default was measured with
+
 # name -> (probe model settings, init applied after the model's own, lr_scale or None)
-VARIANTS = {"gpt2": ({}, previous(gpt2_init), None),
-            "fan-in-g0.5": ({}, previous(paper_gate), None),
-            "default": ({}, no_init, None),
-            **{f"read-gain-{g}": ({}, read_gain(g), None) for g in (1, 2, 8)},
-            **{f"gain-{g}": ({}, previous(candidate_gain(g)), None) for g in (1, 2, 8)},
-            "paper-cell": ({"state_self_attention": True}, previous(candidate_gain(1)), None),
-            "log-scales": ({}, log_scales, None),
-            "scales-lr-10": ({}, no_init, scales_lr(10.0)),
-            "cell-2": ({}, no_init, lr_scale(2.0, cell)),
-            "all-2": ({}, no_init, lr_scale(2.0, lambda layer, part: True)),
-            "all-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part: True)),
-            "below-0.5": ({}, previous(), lr_scale(0.5, below)),
-            "below-0.25": ({}, previous(), lr_scale(0.25, below)),
-            "below-mlp-0.5": ({}, previous(), lr_scale(0.5, below_mlp)),
-            "cell-0.5": ({}, previous(), lr_scale(0.5, cell)),
-            "not-cell-0.5": ({}, previous(), lr_scale(0.5, lambda layer, part:
-                                                       not cell(layer, part))),
-            "normalized": ({"gate_write": "normalized"}, no_init, None)}
+VARIANTS = {"default": ({}, no_init, None),
+            "convex": (CONVEX, no_init, None),
+            "gpt2": (CONVEX, previous(gpt2_init), None),
+            "fan-in-g0.5": (CONVEX, previous(paper_gate), None),
+            **{f"read-gain-{g}": (CONVEX, read_gain(g), None) for g in (1, 2, 8)},
+            **{f"gain-{g}": (CONVEX, previous(candidate_gain(g)), None) for g in (1, 2, 8)},
+            "paper-cell": ({**CONVEX, "state_self_attention": True}, previous(candidate_gain(1)),
+                           None),
+            "log-scales": (CONVEX, log_scales, None),
+            "scales-lr-10": (CONVEX, no_init, scales_lr(10.0)),
+            "cell-2": (CONVEX, no_init, lr_scale(2.0, cell)),
+            "all-2": (CONVEX, no_init, lr_scale(2.0, lambda layer, part: True)),
+            "all-0.5": (CONVEX, previous(), lr_scale(0.5, lambda layer, part: True)),
+            "below-0.5": (CONVEX, previous(), lr_scale(0.5, below)),
+            "below-0.25": (CONVEX, previous(), lr_scale(0.25, below)),
+            "below-mlp-0.5": (CONVEX, previous(), lr_scale(0.5, below_mlp)),
+            "cell-0.5": (CONVEX, previous(), lr_scale(0.5, cell)),
+            "not-cell-0.5": (CONVEX, previous(), lr_scale(0.5, lambda layer, part:
+                                                          not cell(layer, part)))}
 
 
 def main(argv=None):

@@ -7,8 +7,9 @@ falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
 sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the previous release);
---gate-write how the fixed gate writes (the model's default, "convex", is where the README's
-curves were logged; "normalized": z * sqrt(1 - g^2)).
+--gate-write how the fixed gate writes (the model's default, "normalized": z * sqrt(1 - g^2);
+"convex", the paper's z * (1 - g), is where the README's curves were logged: add
+`--gate-write convex` to reproduce them).
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ def retention_bias(shape, max_blocks: float = 64.0) -> Tensor:
 
 class FixedGate(nn.Module):
     """s' = s * g + z * w, g = sigmoid(b) a learned per-channel constant (Rec:fixed), with the
-    write w = 1 - g (the paper's convex gate, gate_write="convex") or w = sqrt(1 - g^2)
-    ("normalized"). A channel keeps g^k of what it held k blocks ago either way; the convex
+    write w = sqrt(1 - g^2) (gate_write="normalized", the default) or w = 1 - g (the paper's
+    convex gate, "convex"). A channel keeps g^k of what it held k blocks ago either way; the convex
     write makes a slow channel (g = 0.97) take 3% of z per block and hold, in the long run,
     sqrt((1 - g) / (1 + g)) = 1/8 of z's spread, while the normalized one holds all of it in
     every channel (the input normalisation of the LRU, Orvieto et al. 2023)."""
