@@ -12,14 +12,14 @@ the paper's z * (1 - g), the previous default. Every other variant was measured 
 write and keeps it, so that it reproduces the README's figures.
 
     python benchmarks/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
-        --seeds 0 1 2 3
+        --seeds 0 1 2 3 --betas 0.9 0.999
 
 The state's read of the tokens:
 - default: the model's own init (linear layers at fan-in scale, gate biases spread over 2-64
   block timescales, the candidate projection at CANDIDATE_GAIN x fan-in scale, the state's
   attention to the tokens at STATE_READ_GAIN x sqrt(dim_head)); convex: the same, convex write;
 - read-gain-1, read-gain-2, read-gain-8: convex with that attention's scale at that multiple
-  of sqrt(dim_head) instead; read-gain-1 is the previous release.
+  of sqrt(dim_head) instead; read-gain-1 is an earlier release (unit spread).
 
     python benchmarks/probe_ablation.py --variants read-gain-1 convex read-gain-8 --keys 2 \
         --distances 5 --seeds 0 1 2 3
@@ -29,10 +29,10 @@ On this release's read (measured at d = 6, where 300 steps end before the last d
   are relative to the scale, as Adafactor's are in the official code;
 - scales-lr-10: those scales at 10x --lr; cell-2: the cell at 2x --lr; all-2: every parameter.
 
-    python benchmarks/probe_ablation.py --variants read-gain-8 log-scales scales-lr-10 cell-2 \
-        all-2 --keys 2 4 --distances 6 --seeds 0 1
+    python benchmarks/probe_ablation.py --variants convex read-gain-8 log-scales scales-lr-10 \
+        cell-2 all-2 --keys 2 4 --distances 6 --seeds 0 1
 
-Every other variant was measured on the previous release and keeps its state read at gain 1, so
+Every other variant was measured on an earlier release and keeps its state read at gain 1, so
 that it reproduces the figures in the README (read-gain-1 is their baseline).
 
 Initialisations (the same architecture except paper-cell; otherwise only the initial values differ):
@@ -49,7 +49,7 @@ Initialisations (the same architecture except paper-cell; otherwise only the ini
         --keys 2 --distances 4 --seeds 0 1
 
 Learning rates (only Adam's rate for some parameters differs):
-- all-0.5: every parameter at half of --lr (`brt probe --lr 1e-3` on the previous release);
+- all-0.5: every parameter at half of --lr (`brt probe --lr 1e-3` on an earlier release);
 - below-0.5, below-0.25: the layers below the recurrent layer (the state reads their output)
   at that fraction, everything else at --lr;
 - below-mlp-0.5: only their MLPs; cell-0.5: the recurrent layer's attention (the cell's token

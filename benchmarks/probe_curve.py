@@ -6,7 +6,7 @@ falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw
     python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
-sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is the previous release);
+sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is an earlier release);
 --gate-write how the fixed gate writes (the model's default, "normalized": z * sqrt(1 - g^2);
 "convex", the paper's z * (1 - g), is where the README's curves were logged: add
 `--gate-write convex` to reproduce them).

@@ -60,8 +60,9 @@ class BlockRecurrentConfig:
     # every channel's variance the same whatever its g (LRU's input normalisation), or "convex"
     # s*g + z*(1-g) (the paper), which leaves a slow channel (g = 0.97) holding 1/8 of z's
     # spread. Normalized is the only setting that met every recall-probe target on every draw
-    # tried; language modelling is level with convex from 1,200 steps on, ~1% worse at 400
-    # (README, Design). Fixed gate only: the lstm gate's input gate sets its own.
+    # tried; language modelling is level with convex from 1,200 steps on, 0.7% worse at 400 on
+    # the mean of three seeds (README, Design). Fixed gate only: the lstm gate's input gate sets
+    # its own.
     gate_write: str = "normalized"
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
     # the candidate reads only the tokens and slots do not mix: the recall probe stores several
