@@ -144,7 +144,7 @@ def no_init(model):
 
 
 def previous(init=no_init):
-    """`init` on the previous release's state read (gain 1), where the variants other than
+    """`init` on an earlier release's state read (gain 1), where the variants other than
     default, convex and read-gain-* were measured (README), so that they reproduce those figures."""
     def both(model):
         read_gain(1)(model)

@@ -51,7 +51,7 @@ def test_config_json_round_trip(tmp_path):
     # ... and one saved before `gate_write` existed has the paper's convex fixed gate.
     del old["gate_write"]
     assert BlockRecurrentConfig.from_dict(old).gate_write == "convex"
-    assert cfg.gate_write == "normalized"  # the default since: every recall-probe target
+    assert cfg.gate_write == "normalized"  # the default: the write that met every probe target
     with pytest.raises(ValueError, match="gate_write"):
         preset("tiny", gate_write="sqrt")
 
