@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from blockrecurrent import BlockRecurrentTransformer
-from blockrecurrent.bench_machine import PeakMemory
-from blockrecurrent.config import PRESETS, preset
-from blockrecurrent.distributed import checkpoint_layers
+from blockrecurrent.bench.machine import PeakMemory
+from blockrecurrent.model.config import PRESETS, preset
+from blockrecurrent.train.distributed import checkpoint_layers
 
 
 def segment(model, tokens):

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from blockrecurrent.settings import load_train_config, resolve_model_config  # noqa: E402
-from blockrecurrent.train import Trainer  # noqa: E402
-from blockrecurrent.train_data import build_data  # noqa: E402
+from blockrecurrent.train.settings import load_train_config, resolve_model_config  # noqa: E402
+from blockrecurrent.train.train_data import build_data  # noqa: E402
+from blockrecurrent.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

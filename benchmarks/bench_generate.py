@@ -32,10 +32,10 @@ from blockrecurrent import (  # noqa: E402
     BlockRecurrentTransformer,
     preset,
 )
-from blockrecurrent.bench import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.bench_decode import decode_speed, format_decode  # noqa: E402
-from blockrecurrent.bench_machine import PeakMemory  # noqa: E402
-from blockrecurrent.generation import generate  # noqa: E402
+from blockrecurrent.bench.decode import decode_speed, format_decode  # noqa: E402
+from blockrecurrent.bench.machine import PeakMemory  # noqa: E402
+from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
+from blockrecurrent.generate.generation import generate  # noqa: E402
 
 
 def timed(fn):
@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
     ap.add_argument("--reference", action="store_true",
-                    help="the issue's reference config (blockrecurrent.bench.REFERENCE_CONFIG: "
+                    help="the issue's reference config (blockrecurrent.bench.run.REFERENCE_CONFIG: "
                          "dim 256, depth 4, 4x64 heads, W = S = 128, max_seq_len 1024) instead "
                          "of --preset")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32],
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     longest = torch.randint(0, config.num_tokens, (args.batch, max(args.contexts)), generator=gen)
     generate(model, longest[:, :config.max_seq_len], 4, do_sample=False)  # warm up
 
-    # Prefill memory first, in untimed passes (see blockrecurrent.bench: live data, measured
+    # Prefill memory first, in untimed passes (see blockrecurrent.bench.run: live data, measured
     # before any timed work): the peak above the memory before the call.
     meter, prefill_mib = PeakMemory(torch.device("cpu")), {}
     with meter.exact():

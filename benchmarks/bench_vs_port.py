@@ -6,7 +6,7 @@
 
 The issue quotes the port's tokens/s measured at another time (and, for bf16, necessarily on other
 hardware); on a shared machine only a ratio measured pass by pass means anything. Both models get
-issue 5's reference config (blockrecurrent.bench.REFERENCE_CONFIG), batch 4, a 2048-token stream
+issue 5's reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), batch 4, a 2048-token stream
 fed segment by segment (max_seq_len = 1024), forward + cross-entropy + backward + AdamW step per
 segment with memories and states carried, detached, between segments (the port returns them
 detached); inference feeds the same segments under torch.inference_mode. The two run alternately
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench import REFERENCE_CONFIG, Runner  # noqa: E402
+from blockrecurrent.bench.run import REFERENCE_CONFIG, Runner  # noqa: E402
 
 
 def port_stream(model, opt, tokens, n, segment, mode, dtype) -> float:

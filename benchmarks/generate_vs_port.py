@@ -4,7 +4,7 @@
         einops beartype
     python benchmarks/generate_vs_port.py --port-path /tmp/portlib --threads 1
 
-Both models get the reference config (blockrecurrent.bench.REFERENCE_CONFIG: dim 256, depth 4,
+Both models get the reference config (blockrecurrent.bench.run.REFERENCE_CONFIG: dim 256, depth 4,
 4 x 64 heads, W = S = 128, max_seq_len 1024, recurrent layer 3), random weights, a prompt of
 `--prompt` random tokens and `--new-tokens` new tokens. The port keeps no cache: every new token
 re-runs its forward over everything generated so far in the segment, so its cost per token grows
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench_vs_port import load_port  # noqa: E402
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.generation import generate  # noqa: E402
+from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
+from blockrecurrent.generate.generation import generate  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.data import (  # noqa: E402
+from blockrecurrent.data.corpus import (  # noqa: E402
     ByteTokenizer,
     DocumentLanes,
     load_documents,

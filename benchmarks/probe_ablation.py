@@ -72,9 +72,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.cell import STATE_READ, FixedGate  # noqa: E402
-from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
-from blockrecurrent.probes import BETAS, probe_table, run_probes  # noqa: E402
+from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes  # noqa: E402
+from blockrecurrent.model.cell import STATE_READ, FixedGate  # noqa: E402
+from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
 
 
 @torch.no_grad()

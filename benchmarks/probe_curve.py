@@ -25,9 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from probe_ablation import read_gain  # noqa: E402  (this folder: the same rescaling)
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.config import GATE_WRITES  # noqa: E402
-from blockrecurrent.model import STATE_READ_GAIN  # noqa: E402
-from blockrecurrent.probes import BETAS, RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+from blockrecurrent.evaluate.probes import (  # noqa: E402
+    BETAS,
+    RecallTask,
+    probe_config,
+    recall_accuracy,
+    train_recall,
+)
+from blockrecurrent.model.config import GATE_WRITES  # noqa: E402
+from blockrecurrent.model.transformer import STATE_READ_GAIN  # noqa: E402
 
 
 def main(argv=None):

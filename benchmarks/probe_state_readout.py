@@ -27,7 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.probes import BETAS, RecallTask, probe_config, recall_accuracy, train_recall  # noqa: E402
+from blockrecurrent.evaluate.probes import (  # noqa: E402
+    BETAS,
+    RecallTask,
+    probe_config,
+    recall_accuracy,
+    train_recall,
+)
 
 
 @torch.no_grad()

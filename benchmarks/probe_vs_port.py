@@ -1,5 +1,5 @@
-"""The recall probe (blockrecurrent.probes) for our model and the best-known PyTorch port, with the
-same tasks, data, optimizer and steps, side by side on one machine.
+"""The recall probe (blockrecurrent.evaluate.probes) for our model and the best-known PyTorch
+port, with the same tasks, data, optimizer and steps, side by side on one machine.
 
     pip install --no-deps --target /tmp/portlib block-recurrent-transformer-pytorch==0.4.4 \\
         einops beartype
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.probes import BETAS, probe_table, run_probes  # noqa: E402
+from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes  # noqa: E402
 
 
 def port_factory(port_cls):

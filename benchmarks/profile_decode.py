@@ -1,11 +1,11 @@
 """Where a decoding step's time goes: torch.profiler over greedy steps of the fast (default),
 legacy (general path) and optionally compiled step, grouped into matrix products, attention,
 other operators and the rest (Python, dispatch, the generation loop), beside the best time to
-read the step's weights once (blockrecurrent.bench_decode.read_seconds) measured in the same run.
+read the step's weights once (blockrecurrent.bench.decode.read_seconds) measured in the same run.
 
     python benchmarks/profile_decode.py --threads 1 [--batch 1] [--compile]
 
-The issue's reference config (blockrecurrent.bench.REFERENCE_CONFIG), random weights, a
+The issue's reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), random weights, a
 16-token prompt. Profiler overhead inflates the small operators a little; compare paths within
 one run (paths alternate over --rounds rounds; medians).
 """
@@ -24,9 +24,9 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.bench_decode import decode_bytes, read_seconds  # noqa: E402
-from blockrecurrent.generation import generate  # noqa: E402
+from blockrecurrent.bench.decode import decode_bytes, read_seconds  # noqa: E402
+from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
+from blockrecurrent.generate.generation import generate  # noqa: E402
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",

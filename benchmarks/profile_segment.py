@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from blockrecurrent import PRESETS, BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.bench import REFERENCE_CONFIG, REFERENCE_RUN  # noqa: E402
+from blockrecurrent.bench.run import REFERENCE_CONFIG, REFERENCE_RUN  # noqa: E402
 
 
 def main(argv=None) -> None:

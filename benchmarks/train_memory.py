@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from blockrecurrent import train as T
-from blockrecurrent.bench_machine import proc_status_kib
+from blockrecurrent.bench.machine import proc_status_kib
+from blockrecurrent.train import trainer as T
 
 
 def main(argv: list[str]) -> int:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-_EXPORTS = {"BlockRecurrentConfig": "config", "PRESETS": "config", "preset": "config",
-            "BlockRecurrentTransformer": "model", "XLMemories": "model"}
+_EXPORTS = {"BlockRecurrentConfig": "model.config", "PRESETS": "model.config",
+            "preset": "model.config",
+            "BlockRecurrentTransformer": "model.transformer", "XLMemories": "model.memories"}
 
 __all__ = ["BlockRecurrentConfig", "BlockRecurrentTransformer", "XLMemories", "PRESETS", "preset"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .config import PRESETS, BlockRecurrentConfig, preset
-    from .model import BlockRecurrentTransformer, XLMemories
+    from .model.config import PRESETS, BlockRecurrentConfig, preset
+    from .model.transformer import BlockRecurrentTransformer, XLMemories
 
 
 def __getattr__(name: str):

@@ -40,8 +40,8 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .settings import load_train_config
-    from .train import train
+    from .train.settings import load_train_config
+    from .train.trainer import train
 
     model_config, train_config = load_train_config(args.config, args.preset, overrides)
     summary = train(model_config, train_config, resume=args.resume)
@@ -54,8 +54,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval_report import eval_table, human_count
-    from .evaluate import evaluate_checkpoint
+    from .evaluate.evaluation import evaluate_checkpoint
+    from .evaluate.report import eval_table, human_count
 
     out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
     res = evaluate_checkpoint(
@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .text import generate_text
+    from .generate.text import generate_text
 
     generate_text(args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -90,7 +90,7 @@ def cmd_generate(args) -> int:
 
 def cmd_compare(args) -> int:
     overrides = _overrides(args.overrides)
-    from .compare import compare
+    from .evaluate.compare import compare
 
     res = compare(args.config, args.preset, overrides, args.out,
                   extra_layer=not args.no_extra_layer, eval_batch_size=args.eval_batch_size,
@@ -101,15 +101,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from .bench import run as bench
 
     bench.main(args)
     return 0
 
 
 def cmd_probe(args) -> int:
-    from .probes import evaluate_saved, probe_table, run_probes, write_probe_report
-    from .settings import load_train_config
+    from .evaluate.probes import evaluate_saved, probe_table, run_probes, write_probe_report
+    from .train.settings import load_train_config
 
     # Model settings over the probe preset, parsed as the trainer parses model.key=value.
     config = load_train_config(preset="probe", overrides=[
@@ -184,7 +184,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 
 
 def _train_options(p) -> None:
-    from .config import PRESETS
+    from .model.config import PRESETS
 
     p.add_argument("--config", metavar="FILE",
                    help="config file (TOML or YAML) with [model] and [train] sections, "
@@ -200,7 +200,7 @@ def _train_command(add) -> None:
     p = add("train", cmd_train, "train a model",
             "Train a model; the final model is exported to OUT_DIR/model, checkpoints to "
             "OUT_DIR/checkpoints, metrics to OUT_DIR/metrics.jsonl.")
-    from .settings import settings_help  # stdlib only
+    from .train.settings import settings_help  # stdlib only
 
     p.epilog = settings_help()
     _train_options(p)
@@ -303,7 +303,7 @@ def _bench_command(add, with_bench: bool) -> None:
             "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
     if with_bench:
         try:
-            from . import bench
+            from .bench import run as bench
         except ImportError as err:  # keep the other commands working
             def unavailable(args, err=err):
                 raise ImportError(f"brt bench is unavailable: {err}")
@@ -313,7 +313,7 @@ def _bench_command(add, with_bench: bool) -> None:
 
 
 def _probe_command(add) -> None:
-    from .settings import TrainConfig  # stdlib only
+    from .train.settings import TrainConfig  # stdlib only
 
     p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
             "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "

@@ -54,10 +54,15 @@ except ImportError as err:  # the core package does not depend on transformers
                       "5.24): pip install 'blockrecurrent[hf]'") from err
 
 # Absolute imports: block_recurrent_hf.py in a saved directory imports this module by name.
-from blockrecurrent.attention import Rotary
-from blockrecurrent.config import HF_SHIM_FILE, MODEL_TYPE, SAVED_BEFORE_FIELD, BlockRecurrentConfig
-from blockrecurrent.generation import chunk_bounds
-from blockrecurrent.model import BlockRecurrentTransformer, ModelOutput, XLMemories
+from blockrecurrent.generate.generation import chunk_bounds
+from blockrecurrent.model.attention import Rotary
+from blockrecurrent.model.config import (
+    HF_SHIM_FILE,
+    MODEL_TYPE,
+    SAVED_BEFORE_FIELD,
+    BlockRecurrentConfig,
+)
+from blockrecurrent.model.transformer import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
 
@@ -336,7 +341,7 @@ def add_hf_files(model_dir) -> None:
     the model (config.json gains model_type and auto_map, block_recurrent_hf.py is written;
     the weights are unchanged) and its tokenizer (tokenizer.json, tokenizer_config.json keys,
     generation_config.json)."""
-    from blockrecurrent.data import load_tokenizer
+    from blockrecurrent.data.corpus import load_tokenizer
 
     model_dir = Path(model_dir)
     BlockRecurrentTransformer.from_pretrained(model_dir).save_pretrained(model_dir)
@@ -404,8 +409,8 @@ def write_heldout_task(model_dir, directory, split: str = "test", data=None,
                        name: str = "brt_heldout") -> Path:
     """The rolling task over the held-out `split` documents of the run that wrote model_dir
     (its data and split, as `brt eval` reads them; data overrides the recorded corpus)."""
-    from blockrecurrent.data import load_documents, split_documents
-    from blockrecurrent.evaluate import training_data
+    from blockrecurrent.data.corpus import load_documents, split_documents
+    from blockrecurrent.evaluate.evaluation import training_data
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")

@@ -66,11 +66,11 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     settings is reused and an interrupted one resumed, so rerunning the job is cheap."""
     import torch
 
-    from .compare import check_reusable, train_or_reuse
-    from .config import preset
-    from .evaluate import state_ablation
-    from .probes import run_probes, write_probe_report
-    from .settings import load_train_config
+    from .evaluate.compare import check_reusable, train_or_reuse
+    from .evaluate.evaluation import state_ablation
+    from .evaluate.probes import run_probes, write_probe_report
+    from .model.config import preset
+    from .train.settings import load_train_config
 
     out = Path(out_dir)
     config = config if config is not None else _default_config()
@@ -136,11 +136,11 @@ def _job_overrides(overrides, quick: bool, out: Path) -> list[str]:
 def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
     """The trained model on the held-out test documents, eval-test.json/.png written ->
     (model, corpus, device, batch size, results)."""
-    from .compare import eval_device
-    from .data import load_tokenizer
-    from .eval_report import write_eval_report
-    from .evaluate import auto_batch_size, evaluate, load_heldout
-    from .model import BlockRecurrentTransformer
+    from .data.corpus import load_tokenizer
+    from .evaluate.compare import eval_device
+    from .evaluate.evaluation import auto_batch_size, evaluate, load_heldout
+    from .evaluate.report import write_eval_report
+    from .model.transformer import BlockRecurrentTransformer
 
     device = eval_device(tc)
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
@@ -157,8 +157,8 @@ def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
 
 def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, dict]:
     """A continuation of the start of a held-out document -> (document, prompt, sample)."""
-    from .data import load_documents, split_documents
-    from .text import generate_text
+    from .data.corpus import load_documents, split_documents
+    from .generate.text import generate_text
 
     test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
     prompt_doc, prompt = _sample_prompt(test_docs)
@@ -172,8 +172,8 @@ def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, 
 def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation: dict) -> None:
     """loss.png and metrics.jsonl copied from training, out/results.json and out/README.md,
     and the summary lines on stdout."""
-    from .eval_report import ablation_table, eval_table
-    from .probes import probe_table
+    from .evaluate.probes import probe_table
+    from .evaluate.report import ablation_table, eval_table
 
     for name in ("loss.png", "metrics.jsonl"):
         if (train_dir / name).is_file() and train_dir.resolve() != out.resolve():
@@ -213,7 +213,7 @@ def _rel(path: Path, start: Path) -> str:
 # Over 60 lines: the report's text is one f-string template, read best as the page it makes.
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
-    from .eval_report import human_count
+    from .evaluate.report import human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
                              job["eval"], job["sample"])

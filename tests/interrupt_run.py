@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from blockrecurrent import train as T
+from blockrecurrent.train import trainer as T
 
 stop_at = int(sys.argv[1])
 original = T.Trainer.train_step

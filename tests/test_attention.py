@@ -5,7 +5,7 @@ import pytest
 import torch
 from models import VOCAB, tiny
 
-from blockrecurrent.attention import LayerCache, Rotary, WindowPlan, append, step_attention
+from blockrecurrent.model.attention import LayerCache, Rotary, WindowPlan, append, step_attention
 
 
 @pytest.mark.parametrize("window", ["sliding", "block"])

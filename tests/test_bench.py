@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from blockrecurrent import bench as B
 from blockrecurrent import preset
+from blockrecurrent.bench import run as B
 
 
 def tiny(**kw):

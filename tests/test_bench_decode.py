@@ -2,7 +2,7 @@
 import pytest
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent import bench_decode as B
+from blockrecurrent.bench import decode as B
 
 
 def tiny(**kw):

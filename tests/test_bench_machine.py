@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent import bench_machine as B
+from blockrecurrent.bench import machine as B
 
 
 def tiny(**kw):

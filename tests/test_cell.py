@@ -10,8 +10,8 @@ from models import run_chunks, tiny
 from reference import reference_forward
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.cell import STATE_READ, FixedGate, LSTMGate
-from blockrecurrent.model import CANDIDATE_GAIN, STATE_READ_GAIN
+from blockrecurrent.model.cell import STATE_READ, FixedGate, LSTMGate
+from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN
 
 VOCAB = 257
 

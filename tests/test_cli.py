@@ -11,7 +11,7 @@ import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cli import build_parser, main
-from blockrecurrent.data import ByteTokenizer
+from blockrecurrent.data.corpus import ByteTokenizer
 from blockrecurrent.errors import is_expected
 
 COMMANDS = ("train", "eval", "generate", "compare", "bench", "probe", "run")
@@ -161,9 +161,9 @@ def test_internal_bugs_keep_their_traceback(capsys, model_dir, monkeypatch):
     def broken(*args, **kwargs):
         return len(None)  # TypeError raised by Python, not by a check of ours
 
-    import blockrecurrent.evaluate
+    import blockrecurrent.evaluate.evaluation
 
-    monkeypatch.setattr(blockrecurrent.evaluate, "evaluate_checkpoint", broken)
+    monkeypatch.setattr(blockrecurrent.evaluate.evaluation, "evaluate_checkpoint", broken)
     with pytest.raises(TypeError, match="NoneType"):
         main(["eval", str(model_dir)])
     assert "error:" not in capsys.readouterr().err
@@ -228,7 +228,7 @@ def test_settings_may_follow_options(capsys):
 def test_failed_and_interrupted_runs_exit_with_a_one_line_message(capsys, tmp_path, corpus_dir,
                                                                   monkeypatch):
     """A diverging run exits 2 with 'training diverged' (no traceback); an interrupted one 130."""
-    import blockrecurrent.train as T
+    import blockrecurrent.train.trainer as T
 
     monkeypatch.setattr(T, "lm_loss_sum", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     config = tiny_config(tmp_path, corpus_dir)

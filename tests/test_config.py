@@ -69,9 +69,9 @@ def test_config_reads_files_with_and_without_transformers_keys():
 def test_settings_saved_before_the_mlp_field_compare_equal_to_gelu(tmp_path):
     """A checkpoint's trainer.json and a finished run's summary.json written before `mlp`
     existed: resumable / reusable with mlp="gelu", and a clear difference against GEGLU."""
-    from blockrecurrent.checkpoint import check_model_config
-    from blockrecurrent.compare import check_reusable
-    from blockrecurrent.settings import TrainConfig
+    from blockrecurrent.evaluate.compare import check_reusable
+    from blockrecurrent.train.checkpoint import check_model_config
+    from blockrecurrent.train.settings import TrainConfig
 
     gelu, geglu = preset("tiny", mlp="gelu"), preset("tiny", mlp="geglu")
     old = gelu.to_dict()

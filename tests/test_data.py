@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from blockrecurrent import data as D
+from blockrecurrent.data import corpus as D
 from blockrecurrent.errors import is_expected
 
 

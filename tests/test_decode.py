@@ -1,11 +1,11 @@
-"""The fast decoding step (blockrecurrent.decode) against the general path, batched generation of
-prompts of different lengths, per-row continuation. Tiny CPU models (W=16)."""
+"""The fast decoding step (blockrecurrent.model.decode) against the general path, batched
+generation of prompts of different lengths, per-row continuation. Tiny CPU models (W=16)."""
 
 import pytest
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.generation import GenerationResult, generate
+from blockrecurrent.generate.generation import GenerationResult, generate
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

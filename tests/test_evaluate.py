@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.data import ByteTokenizer, Document, tokenize_corpus
-from blockrecurrent.eval_report import eval_table, write_eval_report
-from blockrecurrent.evaluate import bucket_label, cheapest_batch_size, evaluate, lane_plan
+from blockrecurrent.data.corpus import ByteTokenizer, Document, tokenize_corpus
+from blockrecurrent.evaluate.evaluation import (
+    bucket_label,
+    cheapest_batch_size,
+    evaluate,
+    lane_plan,
+)
+from blockrecurrent.evaluate.report import eval_table, write_eval_report
 
 LN2 = math.log(2)
 BUCKETS = (0, 16, 64, 128)
@@ -212,8 +217,8 @@ def test_cheapest_batch_size(corpus):
 def test_state_ablation_resets_only_the_state(model, corpus):
     """Resetting the state at every segment changes the losses of documents longer than one
     segment (their first segment is unchanged), and nothing for a model without state."""
-    from blockrecurrent.eval_report import ablation_table
-    from blockrecurrent.evaluate import state_ablation
+    from blockrecurrent.evaluate.evaluation import state_ablation
+    from blockrecurrent.evaluate.report import ablation_table
 
     ab = state_ablation(model, corpus, batch_size=2, buckets=BUCKETS, progress=False)
     carry, reset = ab["carry"], ab["reset"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.generation import (
+from blockrecurrent.generate.generation import (
     GenerationResult,
     filter_logits,
     generate,
@@ -267,7 +267,7 @@ def test_carried_state_must_match_batch(model):
 
 
 def test_generate_text_with_byte_tokenizer(tmp_path, model):
-    from blockrecurrent.data import ByteTokenizer
+    from blockrecurrent.data.corpus import ByteTokenizer
 
     model.save_pretrained(tmp_path)
     ByteTokenizer().save(tmp_path)

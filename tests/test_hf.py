@@ -20,11 +20,11 @@ from corpora import write_word_corpus  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
 from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent import data as D  # noqa: E402
-from blockrecurrent import hf as H  # noqa: E402
-from blockrecurrent import train as T  # noqa: E402
-from blockrecurrent.config import BlockRecurrentConfig  # noqa: E402
-from blockrecurrent.evaluate import evaluate  # noqa: E402
+from blockrecurrent import hf as H  # noqa: E402  # noqa: E402
+from blockrecurrent.data import corpus as D  # noqa: E402
+from blockrecurrent.evaluate.evaluation import evaluate  # noqa: E402
+from blockrecurrent.model.config import BlockRecurrentConfig  # noqa: E402
+from blockrecurrent.train import trainer as T  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

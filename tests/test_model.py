@@ -5,7 +5,7 @@ import torch
 from models import VOCAB, run_chunks, tiny
 
 from blockrecurrent import BlockRecurrentTransformer, XLMemories
-from blockrecurrent.model import ModelOutput
+from blockrecurrent.model.transformer import ModelOutput
 
 # --- the seed API ---------------------------------------------------------------------------------
 

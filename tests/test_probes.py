@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.probes import (
+from blockrecurrent.evaluate.probes import (
     BETAS,
     IGNORE,
     RecallTask,
@@ -15,7 +15,7 @@ from blockrecurrent.probes import (
     train_recall,
     write_probe_report,
 )
-from blockrecurrent.settings import TrainConfig
+from blockrecurrent.train.settings import TrainConfig
 
 
 def test_keys_task_layout():

@@ -16,8 +16,8 @@ import torch
 from corpora import write_word_corpus
 
 from blockrecurrent import BlockRecurrentTransformer
-from blockrecurrent import data as D
-from blockrecurrent import train as T
+from blockrecurrent.data import corpus as D
+from blockrecurrent.train import trainer as T
 
 
 @pytest.fixture(autouse=True)

@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .config import as_saved_now
-from .errors import TrainingInterrupted
-from .eval_report import _fmt, _plot_buckets, _table, ablation_table, human_count
-from .evaluate import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
-from .model import BlockRecurrentTransformer
+from ..errors import TrainingInterrupted
+from ..model.config import as_saved_now
+from ..model.transformer import BlockRecurrentTransformer
+from .evaluation import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
+from .report import _fmt, _plot_buckets, _table, ablation_table, human_count
 
 
 def baseline_configs(config, extra_layer: bool = True) -> dict:
@@ -35,7 +35,7 @@ def baseline_configs(config, extra_layer: bool = True) -> dict:
     if not config.recurrent_layers:
         raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
                          "drop model.recurrent_layers=() from the settings")
-    from .settings import apply_baseline
+    from ..train.settings import apply_baseline
 
     slide = apply_baseline(config, "slide")
     plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
@@ -94,8 +94,8 @@ def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
     """The trainer's summary of a run in train_config.out_dir: reused when a finished run of the
     same settings is there (its summary.json), resumed from its latest checkpoint when an
     interrupted one is, trained from scratch otherwise. So an interrupted job just reruns."""
-    from .checkpoint import latest_checkpoint
-    from .train import train
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.trainer import train
 
     out = Path(train_config.out_dir)
     if check_reusable(model_config, train_config):
@@ -135,7 +135,7 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
     interrupted comparison continues where it stopped. Evaluation reads every model with the
     recurrent model's segment length (the results do not depend on it: memories are carried),
     eval_batch_size documents side by side (None: auto_batch_size)."""
-    from .settings import load_train_config
+    from ..train.settings import load_train_config
 
     if not isinstance(extra_layer, bool):
         raise TypeError(f"extra_layer must be a bool, got {type(extra_layer).__name__}")
@@ -162,7 +162,7 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
 def _plan(model_config, tc, extra_layer: bool, out: Path) -> dict:
     """name -> (model config, its train config): every model's run, checked before any
     training, with its parameter count printed."""
-    from .settings import apply_baseline
+    from ..train.settings import apply_baseline
 
     segment = model_config.max_seq_len
     plan = {}
@@ -185,7 +185,7 @@ def _evaluate_runs(runs: dict, tc, splits, segment: int, eval_batch_size, max_ev
                    progress: bool) -> None:
     """Every trained model on the same held-out documents of each split (run["eval"]), and the
     recurrent model's state ablation on the last split (run["state_ablation"])."""
-    from .data import load_tokenizer
+    from ..data.corpus import load_tokenizer
 
     corpora = {}  # (tokenizer fingerprint, split) -> corpus: the same documents for every model
     device = eval_device(tc)

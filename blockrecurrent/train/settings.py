@@ -22,7 +22,7 @@ try:
 except ImportError:  # Python 3.10: the tomli backport (a dependency there)
     import tomli as tomllib
 
-from .config import PRESETS, BlockRecurrentConfig
+from ..model.config import PRESETS, BlockRecurrentConfig
 
 BASELINES = ("recurrent", "slide", "xl")
 DTYPES = ("auto", "float32", "bfloat16")

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .bench_machine import fmt
+from .machine import fmt
 
 DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")

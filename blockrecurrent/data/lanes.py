@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .data import TokenizedCorpus
+    from .corpus import TokenizedCorpus
 
 
 class DocumentLanes:

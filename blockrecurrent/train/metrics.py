@@ -8,7 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
-from .files import write_atomic
+from ..files import write_atomic
 
 
 class MetricsLog:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import write_atomic, write_json
+from ..files import write_atomic, write_json
 
 DOC_TOKEN = "<|doc|>"  # document-start token prepended to every document
 _CONFIG = "tokenizer_config.json"

@@ -26,9 +26,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .decode import own_outputs
-from .model import BlockRecurrentTransformer, XLMemories
-from .plan import WindowPlan
+from ..model.decode import own_outputs
+from ..model.plan import WindowPlan
+from ..model.transformer import BlockRecurrentTransformer, XLMemories
 from .sampling import check_count, check_sampling, filter_logits, sample_next
 
 __all__ = ["GenerationResult", "cache_len_after", "chunk_bounds", "filter_logits", "generate",

@@ -36,9 +36,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cell import mlp_widths
-from .config import BlockRecurrentConfig
-from .settings import torch_dtype
+from ..model.cell import mlp_widths
+from ..model.config import BlockRecurrentConfig
+from ..train.settings import torch_dtype
 
 MIB = 2 ** 20
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_machine import cpu_name, cpu_seconds, fmt, sync
-from .config import BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
+from ..model.config import BlockRecurrentConfig
+from ..model.transformer import BlockRecurrentTransformer
+from .machine import cpu_name, cpu_seconds, fmt, sync
 
 # --------------------------------------------------------------------------- decoding
 
@@ -28,8 +28,8 @@ def decode_bytes(model: BlockRecurrentTransformer, batch: int, cache_len: int) -
     """Bytes one decoding step must read: every weight it multiplies by (once per step,
     whatever the batch), and per row the cached keys/values its window reads (up to W per
     layer with the sliding window, the whole cache with "block") and the state keys/values."""
-    from .attention import WindowPlan
-    from .decode import _weights
+    from ..model.attention import WindowPlan
+    from ..model.decode import _weights
 
     cfg = model.config
     params = _weights(model)[1:] + [model.to_logits.weight]  # the embedding is only indexed
@@ -61,11 +61,11 @@ def decode_speed(model: BlockRecurrentTransformer, *, batches=(1, 8, 32), prompt
                  new_tokens: int = 64, repeats: int = 5, paths=("fast", "legacy"),
                  seed: int = 0, log=lambda *a: None) -> list[dict]:
     """Greedy decoding tokens/s (batch * steps / s) after a prompt of prompt_len tokens, at each
-    batch size, for each path: "fast" (blockrecurrent.decode.step, the default), "legacy" (the
+    batch size, for each path: "fast" (blockrecurrent.model.decode.step, the default), "legacy" (the
     general path, model.fast_decode = False) and "compiled" (model.compile_decode()). Paths
     alternate within every repeat; medians over repeats, plus per-step wall and CPU seconds
     and the read bound (decode_bytes / read_seconds, measured here) for each batch."""
-    from .generation import generate
+    from ..generate.generation import generate
 
     bad = [p for p in paths if p not in DECODE_PATHS]
     if bad:
@@ -116,7 +116,7 @@ def decode_speed(model: BlockRecurrentTransformer, *, batches=(1, 8, 32), prompt
 def _timed_paths(model, start, compiled, paths, new_tokens: int, repeats: int
                  ) -> tuple[dict, dict]:
     """Wall and CPU seconds per step of each path, the paths alternating within every repeat."""
-    from .generation import generate
+    from ..generate.generation import generate
 
     wall = {k: [] for k in paths}
     cpu = {k: [] for k in paths}

@@ -52,8 +52,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench_decode import run_decode
-from .bench_machine import (
+from ..model.config import PRESETS, BlockRecurrentConfig
+from ..model.transformer import BlockRecurrentTransformer
+from ..train.optim import make_optimizer
+from ..train.settings import apply_baseline, load_train_config
+from .decode import run_decode
+from .machine import (
     MIB,
     PeakMemory,
     bf16_is_fast,
@@ -65,7 +69,7 @@ from .bench_machine import (
     matmul_peak,
     sync,
 )
-from .bench_report import (
+from .report import (
     DTYPES,
     MODELS,
     MODES,
@@ -74,10 +78,6 @@ from .bench_report import (
     format_reference,
     write_results,
 )
-from .config import PRESETS, BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
-from .optim import make_optimizer
-from .settings import apply_baseline, load_train_config
 
 # Issue 5's reference configuration and run (the port's figures on it: bench_report).
 REFERENCE_CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, block_width=128,

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import BlockRecurrentConfig
-from .model import BlockRecurrentTransformer
+from ..model.config import BlockRecurrentConfig
+from ..model.transformer import BlockRecurrentTransformer
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .attention import GrowthBuffer, Rotary, WindowPlan, append
 from .cell import TOKEN_CROSS, TOKEN_SELF, activation_kind, mlp_activation
 
 if TYPE_CHECKING:  # model imports this module
-    from .model import BlockRecurrentTransformer, ModelOutput, XLMemories
+    from .transformer import BlockRecurrentTransformer, ModelOutput, XLMemories
 
 # Set while generation's decoder runs a step on its own outputs: the memories and states it passes
 # are exactly what the model returned for the last step, and the token was sampled from the
@@ -90,7 +90,7 @@ def step(model: BlockRecurrentTransformer, seq: Tensor, mems: XLMemories,
     path (a ModelOutput: logits (b, 1, v), the next XLMemories, states (r, b, s, e)).
     One function of ~85 lines on purpose: the per-layer body runs for every layer of every token,
     and a helper per layer would add a Python call each time (see the module docstring)."""
-    from .model import ModelOutput, XLMemories  # model imports this module
+    from .transformer import ModelOutput, XLMemories  # model imports this module
 
     if model._compiled_decode is not None:
         return model._compiled_decode(seq, mems, states)
@@ -286,7 +286,7 @@ class CompiledStep:
         self._positions: dict = {}
 
     def __call__(self, seq: Tensor, mems: XLMemories, states: Tensor) -> ModelOutput:
-        from .model import ModelOutput, XLMemories
+        from .transformer import ModelOutput, XLMemories
 
         model = self.model
         cfg = model.config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
+from ..data import corpus as D
 from .distributed import DistEnv
 from .settings import TrainConfig
 

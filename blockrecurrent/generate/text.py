@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..model.transformer import BlockRecurrentTransformer
 from .generation import _check, _EvalMode, _start
-from .model import BlockRecurrentTransformer
 from .sampling import check_count, check_sampling
 
 
@@ -82,7 +82,7 @@ def _read_prompt(prompt: str | None, prompt_file) -> str | None:
 
 def _load(model_dir: Path, device: str):
     """The saved model and its tokenizer, checked to belong together."""
-    from .tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
     tokenizer = load_tokenizer(model_dir)

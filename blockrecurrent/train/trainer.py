@@ -45,14 +45,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..data import corpus as D
+from ..errors import NonFiniteLossError, is_expected
+from ..model.config import PRESETS, BlockRecurrentConfig
+from ..model.transformer import BlockRecurrentTransformer, XLMemories
 from . import checkpoint as C
-from . import data as D
 from .checkpoint import Checkpoints
-from .config import PRESETS, BlockRecurrentConfig
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
-from .errors import NonFiniteLossError, is_expected
 from .metrics import MetricsLog
-from .model import BlockRecurrentTransformer, XLMemories
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import (
     TrainConfig,

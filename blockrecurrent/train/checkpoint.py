@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import BlockRecurrentConfig, as_saved_now
+from ..files import make_temp_dir, write_atomic, write_json
+from ..model.config import BlockRecurrentConfig, as_saved_now
+from ..model.transformer import BlockRecurrentTransformer, XLMemories
 from .distributed import DistEnv, full_model
-from .files import make_temp_dir, write_atomic, write_json
-from .model import BlockRecurrentTransformer, XLMemories
 from .settings import TrainConfig
 
 CHECKPOINT_FORMAT = 1

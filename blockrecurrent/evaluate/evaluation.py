@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DocumentLanes, TokenizedCorpus
-from .eval_report import write_eval_report
-from .model import BlockRecurrentTransformer
-from .settings import DTYPE_NAMES, torch_dtype
+from ..data.corpus import DocumentLanes, TokenizedCorpus
+from ..model.transformer import BlockRecurrentTransformer
+from ..train.settings import DTYPE_NAMES, torch_dtype
+from .report import write_eval_report
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
 RESET_STATE = ("carry", "every-segment", "other-document")
@@ -334,7 +334,7 @@ def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "t
     tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
     import hashlib
 
-    from .data import load_documents, split_documents, tokenize_corpus
+    from ..data.corpus import load_documents, split_documents, tokenize_corpus
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
@@ -408,7 +408,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
     data/text_field None: those of the training run (training_data), else "stdlib"/"text".
     Returns evaluate's results plus "model_dir", "data", "split" and "report" (the paths)."""
-    from .data import load_tokenizer
+    from ..data.corpus import load_tokenizer
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

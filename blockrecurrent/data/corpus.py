@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .files import make_temp_dir, write_atomic, write_json
+from ..files import make_temp_dir, write_atomic, write_json
 from .lanes import DocumentLanes
 from .tokenizer import (
     _CONFIG,

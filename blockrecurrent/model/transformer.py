@@ -115,7 +115,7 @@ class BlockRecurrentTransformer(nn.Module):
         elif not isinstance(config, BlockRecurrentConfig):
             raise TypeError(f"config must be a BlockRecurrentConfig, got {type(config).__name__}")
         self.config = config
-        # One-token decoding steps take blockrecurrent.decode.step (False: the general path,
+        # One-token decoding steps take blockrecurrent.model.decode.step (False: the general path,
         # which computes the same function; kept as the reference and for benchmarks).
         self.fast_decode = True
         self._compiled_decode = None  # see compile_decode
@@ -373,7 +373,7 @@ class BlockRecurrentTransformer(nn.Module):
     # --- generation ----------------------------------------------------------------------
     def compile_decode(self, enabled: bool = True, **compile_kwargs) -> "BlockRecurrentTransformer":
         """Run decoding steps as one torch.compile graph over fixed-size caches
-        (blockrecurrent.decode.CompiledStep); the same function as the eager step, compiled on
+        (blockrecurrent.model.decode.CompiledStep); the same function as the eager step, compiled on
         the first step of each batch size. enabled=False goes back to the eager step."""
         from .decode import CompiledStep
 
@@ -382,6 +382,6 @@ class BlockRecurrentTransformer(nn.Module):
 
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """New token ids after `prompt`, with cached decoding: see generation.generate."""
-        from .generation import generate  # lazy: generation imports this module
+        from ..generate.generation import generate  # lazy: generation imports this module
 
         return generate(self, prompt, max_new_tokens, **kwargs)

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import BlockRecurrentConfig, preset
-from .model import BlockRecurrentTransformer
-from .settings import TrainConfig, valid_betas
+from ..model.config import BlockRecurrentConfig, preset
+from ..model.transformer import BlockRecurrentTransformer
+from ..train.settings import TrainConfig, valid_betas
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
@@ -347,7 +347,7 @@ def summarise(rows: list[dict]) -> dict:
 def probe_table(rows: list[dict], markdown: bool = True) -> str:
     """Accuracy by distance (rows) and model x K (columns), mean over seeds; '(w)' marks
     settings where an answer is within the windows' reach."""
-    from .eval_report import _table
+    from .report import _table
 
     summary = summarise(rows)
     columns = sorted(summary, key=lambda mk: (mk[1], mk[0] != "recurrent", mk[0]))
@@ -366,8 +366,8 @@ def probe_table(rows: list[dict], markdown: bool = True) -> str:
 
 def write_probe_report(rows: list[dict], out_dir, title: str = "recall probe") -> dict:
     """out_dir/probe.json (every run), probe.md (the table) and probe.png (accuracy by distance)."""
-    from .eval_report import _figure
-    from .files import write_atomic, write_json
+    from ..files import write_atomic, write_json
+    from .report import _figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

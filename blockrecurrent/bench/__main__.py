@@ -1,0 +1,8 @@
+"""`python -m blockrecurrent.bench`: the benchmark's command line (as `brt bench`)."""
+
+import sys
+
+from .run import cli
+
+if __name__ == "__main__":
+    sys.exit(cli())
