@@ -1,7 +1,7 @@
 """Throughput, memory and FLOP-utilisation benchmark of the model against its two baselines.
 
     python -m blockrecurrent.bench                    # "small" preset, lengths 1024 4096 16384
-    python -m blockrecurrent.bench --reference        # issue 5's reference config vs the port
+    python -m blockrecurrent.bench --reference        # the reference config (REFERENCE_CONFIG)
     python -m blockrecurrent.bench --lengths 1024 65536 --dtypes fp32 bf16 --json out.json
 
 Three models are built from one config (paper section 4 names the baselines):
@@ -31,8 +31,8 @@ about half that on an idle machine. --reference (fp32) took under 3 minutes ther
 without AVX512-BF16/AMX runs scalar fallback kernels ~100x slower than fp32, so "auto" leaves it
 out; measuring it anyway takes tens of minutes.
 
-Model FLOPs, the matmul peak and peak memory are measured as bench_machine.py describes; --decode
-runs bench_decode.py.
+Model FLOPs, the matmul peak and peak memory are measured as machine.py describes; --decode
+runs decode.py.
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ from .report import (
     DTYPES,
     MODELS,
     MODES,
-    PORT_TOKENS_PER_S,
-    TARGET_TOKENS_PER_S,
-    format_reference,
     write_results,
 )
 
-# Issue 5's reference configuration and run (the port's figures on it: bench_report).
+# The reference config: a small fixed model (dim 256, depth 4, 4 x 64 heads, W = S = 128,
+# segment 1024, recurrent layer 3) and run (batch 4, one 2048-token stream), the same on every
+# machine, so that runs can be set beside each other (the benchmarks/*_vs_port.py scripts measure
+# the port on it in the same run).
 REFERENCE_CONFIG = dict(num_tokens=256, dim=256, depth=4, heads=4, dim_head=64, block_width=128,
                         max_seq_len=1024, num_state_vectors=128, recurrent_layers=(3,))
 REFERENCE_RUN = dict(batch_size=4, lengths=(2048,))
@@ -354,18 +354,10 @@ def _summarise(results: list[dict], pair_ratios: list[dict], models: dict) -> li
 def run_reference(*, dtypes=DTYPES, modes=MODES, baselines: bool = True, repeats: int = 5,
                   compile: bool = False, device="cpu", out_json=None, out_md=None,
                   verbose: bool = True) -> dict:
-    """Issue 5's reference benchmark: REFERENCE_CONFIG, batch 4, one stream of 2048 tokens."""
-    res = run_benchmark(BlockRecurrentConfig(**REFERENCE_CONFIG), modes=modes, dtypes=dtypes,
-                        baselines=baselines, repeats=repeats, compile=compile, device=device,
-                        verbose=verbose, **REFERENCE_RUN)  # prints the main table
-    res["reference"] = dict(port_tokens_per_s={f"{m}/{d}": v for (m, d), v in
-                                               PORT_TOKENS_PER_S.items()},
-                            targets=TARGET_TOKENS_PER_S)
-    ref_md = format_reference(res)
-    if verbose:
-        print(ref_md, flush=True)
-    write_results(res, out_json, out_md, False, ref_md)
-    return res
+    """The reference benchmark: REFERENCE_CONFIG, batch 4, one stream of 2048 tokens."""
+    return run_benchmark(BlockRecurrentConfig(**REFERENCE_CONFIG), modes=modes, dtypes=dtypes,
+                         baselines=baselines, repeats=repeats, compile=compile, device=device,
+                         out_json=out_json, out_md=out_md, verbose=verbose, **REFERENCE_RUN)
 
 
 # --------------------------------------------------------------------------- command line
@@ -379,8 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     which.add_argument("--config", type=Path,
                        help="a model config.json (as save_pretrained writes) instead of a preset")
     which.add_argument("--reference", action="store_true",
-                       help="issue 5's reference config, batch 4, stream 2048, fp32 and bf16, "
-                            "beside the port's figures and the targets")
+                       help="the reference config: a small fixed model (dim 256, depth 4, "
+                            "4 x 64 heads, W = S = 128, segment 1024, recurrent layer 3), batch "
+                            "4, one 2048-token stream, fp32 and bf16")
     parser.add_argument("--batch-size", type=int, help="batch rows (default 1)")
     parser.add_argument("--lengths", type=int, nargs="+",
                         help="stream lengths in tokens per row (default: 1024 4096 16384)")
