@@ -5,6 +5,7 @@ import torch
 
 from blockrecurrent import preset
 from blockrecurrent.bench import run as B
+from blockrecurrent.train.settings import baseline_configs
 
 
 def tiny(**kw):
@@ -16,14 +17,18 @@ def tiny(**kw):
 # ------------------------------------------------------------------------------- benchmark
 
 
-def test_baseline_configs():
+def test_bench_models():
     cfg = tiny()
-    models = B.baseline_configs(cfg)
+    models = B.bench_models(cfg)
     assert list(models) == ["recurrent", "slide", "xl"]
     assert models["slide"].recurrent_layers == () and models["slide"].max_seq_len == 32
     assert models["xl"].recurrent_layers == () and models["xl"].max_seq_len == 16
-    assert list(B.baseline_configs(cfg, baselines=False)) == ["recurrent"]
-    assert list(B.baseline_configs(tiny(recurrent_layers=()), baselines=False)) == ["slide"]
+    # One definition of the baselines, the one `brt compare` trains: XL as deep as Slide:(N+1)L.
+    assert models == {k: v for k, v in baseline_configs(cfg).items() if k != "slide+1"}
+    assert models["slide"].depth == cfg.depth and models["xl"].depth == cfg.depth + 1
+    assert list(B.bench_models(cfg, baselines=False)) == ["recurrent"]
+    assert list(B.bench_models(tiny(recurrent_layers=()), baselines=False)) == ["slide"]
+    assert B.bench_models(tiny(recurrent_layers=()))["xl"].depth == cfg.depth
 
 
 def test_run_benchmark_structure(tmp_path):

@@ -4,11 +4,14 @@
     python -m blockrecurrent.bench --reference        # the reference config (REFERENCE_CONFIG)
     python -m blockrecurrent.bench --lengths 1024 65536 --dtypes fp32 bf16 --json out.json
 
-Three models are built from one config (paper section 4 names the baselines):
-- "recurrent": the Block-Recurrent Transformer itself;
-- "slide": the same sliding window and previous-block cache, no recurrent layer;
-- "xl":    Slide with training segments of one block (max_seq_len = block_width), i.e.
-           Transformer-XL with segment = window.
+Three models are built from one config of N layers (paper section 4 names the baselines; the
+one definition is train.settings.baseline_configs, which `brt compare` trains):
+- "recurrent": the Block-Recurrent Transformer itself, Rec:NL;
+- "slide": the same sliding window and previous-block cache, no recurrent layer, Slide:NL;
+- "xl":    XL:W, Transformer-XL with segment = window (max_seq_len = block_width), N + 1 layers
+           deep like Slide:(N+1)L (the extra layer stands in for the recurrent cell's
+           parameters); its "FLOPs / Slide" column counts that layer.
+A config without recurrent layers is itself Slide:NL, and its XL is N layers deep.
 Each model streams N tokens per batch row segment by segment (segment = its max_seq_len), carrying
 its memories and states (returned detached) from one segment to the next. Training runs forward +
 cross-entropy + backward + AdamW step per segment; inference runs the forward under
@@ -55,7 +58,7 @@ import torch.nn.functional as F
 from ..model.config import PRESETS, BlockRecurrentConfig
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.optim import make_optimizer
-from ..train.settings import apply_baseline, load_train_config
+from ..train.settings import baseline_configs, load_train_config
 from .decode import run_decode
 from .machine import (
     MIB,
@@ -133,16 +136,14 @@ def streams_per_pass(n: int, segment: int) -> int:
     return max(1, math.ceil(MIN_PASS_SEGMENTS / math.ceil(n / segment)))
 
 
-def baseline_configs(config: BlockRecurrentConfig, baselines: bool = True
-                     ) -> dict[str, BlockRecurrentConfig]:
-    """The recurrent model and, if asked, the Slide and XL baselines built from its config (the
-    trainer's `apply_baseline`)."""
-    # A config without recurrent layers is itself the Slide model: name it so.
-    out = {"recurrent": config} if config.recurrent_layers else {"slide": config}
-    if baselines:
-        out["slide"] = apply_baseline(config, "slide")
-        out["xl"] = apply_baseline(config, "xl")
-    return out
+def bench_models(config: BlockRecurrentConfig, baselines: bool = True
+                 ) -> dict[str, BlockRecurrentConfig]:
+    """The models timed, name -> config: the config's own model ("recurrent", or "slide" when it
+    has no recurrent layer) and, if asked, Slide:NL and XL as train.settings.baseline_configs
+    defines them (Slide:(N+1)L itself is not timed)."""
+    models = {k: v for k, v in baseline_configs(config).items() if k in MODELS}
+    own = next(iter(models))
+    return models if baselines else {own: models[own]}
 
 
 def _median(xs):
@@ -234,7 +235,7 @@ def _build_runners(config, baselines: bool, device, compile: bool, seed: int
                    ) -> tuple[dict[str, Runner], dict[str, dict]]:
     """A Runner per model (the same seed for each) and what is known of each before timing."""
     runners, models_info = {}, {}
-    for name, cfg in baseline_configs(config, baselines).items():
+    for name, cfg in bench_models(config, baselines).items():
         torch.manual_seed(seed)
         model = BlockRecurrentTransformer(cfg).to(device)
         fwd = torch.compile(model) if compile else model

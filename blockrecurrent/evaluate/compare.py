@@ -23,29 +23,6 @@ from .evaluation import _check_int, auto_batch_size, evaluate, load_heldout, sta
 from .report import _fmt, _plot_buckets, _table, ablation_table, human_count
 
 
-def baseline_configs(config, extra_layer: bool = True) -> dict:
-    """The recurrent config and its baselines (paper section 4), name -> (model config, the
-    trainer's `baseline`):
-    - "slide": the same layers, window and block cache without the recurrent state: Rec:NL
-      against Slide:NL is the clean ablation of the state;
-    - "slide+1" (with extra_layer): one more ordinary layer standing in for the recurrent cell's
-      extra parameters, as the paper's Slide:13L beside its 12-layer recurrent model;
-    - "xl": Transformer-XL with segment = window (max_seq_len = block_width), the paper's XL:W,
-      as deep as the deepest Slide."""
-    if not config.recurrent_layers:
-        raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
-                         "drop model.recurrent_layers=() from the settings")
-    from ..train.settings import apply_baseline
-
-    slide = apply_baseline(config, "slide")
-    plan = {"recurrent": (config, "recurrent"), "slide": (slide, "slide")}
-    if extra_layer:
-        slide = dataclasses.replace(slide, depth=config.depth + 1)
-        plan["slide+1"] = (slide, "slide")
-    plan["xl"] = (apply_baseline(slide, "xl"), "xl")
-    return plan
-
-
 def _label(name: str, config) -> str:
     """The paper's names: Rec:fixed:skip, Slide:13L, XL:512."""
     if name == "recurrent":
@@ -122,7 +99,8 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
             extra_layer: bool = True, eval_batch_size: int | None = None,
             max_eval_tokens: int | None = None,
             splits: Sequence[str] = ("val", "test"), progress: bool = True) -> dict:
-    """Train the recurrent model and its baselines (see baseline_configs) from one config (the
+    """Train the recurrent model and its baselines (train.settings.baseline_configs: Slide:NL,
+    Slide:(N+1)L with extra_layer, and XL:W as deep as the deepest Slide) from one config (the
     trainer's `load_train_config(config, preset, overrides)`) at equal training tokens and
     equal optimizer steps, evaluate all on the same held-out documents (the longest first, so
     that late positions are filled), add the state ablation of the recurrent model, and write
@@ -160,13 +138,18 @@ def compare(config=None, preset: str | None = None, overrides=(), out_dir="runs/
 
 
 def _plan(model_config, tc, extra_layer: bool, out: Path) -> dict:
-    """name -> (model config, its train config): every model's run, checked before any
-    training, with its parameter count printed."""
-    from ..train.settings import apply_baseline
+    """name -> (model config, its train config): every model's run (the recurrent model and its
+    baselines, train.settings.baseline_configs), checked before any training, with its parameter
+    count printed."""
+    from ..train.settings import apply_baseline, baseline_configs, baseline_of
 
+    if not model_config.recurrent_layers:
+        raise ValueError("compare needs a recurrent model config (recurrent_layers is empty); "
+                         "drop model.recurrent_layers=() from the settings")
     segment = model_config.max_seq_len
     plan = {}
-    for name, (mc, baseline) in baseline_configs(model_config, extra_layer).items():
+    for name, mc in baseline_configs(model_config, extra_layer).items():
+        baseline = baseline_of(name)
         trained = apply_baseline(mc, baseline)  # what the trainer builds (num_tokens aside)
         tci = _scaled_train_config(tc, baseline, segment // trained.max_seq_len, out / name)
         check_reusable(mc, tci)  # other settings in the way: fail now, not after hours

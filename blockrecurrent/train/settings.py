@@ -153,6 +153,35 @@ def apply_baseline(model_config: BlockRecurrentConfig, baseline: str) -> BlockRe
     return dataclasses.replace(model_config, **changes)
 
 
+def baseline_configs(model_config: BlockRecurrentConfig, extra_layer: bool = True
+                     ) -> dict[str, BlockRecurrentConfig]:
+    """The recurrent model and the paper's baselines (section 4) from one config of N layers,
+    name -> the model config to build (apply_baseline already applied):
+    - "recurrent": Rec:NL, the config itself;
+    - "slide": Slide:NL, the same layers, window and block cache without the recurrent state:
+      against Rec:NL, the clean ablation of the state;
+    - "slide+1" (with extra_layer): Slide:(N+1)L, one more ordinary layer standing in for the
+      recurrent cell's extra parameters, as the paper's Slide:13L beside its 12-layer model;
+    - "xl": XL:W, Transformer-XL with segment = window (max_seq_len = block_width), as deep as
+      the deepest Slide: (N+1)L with extra_layer, NL without.
+    A config without recurrent layers is itself Slide:NL: it gives "slide" and "xl" (NL) only."""
+    if not model_config.recurrent_layers:
+        slide = apply_baseline(model_config, "slide")
+        return {"slide": slide, "xl": apply_baseline(slide, "xl")}
+    slide = apply_baseline(model_config, "slide")
+    out = {"recurrent": model_config, "slide": slide}
+    if extra_layer:
+        slide = dataclasses.replace(slide, depth=model_config.depth + 1)
+        out["slide+1"] = slide
+    out["xl"] = apply_baseline(slide, "xl")
+    return out
+
+
+def baseline_of(name: str) -> str:
+    """The trainer's `baseline` setting of a model named by baseline_configs ("slide+1": slide)."""
+    return "slide" if name == "slide+1" else name
+
+
 def resolve_model_config(model_config: BlockRecurrentConfig, cfg: TrainConfig, vocab_size: int
                          ) -> BlockRecurrentConfig:
     """The model actually trained: the baseline applied, and num_tokens = the tokenizer's
