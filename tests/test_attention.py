@@ -5,7 +5,7 @@ import pytest
 import torch
 from models import VOCAB, tiny
 
-from blockrecurrent.model.attention import LayerCache, Rotary, WindowPlan, append, step_attention
+from blockrecurrent.model.attention import CacheStep, LayerCache, Rotary, WindowPlan, append
 
 
 @pytest.mark.parametrize("window", ["sliding", "block"])
@@ -75,9 +75,6 @@ def test_window_plan_frame_arithmetic(cache_len, n):
     assert plan.block_start(3) == 3 * W and plan.window_start(3) == 2 * W
     assert plan.rotary_position(W) == 0  # the cache starts at rotary position 0
     assert plan.index(plan.origin) == 0
-    if plan.single:  # a decoding step: no parts, the cache's last W keys (sliding window)
-        assert n == 1 and plan.parts == [] and plan.step_keys == max(0, cache_len + 1 - W)
-        return
     blocks = plan.query_blocks
     assert blocks == list(range(plan.start // W, (plan.end - 1) // W + 1))
     assert sum(part.num_queries for part in plan.parts) == n
@@ -129,16 +126,23 @@ def test_append_grows_only_the_last_view_in_place():
     assert none is None and grown.shape[1] == 4
 
 
-def test_step_attention_returns_a_layer_cache():
+def test_cache_step_grows_the_layer_cache():
+    """A decoding step's window (CacheStep) appends the token after the cache and reads the
+    window: the same output as plain attention over the last keys."""
     cfg = tiny().config
     W, h, d = cfg.block_width, cfg.heads, cfg.dim_head
-    plan = WindowPlan(cfg, 5, 1, torch.full((1,), 5))
-    assert plan.single
     cache = LayerCache(torch.randn(1, 5, h, d), torch.randn(1, 5, h, d))
-    q, k, v = (torch.randn(1, 1, h, d) for _ in range(3))
+    q, k, v = (torch.randn(1, h, d) for _ in range(3))
+    first = WindowPlan.step_start(cfg, 5)
+    window = CacheStep(cache, first, 2 * W, flash=False)
     with torch.no_grad():
-        out, nxt = step_attention(q, k, v, cache, plan, scale=d ** -0.5, flash=False)
-    assert out.shape == (1, 1, h, d) and isinstance(nxt, LayerCache)
+        out = window(q, k, v, d ** -0.5)
+    nxt = window.next_cache()
+    assert out.shape == (1, h * d) and isinstance(nxt, LayerCache)
     assert nxt.keys.shape[1] == 6 and nxt.compressed is None
     assert nxt.key_buffer.last is nxt.keys and nxt.key_buffer.capacity == 2 * W
-    assert torch.equal(nxt.keys[:, :5], cache.keys) and torch.equal(nxt.values[:, 5:], v)
+    assert torch.equal(nxt.keys[:, :5], cache.keys)
+    assert torch.equal(nxt.values[:, 5:], v[:, None])
+    keys, values = nxt.keys[:, first:].transpose(1, 2), nxt.values[:, first:].transpose(1, 2)
+    want = ((q[:, :, None] @ keys.transpose(-1, -2)) * d ** -0.5).softmax(-1) @ values
+    torch.testing.assert_close(out, want.reshape(1, h * d))

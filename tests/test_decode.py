@@ -1,5 +1,6 @@
-"""The fast decoding step (blockrecurrent.model.decode) against the general path, batched
-generation of prompts of different lengths, per-row continuation. Tiny CPU models (W=16)."""
+"""The decoding step (BlockRecurrentTransformer._step, eager and compiled) against the general
+path, batched generation of prompts of different lengths, per-row continuation. Tiny CPU models
+(W=16)."""
 
 import pytest
 import torch
@@ -107,8 +108,8 @@ def test_memories_of_different_cache_lengths_are_not_batched():
         type(a).cat([a, b])
 
 
-@pytest.mark.slow  # torch.compile: ~30-60 s on a 2-core CPU
 def test_compiled_step_equals_eager_and_keeps_memories():
+    """compile_decode runs the layers' own step methods in one graph (~25 s to compile here)."""
     model = make_model()
     p = prompt(2, 21)
     ref = generate(model, p, 40, do_sample=False, return_state=True)

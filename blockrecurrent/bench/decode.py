@@ -29,16 +29,27 @@ def decode_bytes(model: BlockRecurrentTransformer, batch: int, cache_len: int) -
     whatever the batch), and per row the cached keys/values its window reads (up to W per
     layer with the sliding window, the whole cache with "block") and the state keys/values."""
     from ..model.attention import WindowPlan
-    from ..model.decode import _weights
 
     cfg = model.config
-    params = _weights(model)[1:] + [model.to_logits.weight]  # the embedding is only indexed
-    weights = sum(w.numel() * w.element_size() for w in params)
+    weights = sum(w.numel() * w.element_size() for w in step_weights(model))
     size = model.token_emb.weight.element_size()
     read = cache_len + 1 - WindowPlan.step_start(cfg, cache_len)  # keys the step reads
     per_row = size * (2 * cfg.depth * read * cfg.inner_dim
                       + 2 * len(cfg.recurrent_layers) * cfg.num_state_vectors * cfg.inner_dim)
     return {"weights": weights, "cache_per_row": per_row, "total": weights + batch * per_row}
+
+
+def step_weights(model: BlockRecurrentTransformer) -> list:
+    """The weights a decoding step multiplies by (the embedding is only indexed, and the state's
+    projections run once per block, not per token)."""
+    out = [model.norm.weight, model.norm.bias, model.to_logits.weight]
+    for layer in model.layers:
+        a = layer.attn
+        out += [layer.attn_norm.weight, layer.attn_norm.bias, layer.mlp_norm.weight,
+                layer.mlp_norm.bias, layer.mlp[0].weight, layer.mlp[2].weight]
+        out += ([a.token_proj.weight, a.scales, a.token_out.weight] if layer.recurrent
+                else [a.qkv.weight, a.out.weight])
+    return out
 
 
 def read_seconds(nbytes: int, device: torch.device, repeats: int = 30) -> float:
@@ -61,7 +72,7 @@ def decode_speed(model: BlockRecurrentTransformer, *, batches=(1, 8, 32), prompt
                  new_tokens: int = 64, repeats: int = 5, paths=("fast", "legacy"),
                  seed: int = 0, log=lambda *a: None) -> list[dict]:
     """Greedy decoding tokens/s (batch * steps / s) after a prompt of prompt_len tokens, at each
-    batch size, for each path: "fast" (blockrecurrent.model.decode.step, the default), "legacy" (the
+    batch size, for each path: "fast" (model.step, the default), "legacy" (the
     general path, model.fast_decode = False) and "compiled" (model.compile_decode()). Paths
     alternate within every repeat; medians over repeats, plus per-step wall and CPU seconds
     and the read bound (decode_bytes / read_seconds, measured here) for each batch."""

@@ -18,7 +18,6 @@ carried gives the same logits as one call, so
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -26,7 +25,6 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ..model.decode import own_outputs
 from ..model.plan import WindowPlan
 from ..model.transformer import BlockRecurrentTransformer, XLMemories
 from .sampling import check_count, check_sampling, filter_logits, sample_next
@@ -171,9 +169,9 @@ def _step(model: BlockRecurrentTransformer, tokens: Tensor, mems: XLMemories, st
           own: bool = False) -> tuple[Tensor, XLMemories, Tensor]:
     """One cached decoding step: (b,) tokens -> next logits (b, v), memories, states.
     own: the memories and states are the model's own outputs of the last step and the tokens
-    were sampled from its logits (see decode.own_outputs: the per-call checks are skipped)."""
-    with own_outputs() if own else contextlib.nullcontext():
-        logits, mems, states = model(tokens[:, None], xl_memories=mems, states=states)
+    were sampled from its logits (the model then skips its input checks: own_outputs)."""
+    logits, mems, states = model(tokens[:, None], xl_memories=mems, states=states,
+                                 own_outputs=own)
     return logits[:, -1].float(), mems, states
 
 

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from .config import BlockRecurrentConfig
 from .plan import Part, WindowPlan
 
-__all__ = ["GrowthBuffer", "LayerCache", "Part", "Rotary", "WindowAttention", "WindowPlan",
-           "append", "attend", "frame_attention", "step_attention", "window_attention"]
+__all__ = ["CacheStep", "GrowthBuffer", "LayerCache", "Part", "Rotary", "WindowAttention",
+           "WindowPlan", "append", "attend", "frame_attention", "unit", "window_attention"]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, flash: bool,
@@ -38,6 +38,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, f
     """Softmax attention. q (..., h, m, d), k/v (..., h, j, d), mask broadcastable to
     (..., h, m, j) with True = may attend. The plain path is the reference for the fused one."""
     if flash:
+        if q.dim() == 4:  # already what the fused kernels want
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  scale=scale)
         lead = q.shape[:-3]
         flat = lambda t: t.reshape(-1, *t.shape[-3:])  # fused kernels want 4-D inputs
         if mask is not None:
@@ -52,6 +55,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, f
     if dropout > 0:
         probs = F.dropout(probs, dropout)
     return probs @ v
+
+
+def unit(x: Tensor) -> Tensor:
+    """x scaled to unit L2 norm over its last axis (F.normalize's arithmetic, one op fewer)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def cat(tensors, dim: int) -> Tensor:
@@ -98,20 +106,26 @@ class Rotary(nn.Module):
         m = x.shape[-3]
         self._fit(start + m)
         sin = self.sin[start:start + m, None]
-        return self._rotate(x, self.cos[start:start + m, None], -sin if inverse else sin)
+        return self.rotate(x, self.cos[start:start + m, None], -sin if inverse else sin)
 
     def shift(self, x: Tensor, back: int) -> Tensor:
         """Every vector of x (..., h, d) turned back by `back` positions (one angle for all)."""
         self._fit(back + 1)
-        return self._rotate(x, self.cos[back], -self.sin[back])
+        return self.rotate(x, self.cos[back], -self.sin[back])
 
     def at(self, x: Tensor, pos: Tensor) -> Tensor:
         """x (..., h, d) at positions pos, which broadcasts against x.shape[:-2]."""
         self._fit(int(pos.max()) + 1)
-        return self._rotate(x, self.cos[pos][..., None, :], self.sin[pos][..., None, :])
+        return self.rotate(x, self.cos[pos][..., None, :], self.sin[pos][..., None, :])
+
+    def row(self, pos: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (d,), of position pos in dtype: what a decoding step rotates by."""
+        self._fit(pos + 1)
+        cos, sin = self.cos[pos], self.sin[pos]
+        return (cos, sin) if cos.dtype == dtype else (cos.to(dtype), sin.to(dtype))
 
     @staticmethod
-    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin): three kernels instead of five
@@ -279,18 +293,32 @@ def append(cache: Tensor | None, buffer: GrowthBuffer | None, new: Tensor, capac
     return buffer.hand_out(L + 1), buffer
 
 
-def step_attention(q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, plan: WindowPlan, *,
-                   scale: float, flash: bool, dropout: float = 0.0
-                   ) -> tuple[Tensor, LayerCache]:
-    """The attention of a decoding step (`plan.single`): the query q (b, 1, h, d) reads the last
-    keys of the cache and its own key k; q and k come rotated. Returns the output (b, 1, h, d)
-    and the next cache: the cache grown by the new token."""
-    keys, key_buffer = append(cache.keys, cache.key_buffer, k, 2 * plan.W)
-    values, value_buffer = append(cache.values, cache.value_buffer, v, 2 * plan.W)
-    first = plan.step_keys
-    out = attend(q.transpose(1, 2), keys[:, first:].transpose(1, 2),
-                 values[:, first:].transpose(1, 2), None, scale, flash, dropout)
-    return out.transpose(1, 2), LayerCache(keys, values, None, key_buffer, value_buffer)
+class CacheStep:
+    """One layer's cache during an eager decoding step: `__call__` appends the token's key and
+    value to the cache (`append`: in place when it may) and attends the window; afterwards
+    `keys`, `values` and the buffers are the layer's next cache. The compiled step
+    (model.compiled) supplies its own window over fixed-size buffers to the same layer code."""
+
+    __slots__ = ("keys", "values", "key_buffer", "value_buffer", "first", "capacity", "flash")
+
+    def __init__(self, cache: LayerCache, first: int, capacity: int, flash: bool):
+        self.keys, self.values = cache.keys, cache.values
+        self.key_buffer, self.value_buffer = cache.key_buffer, cache.value_buffer
+        self.first, self.capacity, self.flash = first, capacity, flash
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """q, k, v (b, h, d), q and k rotated -> the attention output (b, h*d) over the cache's
+        keys from `first` on and the token's own."""
+        self.keys, self.key_buffer = append(self.keys, self.key_buffer, k[:, None], self.capacity)
+        self.values, self.value_buffer = append(self.values, self.value_buffer, v[:, None],
+                                                self.capacity)  # (b, l+1, h, d) each
+        f = self.first
+        out = attend(q[:, :, None], self.keys[:, f:].transpose(1, 2),
+                     self.values[:, f:].transpose(1, 2), None, scale, self.flash)
+        return out.view(q.shape[0], -1)
+
+    def next_cache(self) -> LayerCache:
+        return LayerCache(self.keys, self.values, None, self.key_buffer, self.value_buffer)
 
 
 def frame_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor,
@@ -307,7 +335,9 @@ def frame_attention(q: Tensor, k_frame: Tensor, v_frame: Tensor,
     y = window_attention(q, k_frame, v_frame, plan, rotary, scale=scale, flash=flash,
                          dropout=dropout, compressed=compressed,
                          c=compressor.c if compressor is not None else 1)
-    return y, LayerCache(plan.next_cache(k_frame, rotary), plan.next_cache(v_frame), next_comp)
+    keys, back = plan.next_cache(k_frame), plan.cache_shift
+    keys = keys if back == 0 else rotary.shift(keys, back)
+    return y, LayerCache(keys, plan.next_cache(v_frame), next_comp)
 
 
 class WindowAttention(nn.Module):
@@ -332,11 +362,17 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3 * h, self.dim_head)
         qk = self.rotary(qkv[:, :, :2 * h], plan.L)  # at positions after the L cached tokens
         q, k, v = qk[:, :, :h], qk[:, :, h:], qkv[:, :, 2 * h:]
-        if plan.single:
-            y, cache = step_attention(q, k, v, cache, plan, scale=scale, flash=self.flash,
-                                      dropout=drop)
-        else:
-            y, cache = frame_attention(q, plan.frame(cache.keys, k), plan.frame(cache.values, v),
-                                       cache.compressed, plan, self.rotary, self.compressor,
-                                       scale=scale, flash=self.flash, dropout=drop)
+        y, cache = frame_attention(q, plan.frame(cache.keys, k), plan.frame(cache.values, v),
+                                   cache.compressed, plan, self.rotary, self.compressor,
+                                   scale=scale, flash=self.flash, dropout=drop)
         return self.out(y.reshape(b, n, -1)), cache
+
+    def step(self, x: Tensor, xn: Tensor, cos: Tensor, sin: Tensor, window) -> Tensor:
+        """The decoding step of `forward` for one token: x (b, e) the residual stream, xn its
+        norm, (cos, sin) the rotation of the token's position; window(q, k, v, scale) writes the
+        token's key and value to the cache and attends (`CacheStep`, or the compiled step's).
+        Returns x plus the attention output (the residual addition fused into the projection)."""
+        qkv = F.linear(xn, self.qkv.weight).view(x.shape[0], 3, self.heads, self.dim_head)
+        qk = Rotary.rotate(qkv[:, :2], cos, sin)  # (b, 2, h, d)
+        y = window(qk[:, 0], qk[:, 1], qkv[:, 2], self.dim_head ** -0.5)
+        return torch.addmm(x, y, self.out.weight.t())

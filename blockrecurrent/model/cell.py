@@ -42,7 +42,7 @@ from .attention import (
     cat,
     frame_attention,
     stack,
-    step_attention,
+    unit,
 )
 from .config import BlockRecurrentConfig
 
@@ -131,7 +131,7 @@ def activation_kind(act: nn.Module) -> tuple[bool, str]:
 
 
 def mlp_activation(h: Tensor, gated: bool, approximate: str = "none") -> Tensor:
-    """The middle of an MLP, as a function that the decoding step shares with the modules."""
+    """The middle of an MLP: GELU, or GEGLU's gated GELU."""
     if gated:
         a, g = h.chunk(2, dim=-1)
         return a * F.gelu(g, approximate=approximate)
@@ -148,17 +148,27 @@ def mlp_widths(config: BlockRecurrentConfig) -> tuple[int, int]:
     return hidden, hidden
 
 
-def mlp(config: BlockRecurrentConfig) -> nn.Sequential:
-    """Linear -> GELU or GEGLU -> Linear, no biases."""
-    up, hidden = mlp_widths(config)
-    act = GEGLU() if config.mlp == "geglu" else nn.GELU()
-    return nn.Sequential(nn.Linear(config.dim, up, bias=False), act,
+class MLP(nn.Sequential):
+    """Linear -> GELU or GEGLU -> Linear, no biases. A Sequential, so that saved weights keep
+    their names (mlp.0.weight, mlp.2.weight)."""
+
+    def __init__(self, config: BlockRecurrentConfig):
+        up, hidden = mlp_widths(config)
+        act = GEGLU() if config.mlp == "geglu" else nn.GELU()
+        super().__init__(nn.Linear(config.dim, up, bias=False), act,
                          nn.Linear(hidden, config.dim, bias=False))
+
+    def step(self, x: Tensor, xn: Tensor) -> Tensor:
+        """x + MLP(xn) for one token, x and xn (b, e): the residual addition fused into the
+        down projection (the decoding step's form of the layer's `x + mlp(norm(x))`)."""
+        up, act, down = self._modules.values()
+        hid = mlp_activation(F.linear(xn, up.weight), *activation_kind(act))
+        return torch.addmm(x, hid, down.weight.t())
 
 
 def normed(x: Tensor, scale: Tensor) -> Tensor:
     """L2-normalise over the head width and multiply by a per-head scale. x (..., h, d)."""
-    return F.normalize(x, dim=-1) * scale[:, None].to(x.dtype)
+    return unit(x) * scale[:, None].to(x.dtype)
 
 
 class RecurrentCell(nn.Module):
@@ -186,7 +196,7 @@ class RecurrentCell(nn.Module):
         self.gate = GATES[config.gate](config, reads * h * d)
         if config.variant == "dual":  # a state MLP with its own gate after the attention gate
             self.mlp_norm = nn.LayerNorm(e)
-            self.state_mlp = mlp(config)
+            self.state_mlp = MLP(config)
             self.mlp_gate = GATES[config.gate](config, e)
         self.rotary = Rotary(d, config.block_width, config.rotary_base)
         self.compressor = CompressedMemory(config) if config.use_compressed_mem else None
@@ -206,7 +216,7 @@ class RecurrentCell(nn.Module):
         x = self.state_norm(state) + self.state_ids.to(state.dtype)
         w = self.state_proj.weight[:2 * self.heads * self.dim_head]
         sk, sv = F.linear(x, w).view(b, s, 2, self.heads, self.dim_head).unbind(2)
-        return F.normalize(sk, dim=-1), sv
+        return unit(sk), sv
 
     def update(self, state: Tensor, sk: Tensor, sv: Tensor, sq: Tensor | None, sq2: Tensor,
                tk: Tensor, tv: Tensor, key_mask: Tensor) -> Tensor:
@@ -237,20 +247,31 @@ class RecurrentCell(nn.Module):
         # Unit keys, queries with the learned scale; window attention reads them rotated (the
         # cache holds rotated keys).
         q = self.rotary(normed(q, self.scales[TOKEN_SELF]), plan.L)
-        k = self.rotary(F.normalize(k, dim=-1), plan.L)
+        k = self.rotary(unit(k), plan.L)
         drop = self.dropout if self.training else 0.0
-        if plan.single:  # a decoding step: no block completes, the state stays
-            self_out, next_cache = step_attention(q, k, v, cache, plan, scale=1.0,
-                                                  flash=self.flash, dropout=drop)
-            state_kv = state_kv if state_kv is not None else self.state_keys_values(state)
-            block_kv, parts = [state_kv], [(1, n)]
-        else:
-            self_out, block_kv, state, state_kv, next_cache = self._blocks(
-                q, k, v, cache, plan, state, state_kv, drop)
-            parts = [(part.count, part.q_len) for part in plan.parts]
+        self_out, block_kv, state, state_kv, next_cache = self._blocks(
+            q, k, v, cache, plan, state, state_kv, drop)
+        parts = [(part.count, part.q_len) for part in plan.parts]
         cross = self._cross(q2, block_kv, parts, drop)
         y = self.token_out(torch.cat([self_out.reshape(b, n, -1), cross], dim=-1))
         return CellOutput(y, next_cache, state, state_kv)
+
+    def step(self, x: Tensor, xn: Tensor, cos: Tensor, sin: Tensor, window,
+             state_kv: StateKV) -> Tensor:
+        """The decoding step of `forward` for one token, which completes no block (the state
+        stays): x (b, e) the residual stream, xn its norm, (cos, sin) the rotation of the token's
+        position, window as in WindowAttention.step, state_kv the state's (K_s, V_s). Returns x
+        plus the cell's token output."""
+        b, h, d = x.shape[0], self.heads, self.dim_head
+        kvqq = F.linear(xn, self.token_proj.weight).view(b, 4, h, d)
+        units = unit(kvqq)  # k, q, q2 unit vectors (v's is not used)
+        kq = Rotary.rotate(units[:, 0:3:2], cos, sin)  # (b, 2, h, d): rotated k and q
+        scales = self.scales.to(x.dtype)
+        y = window(kq[:, 1] * scales[TOKEN_SELF][:, None], kq[:, 0], kvqq[:, 1], 1.0)
+        q2 = units[:, 3] * scales[TOKEN_CROSS][:, None]
+        cross = attend(q2[:, :, None], state_kv[0].transpose(1, 2), state_kv[1].transpose(1, 2),
+                       None, 1.0, self.flash).view(b, h * d)
+        return torch.addmm(x, torch.cat([y, cross], dim=-1), self.token_out.weight.t())
 
     def _cross(self, q2: Tensor, block_kv: list[StateKV], parts: list[tuple[int, int]],
                drop: float) -> Tensor:
@@ -306,7 +327,7 @@ class RecurrentCell(nn.Module):
         for blk in blocks:
             if complete and blk <= complete[-1]:  # block complete: advance the state
                 sk, sv, sq, sq2 = self.state_projections(state)
-                sk = F.normalize(sk, dim=-1)
+                sk = unit(sk)
                 block_kv.append((sk, sv))
                 i = blk - complete[0]
                 state = self.update(state, sk, sv, sq, sq2, key_windows[i], value_windows[i],

@@ -37,8 +37,8 @@ class XLMemories:
     # attention.append); never copied, so a copy of the memories copies on its first step.
     key_buffers: tuple[GrowthBuffer | None, ...] | None = field(default=None, repr=False)
     value_buffers: tuple[GrowthBuffer | None, ...] | None = field(default=None, repr=False)
-    # Set by the fast decoding step: every row's document started at or before the cache
-    # (WindowPlan.all_valid), so the next step need not compare lengths (decode.eligible).
+    # Set by the decoding step: every row's document started at or before the cache
+    # (WindowPlan.all_valid), so the next step need not compare lengths (model._can_step).
     all_valid: bool = field(default=False, repr=False)
 
     @property

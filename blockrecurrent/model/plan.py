@@ -17,15 +17,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import BlockRecurrentConfig
-
-if TYPE_CHECKING:
-    from .attention import Rotary
 
 
 @functools.lru_cache(maxsize=4096)
@@ -82,22 +78,18 @@ class WindowPlan:
         self.compress = config.use_compressed_mem
         self.compress_factor = config.compressed_mem_factor
         self.first_cached_block = self._first_cached_block(W, self.end)
-        # A decoding step: one token that completes no block, in a document that started at or
-        # before the cache. It reads the cache's last keys from `step_keys` on, plus its own:
-        # no frame, no masks (`step_attention`), and the state does not move. The cache holds
-        # the previous complete block and the token's own block so far: all a "block" window reads.
-        self.single = self.is_step(config, cache_len, n, self.all_valid)
-        self.step_keys = self.step_start(config, cache_len)
-        self.parts = [] if self.single else self._split()
+        self.parts = self._split()
         # The frame is materialised from `origin` on: keys before the first query block's window
-        # are never read (most of the frame when decoding), except by the compressor, which
+        # are never read (most of the frame for a few tokens), except by the compressor, which
         # works on whole blocks of the whole frame.
-        self.origin = 0 if self.compress or self.single else self.first_window
+        self.origin = 0 if self.compress else self.first_window
 
     @staticmethod
     def is_step(config: BlockRecurrentConfig, cache_len: int, n: int, all_valid: bool) -> bool:
-        """A call that `step_attention` serves: one token that completes no block, every row's
-        document started at or before the cache, no compressed memory."""
+        """A call that the decoding step serves (BlockRecurrentTransformer.step): one token that
+        completes no block, so the state stays, every row's document started at or before the
+        cache, so no key is masked, and no compressed memory. The cache then holds the previous
+        complete block and the token's own block so far: all a window reads."""
         return (n == 1 and all_valid and not config.use_compressed_mem
                 and (cache_len + 1) % config.block_width != 0)
 
@@ -220,10 +212,12 @@ class WindowPlan:
         """Frame blocks first .. stop-1 of a materialised frame (b, (stop-first) W, ...)."""
         return frame[:, self.index(self.block_start(first)):self.index(self.block_start(stop))]
 
-    def next_cache(self, frame: Tensor, rotary: Rotary | None = None) -> Tensor:
+    def next_cache(self, frame: Tensor) -> Tensor:
         """What the next call needs: the last complete block and the partial one after it.
-        Keys (with `rotary`) are turned back to positions counted from the new cache start."""
-        first = self.block_start(self.first_cached_block)
-        out = frame[:, self.index(first):self.index(self.end)]
-        back = self.rotary_position(first)
-        return out if rotary is None or back == 0 else rotary.shift(out, back)
+        Keys must then be turned back by `cache_shift` positions (counted from the new start)."""
+        return frame[:, self.index(self.block_start(self.first_cached_block)):self.index(self.end)]
+
+    @property
+    def cache_shift(self) -> int:
+        """Rotary positions by which the next cache's keys are turned back."""
+        return self.rotary_position(self.block_start(self.first_cached_block))

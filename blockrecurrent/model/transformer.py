@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode
-from .attention import LayerCache, WindowAttention, WindowPlan, stack
-from .cell import STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, mlp, retention_bias
+from .attention import CacheStep, LayerCache, WindowAttention, WindowPlan, stack
+from .cell import MLP, STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
 from .memories import XLMemories
 
@@ -81,6 +81,13 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """a and b view the same memory the same way, so hold the same values (a comparison of
+    values costs ~30 us at batch 1 and ~1.5 ms at batch 32 per step on a 2-core CPU)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
 class Layer(nn.Module):
     """Pre-norm transformer layer; the attention is the recurrent cell in recurrent layers."""
 
@@ -90,7 +97,7 @@ class Layer(nn.Module):
         self.attn_norm = nn.LayerNorm(config.dim)
         self.attn = RecurrentCell(config) if recurrent else WindowAttention(config)
         self.mlp_norm = nn.LayerNorm(config.dim)
-        self.mlp = mlp(config)
+        self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: LayerCache, plan: WindowPlan, state: Tensor | None = None,
@@ -104,6 +111,20 @@ class Layer(nn.Module):
         x = x + drop(self.mlp(self.mlp_norm(x)))
         return LayerOutput(x, cache, state, state_kv)
 
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, window,
+             state_kv: StateKV | None = None) -> Tensor:
+        """`forward` for one token that completes no block, without dropout: x (b, e) -> (b, e).
+        (cos, sin) rotate the token's position; window(q, k, v, scale) writes its key and value
+        to this layer's cache and attends (attention.CacheStep, or the compiled step's);
+        state_kv is the (K_s, V_s) of the state, in a recurrent layer."""
+        e, n1, n2 = x.shape[-1:], self.attn_norm, self.mlp_norm
+        xn = torch.layer_norm(x, e, n1.weight, n1.bias, n1.eps)  # no module call per token
+        if self.recurrent:
+            x = self.attn.step(x, xn, cos, sin, window, state_kv)
+        else:
+            x = self.attn.step(x, xn, cos, sin, window)
+        return self.mlp.step(x, torch.layer_norm(x, e, n2.weight, n2.bias, n2.eps))
+
 
 class BlockRecurrentTransformer(nn.Module):
     def __init__(self, config: BlockRecurrentConfig | None = None, **kwargs):
@@ -115,8 +136,8 @@ class BlockRecurrentTransformer(nn.Module):
         elif not isinstance(config, BlockRecurrentConfig):
             raise TypeError(f"config must be a BlockRecurrentConfig, got {type(config).__name__}")
         self.config = config
-        # One-token decoding steps take blockrecurrent.model.decode.step (False: the general path,
-        # which computes the same function; kept as the reference and for benchmarks).
+        # One-token calls take `step` (False: the general path, which computes the same
+        # function; kept as the reference and for benchmarks).
         self.fast_decode = True
         self._compiled_decode = None  # see compile_decode
         self.token_emb = nn.Embedding(config.num_tokens, config.dim)
@@ -230,21 +251,24 @@ class BlockRecurrentTransformer(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, seq: Tensor, xl_memories: XLMemories | None = None,
                 states: Tensor | None = None, reset: Tensor | None = None,
-                logits_to_keep: int | None = None) -> ModelOutput:
+                logits_to_keep: int | None = None, own_outputs: bool = False) -> ModelOutput:
         """seq (b, n) token ids of any length. reset (b,) bool marks rows starting a new document:
         they start from the learned initial state and an empty cache. logits_to_keep: compute the
         logits of the last positions only (prefill needs one; saves a (b, n, vocab) tensor).
+        own_outputs=True is for a decoding loop that feeds the model its own outputs: xl_memories
+        and states exactly as the last call returned them, tokens sampled from its logits; the
+        input checks are skipped (they cannot fail) and the cached state keys/values are found by
+        identity instead of by comparing values.
         Returns logits (b, n, num_tokens), the next XLMemories and states (r, b, s, e)."""
-        if not decode.trusted():
+        if not own_outputs:
             self._check_inputs(seq, xl_memories, states, reset)
         if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or
                                            not isinstance(logits_to_keep, int)
                                            or logits_to_keep < 1):
             raise ValueError(f"logits_to_keep must be a positive int or None, "
                              f"got {logits_to_keep!r}")
-        if self.fast_decode and decode.eligible(self, seq, xl_memories, reset):
-            return decode.step(self, seq, xl_memories,
-                               self.initial_states(seq.shape[0]) if states is None else states)
+        if reset is None and self._can_step(seq, xl_memories):
+            return self._step(seq, xl_memories, states, same_states=own_outputs)
         mems = xl_memories
         lengths, states = self._start(seq, mems, states, reset)
         plan = WindowPlan(self.config, mems.cache_len if mems is not None else 0, seq.shape[1],
@@ -265,10 +289,55 @@ class BlockRecurrentTransformer(nn.Module):
             caches.append(cache)
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
-        logits = self.to_logits(self.norm(x))
         states_out = (stack(new_states, 0) if new_states else states).detach()
-        return ModelOutput(logits, self._memories(caches, new_kv, lengths + seq.shape[1],
-                                                  states_out), states_out)
+        return self._output(x, caches, new_kv, lengths + seq.shape[1], states_out)
+
+    # --- the decoding step ---------------------------------------------------------------
+    def _can_step(self, seq: Tensor, xl_memories: XLMemories | None) -> bool:
+        """Whether model(seq, xl_memories, states) is a call that `_step` computes: one token that
+        completes no block, in documents that started at or before the cache, without autograd,
+        dropout, autocast or compressed memory (`WindowPlan.is_step`)."""
+        mems = xl_memories
+        if (not self.fast_decode or mems is None or torch.is_grad_enabled()
+                or (self.training and self.config.dropout > 0)
+                or torch.is_autocast_enabled(seq.device.type)):
+            return False
+        L = mems.cache_len
+        # A step's own memories keep every row valid (lengths and cache grow together).
+        all_valid = mems.all_valid or (seq.shape[1] == 1 and bool((mems.lengths >= L).all()))
+        return WindowPlan.is_step(self.config, L, seq.shape[1], all_valid)
+
+    def _step(self, seq: Tensor, mems: XLMemories, states: Tensor | None,
+              same_states: bool) -> ModelOutput:
+        """The decoding step: every layer's `step` on (b, e) rows, the same function as the
+        general path for the calls `_can_step` accepts. same_states: `states` are the tensor the
+        last call returned, so its cached state keys/values are found by identity."""
+        if states is None:
+            states = self.initial_states(seq.shape[0])
+        if self._compiled_decode is not None:
+            return self._compiled_decode(seq, mems, states, same_states)
+        L, W = mems.cache_len, self.config.block_width
+        first = WindowPlan.step_start(self.config, L)  # the first cached key the token reads
+        x = F.embedding(seq[:, 0], self.token_emb.weight)  # (b, e)
+        cos, sin = self.layers[0].attn.rotary.row(L, x.dtype)  # every layer's is the same
+        windows, state_kv = [], self.state_kv(mems, states, same_states)
+        r = 0
+        for i, layer in enumerate(self.layers):
+            window = CacheStep(mems.layer(i), first, 2 * W, layer.attn.flash)
+            windows.append(window)
+            x = layer.step(x, cos, sin, window, state_kv[r] if layer.recurrent else None)
+            r += layer.recurrent
+        return self._output(x[:, None], [w.next_cache() for w in windows], state_kv,
+                            mems.lengths + 1, states, all_valid=True)
+
+    def state_kv(self, mems: XLMemories, states: Tensor, same_states: bool) -> list[StateKV]:
+        """Every recurrent layer's (K_s, V_s) of its state: those the memories carry when they
+        belong to it, else projected."""
+        out = []
+        for r, cell in enumerate(self.recurrent_cells):
+            kv = self._cached_state_kv(mems, r, states[r], same_states)
+            out.append(kv if kv is not None else cell.state_keys_values(states[r]))
+        return out
 
     def _start(self, seq: Tensor, mems: XLMemories | None, states: Tensor | None,
                reset: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -286,12 +355,15 @@ class BlockRecurrentTransformer(nn.Module):
             states = torch.where(reset[None, :, None, None], init, states.to(init.dtype))
         return lengths, states
 
-    def _memories(self, caches: list[LayerCache], new_kv: list[StateKV | None], lengths: Tensor,
-                  states: Tensor) -> XLMemories:
-        """The next XLMemories from every layer's next cache, detached."""
+    def _output(self, x: Tensor, caches: list[LayerCache], new_kv: list[StateKV | None],
+                lengths: Tensor, states: Tensor, all_valid: bool = False) -> ModelOutput:
+        """What every call returns: the logits of x (b, n, e), and the next XLMemories from every
+        layer's next cache (detached), the states' keys/values and the documents' lengths.
+        all_valid: every row's document started at or before the cache (see `_can_step`)."""
+        logits = self.to_logits(self.norm(x))
         comp = self.config.use_compressed_mem
         keep_kv = bool(new_kv) and new_kv[0] is not None  # all layers end in the same block
-        return XLMemories(
+        mems = XLMemories(
             keys=tuple(_detached(c.keys) for c in caches),
             values=tuple(_detached(c.values) for c in caches),
             lengths=lengths,
@@ -301,10 +373,12 @@ class BlockRecurrentTransformer(nn.Module):
             state_values=tuple(kv[1].detach() for kv in new_kv) if keep_kv else None,
             state_source=tuple(states.unbind(0)) if keep_kv else None,
             key_buffers=tuple(c.key_buffer for c in caches),
-            value_buffers=tuple(c.value_buffer for c in caches))
+            value_buffers=tuple(c.value_buffer for c in caches), all_valid=all_valid)
+        return ModelOutput(logits, mems, states)
 
     @staticmethod
-    def _cached_state_kv(mems: XLMemories | None, r: int, state: Tensor) -> StateKV | None:
+    def _cached_state_kv(mems: XLMemories | None, r: int, state: Tensor,
+                         same_states: bool = False) -> StateKV | None:
         """The (K_s, V_s) the last call computed for recurrent layer r, if `state` is the state
         they came from (a cheap comparison of S x E values against an S x E x 2hd projection).
         Only without autograd: the cached keys are detached, and a training call must send
@@ -312,7 +386,7 @@ class BlockRecurrentTransformer(nn.Module):
         if mems is None or mems.state_keys is None or torch.is_grad_enabled():
             return None
         src = mems.state_source[r]
-        if decode.trusted() and decode.same_tensor(src, state):
+        if same_states and _same_memory(src, state):
             return mems.state_keys[r], mems.state_values[r]
         if src.shape != state.shape or src.dtype != state.dtype or src.device != state.device \
                 or not torch.equal(src, state):
@@ -373,9 +447,9 @@ class BlockRecurrentTransformer(nn.Module):
     # --- generation ----------------------------------------------------------------------
     def compile_decode(self, enabled: bool = True, **compile_kwargs) -> "BlockRecurrentTransformer":
         """Run decoding steps as one torch.compile graph over fixed-size caches
-        (blockrecurrent.model.decode.CompiledStep); the same function as the eager step, compiled on
-        the first step of each batch size. enabled=False goes back to the eager step."""
-        from .decode import CompiledStep
+        (model.compiled.CompiledStep): the layers' own `step`, as in the eager step, compiled
+        on the first step of each batch size. enabled=False goes back to the eager step."""
+        from .compiled import CompiledStep
 
         self._compiled_decode = CompiledStep(self, **compile_kwargs) if enabled else None
         return self
