@@ -18,24 +18,21 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import (  # noqa: E402
+from blockrecurrent import (
     PRESETS,
-    BlockRecurrentConfig,  # noqa: E402
+    BlockRecurrentConfig,
     BlockRecurrentTransformer,
     preset,
 )
-from blockrecurrent.bench.decode import decode_speed, format_decode  # noqa: E402
-from blockrecurrent.bench.machine import PeakMemory  # noqa: E402
-from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.generate.generation import generate  # noqa: E402
+from blockrecurrent.bench.decode import decode_speed, format_decode
+from blockrecurrent.bench.machine import PeakMemory
+from blockrecurrent.bench.run import REFERENCE_CONFIG
+from blockrecurrent.generate.generation import generate
 
 
 def timed(fn):

@@ -23,14 +23,11 @@ import contextlib
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench.run import REFERENCE_CONFIG, Runner  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+from blockrecurrent.bench.run import REFERENCE_CONFIG, Runner
 
 
 def port_stream(model, opt, tokens, n, segment, mode, dtype) -> float:
@@ -57,9 +54,12 @@ def port_stream(model, opt, tokens, n, segment, mode, dtype) -> float:
 
 
 def load_port(port_path: str | None):
-    """The port's model class, from `port_path` (a pip --target folder) or the environment."""
+    """The port's model class, from `port_path` (a pip --target folder) or the environment.
+    The port is a throwaway install beside this package, not one of its dependencies: its
+    folder goes on sys.path for this process only (the package itself is imported as
+    installed, `pip install -e .`)."""
     if port_path:
-        sys.path.insert(0, port_path)
+        sys.path.insert(0, port_path)  # the port's separate install, not this package
     try:
         from block_recurrent_transformer_pytorch import BlockRecurrentTransformer as Port
     except ImportError:

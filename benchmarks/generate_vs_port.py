@@ -21,18 +21,13 @@ import functools
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_vs_port import load_port  # the script beside this one (its folder is on sys.path)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from bench_vs_port import load_port  # noqa: E402
-
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.generate.generation import generate  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+from blockrecurrent.bench.run import REFERENCE_CONFIG
+from blockrecurrent.generate.generation import generate
 
 
 def timed(fn) -> float:

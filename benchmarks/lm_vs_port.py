@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.data.corpus import (  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+from blockrecurrent.data.corpus import (
     ByteTokenizer,
     DocumentLanes,
     load_documents,

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset
+from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes
 
 
 def port_factory(port_cls):

@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer  # noqa: E402
-from blockrecurrent.bench.decode import decode_bytes, read_seconds  # noqa: E402
-from blockrecurrent.bench.run import REFERENCE_CONFIG  # noqa: E402
-from blockrecurrent.generate.generation import generate  # noqa: E402
+from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer
+from blockrecurrent.bench.decode import decode_bytes, read_seconds
+from blockrecurrent.bench.run import REFERENCE_CONFIG
+from blockrecurrent.generate.generation import generate
 
 GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",

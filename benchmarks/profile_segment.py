@@ -12,17 +12,13 @@ dispatch overhead: at ~10-20 us each, thousands of calls matter for small segmen
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import PRESETS, BlockRecurrentConfig, BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.bench.run import REFERENCE_CONFIG, REFERENCE_RUN  # noqa: E402
+from blockrecurrent import PRESETS, BlockRecurrentConfig, BlockRecurrentTransformer, preset
+from blockrecurrent.bench.run import REFERENCE_CONFIG, REFERENCE_RUN
 
 
 def main(argv=None) -> None:
