@@ -1,6 +1,6 @@
 """What does the state hold? Linear probes of each key from the recurrent state after every block.
 
-    python benchmarks/probe_state_readout.py --keys 1 2 --distance 4 --steps 0 300 --threads 1
+    python experiments/probe_state_readout.py --keys 1 2 --distance 4 --steps 0 300 --threads 1
 
 Trains the recall probe's model (`brt probe`'s "keys" task, preset "probe") for each number of
 steps, then streams 3,072 fresh sequences block by block and fits, for every block and every
@@ -18,16 +18,12 @@ keys store a mixture from which the order is lost.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.evaluate.probes import (  # noqa: E402
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.evaluate.probes import (
     BETAS,
     RecallTask,
     probe_config,

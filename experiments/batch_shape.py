@@ -2,7 +2,7 @@
 separated: gradients through the window cache across the blocks of a segment, or the number of
 documents in each batch.
 
-    python benchmarks/batch_shape.py --layouts 4x512 4x512:detach 16x128 --seed 0 --threads 1
+    python experiments/batch_shape.py --layouts 4x512 4x512:detach 16x128 --seed 0 --threads 1
 
 Each layout trains `configs/small.toml` (Slide by default, `--baseline none` for the recurrent
 model) for the same optimizer steps and tokens, then reports the validation bits/byte over
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent.train.settings import load_train_config, resolve_model_config  # noqa: E402
-from blockrecurrent.train.train_data import build_data  # noqa: E402
-from blockrecurrent.train.trainer import Trainer  # noqa: E402
+from blockrecurrent.train.settings import load_train_config, resolve_model_config
+from blockrecurrent.train.train_data import build_data
+from blockrecurrent.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

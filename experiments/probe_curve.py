@@ -3,7 +3,7 @@ every --eval-every, for one setting and a few seeds (the probe's model and recip
 shows the plateau behind the multi-key results: the loss sits at chance (ln alphabet) and then
 falls within ~150 steps, so a fixed budget of 300 steps reads wherever each draw is on it.
 
-    python benchmarks/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
+    python experiments/probe_curve.py --keys 2 --distance 5 --seeds 1 3 --steps 900 --read-gain 1
 
 --read-gain sets the scale of the state's attention to the tokens at that multiple of
 sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is an earlier release);
@@ -15,25 +15,20 @@ sqrt(dim_head) (the model's default: STATE_READ_GAIN; 1 is an earlier release);
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from probe_ablation import read_gain  # the script beside this one: the same rescaling
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from probe_ablation import read_gain  # noqa: E402  (this folder: the same rescaling)
-
-from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.evaluate.probes import (  # noqa: E402
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.evaluate.probes import (
     BETAS,
     RecallTask,
     probe_config,
     recall_accuracy,
     train_recall,
 )
-from blockrecurrent.model.config import GATE_WRITES  # noqa: E402
-from blockrecurrent.model.transformer import STATE_READ_GAIN  # noqa: E402
+from blockrecurrent.model.config import GATE_WRITES
+from blockrecurrent.model.transformer import STATE_READ_GAIN
 
 
 def main(argv=None):

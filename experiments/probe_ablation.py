@@ -4,14 +4,14 @@ probe's settings otherwise (2 layers, dim 64, W = S = 16, layer 2 recurrent, Ada
 trainer's betas (0.9, 0.95), batch 32, 300 steps). Every figure of the variants below but the
 betas table was measured with torch's default betas: add `--betas 0.9 0.999` to reproduce it.
 
-    python benchmarks/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
+    python experiments/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
         --seeds 0 1 2 3 --betas 0.9 0.95
 
 The gate's write: default is the model's own, the normalized write z * sqrt(1 - g^2); convex is
 the paper's z * (1 - g), the previous default. Every other variant was measured with the convex
 write and keeps it, so that it reproduces the README's figures.
 
-    python benchmarks/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
+    python experiments/probe_ablation.py --variants default convex --keys 2 4 --distances 6 \
         --seeds 0 1 2 3 --betas 0.9 0.999
 
 The state's read of the tokens:
@@ -21,7 +21,7 @@ The state's read of the tokens:
 - read-gain-1, read-gain-2, read-gain-8: convex with that attention's scale at that multiple
   of sqrt(dim_head) instead; read-gain-1 is an earlier release (unit spread).
 
-    python benchmarks/probe_ablation.py --variants read-gain-1 convex read-gain-8 --keys 2 \
+    python experiments/probe_ablation.py --variants read-gain-1 convex read-gain-8 --keys 2 \
         --distances 5 --seeds 0 1 2 3
 
 On this release's read (measured at d = 6, where 300 steps end before the last draws learn):
@@ -29,7 +29,7 @@ On this release's read (measured at d = 6, where 300 steps end before the last d
   are relative to the scale, as Adafactor's are in the official code;
 - scales-lr-10: those scales at 10x --lr; cell-2: the cell at 2x --lr; all-2: every parameter.
 
-    python benchmarks/probe_ablation.py --variants convex read-gain-8 log-scales scales-lr-10 \
+    python experiments/probe_ablation.py --variants convex read-gain-8 log-scales scales-lr-10 \
         cell-2 all-2 --keys 2 4 --distances 6 --seeds 0 1
 
 Every other variant was measured on an earlier release and keeps its state read at gain 1, so
@@ -44,8 +44,8 @@ Initialisations (the same architecture except paper-cell; otherwise only the ini
   (the same draw, scaled);
 - paper-cell: the paper's cell (state self-attention on) at gain 1.
 
-    python benchmarks/probe_ablation.py --variants gpt2 fan-in-g0.5 read-gain-1 --distances 2 4 6
-    python benchmarks/probe_ablation.py --variants paper-cell gain-1 gain-2 read-gain-1 \
+    python experiments/probe_ablation.py --variants gpt2 fan-in-g0.5 read-gain-1 --distances 2 4 6
+    python experiments/probe_ablation.py --variants paper-cell gain-1 gain-2 read-gain-1 \
         --keys 2 --distances 4 --seeds 0 1
 
 Learning rates (only Adam's rate for some parameters differs):
@@ -55,7 +55,7 @@ Learning rates (only Adam's rate for some parameters differs):
 - below-mlp-0.5: only their MLPs; cell-0.5: the recurrent layer's attention (the cell's token
   and state sides); not-cell-0.5: everything except the cell.
 
-    python benchmarks/probe_ablation.py --variants read-gain-1 all-0.5 below-0.5 --keys 2 \
+    python experiments/probe_ablation.py --variants read-gain-1 all-0.5 below-0.5 --keys 2 \
         --distances 5 --seeds 0 1
 """
 
@@ -63,18 +63,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes  # noqa: E402
-from blockrecurrent.model.cell import STATE_READ, FixedGate  # noqa: E402
-from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN  # noqa: E402
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes
+from blockrecurrent.model.cell import STATE_READ, FixedGate
+from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN
 
 
 @torch.no_grad()

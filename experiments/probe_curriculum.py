@@ -2,7 +2,7 @@
 model first at a short distance, then at the target distance, and compare with training at the
 target distance only.
 
-    python benchmarks/probe_curriculum.py --keys 2 --distance 4 --first 300 --then 300 --threads 1
+    python experiments/probe_curriculum.py --keys 2 --distance 4 --first 300 --then 300 --threads 1
 
 Prints the accuracy at the short and the target distance after each stage. Trained from scratch
 at d = 4, 2 keys stay at chance after 1,000 steps (`brt probe --keys 2 --distances 4 --steps
@@ -14,15 +14,11 @@ how to write them.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent.evaluate.probes import (  # noqa: E402
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.evaluate.probes import (
     BETAS,
     RecallTask,
     probe_config,
