@@ -1,5 +1,5 @@
 """Peak memory and time of one training segment (forward, loss, backward) with and without
-per-layer activation checkpointing (`activation_checkpointing = true`, issue 11).
+per-layer activation checkpointing (`activation_checkpointing = true`).
 
     python benchmarks/activation_memory.py --preset small --batch-size 1
     python benchmarks/activation_memory.py --preset paper-150m --batch-size 1   # minutes on a CPU

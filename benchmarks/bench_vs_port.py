@@ -4,9 +4,9 @@
         einops beartype
     python benchmarks/bench_vs_port.py --port-path /tmp/portlib --threads 1
 
-The issue quotes the port's tokens/s measured at another time (and, for bf16, necessarily on other
-hardware); on a shared machine only a ratio measured pass by pass means anything. Both models get
-issue 5's reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), batch 4, a 2048-token stream
+The port's tokens/s measured at another time (or, for bf16, on other hardware) cannot be set
+beside ours; on a shared machine only a ratio measured pass by pass means anything. Both models get
+the reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), batch 4, a 2048-token stream
 fed segment by segment (max_seq_len = 1024), forward + cross-entropy + backward + AdamW step per
 segment with memories and states carried, detached, between segments (the port returns them
 detached); inference feeds the same segments under torch.inference_mode. The two run alternately

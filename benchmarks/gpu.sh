@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issues 5, 11 and 13). 1) The paper's 150M configuration (12 layers, E=1024, W=S=512,
+# The GPU check. 1) The paper's 150M configuration (12 layers, E=1024, W=S=512,
 # 4096-token segments, 32k vocabulary) against Slide and XL, bf16 autocast and fp32, streams of
 # 4k to 64k tokens, with the matmul peak measured in the same run. 2) Activation checkpointing:
 # peak memory of one 150M segment with and without. 3) With 2 or more GPUs, the NCCL paths:
@@ -23,7 +23,7 @@ python -m blockrecurrent.bench --preset paper-150m --device cuda --batch-size 4 
 python benchmarks/activation_memory.py --preset paper-150m --batch-size 4 --device cuda \
     | tee "$out/activation_memory.json"
 
-# Cached decoding (issue 13): tokens/s at batch 1, 8 and 32 for the fast, legacy and compiled
+# Cached decoding: tokens/s at batch 1, 8 and 32 for the fast, legacy and compiled
 # steps, against the memory-read bound measured on the card in the same run.
 python -m blockrecurrent.bench --preset paper-150m --device cuda --decode --compile \
     --decode-batches 1 8 32 --json "$out/decode.json" --md "$out/decode.md"

@@ -5,7 +5,7 @@ read the step's weights once (blockrecurrent.bench.decode.read_seconds) measured
 
     python benchmarks/profile_decode.py --threads 1 [--batch 1] [--compile]
 
-The issue's reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), random weights, a
+The reference config (blockrecurrent.bench.run.REFERENCE_CONFIG), random weights, a
 16-token prompt. Profiler overhead inflates the small operators a little; compare paths within
 one run (paths alternate over --rounds rounds; medians).
 """

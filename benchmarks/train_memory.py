@@ -1,5 +1,5 @@
 """Tokens per second and peak memory per process of a short training run: DDP against FSDP,
-with or without activation checkpointing (issue 11). Arguments are those of
+with or without activation checkpointing. Arguments are those of
 `python -m blockrecurrent.train`; run it under torchrun like the trainer:
 
     torchrun --standalone --nproc_per_node=2 benchmarks/train_memory.py \
