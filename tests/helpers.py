@@ -15,6 +15,8 @@ from blockrecurrent.data.tokenizer import ByteTokenizer
 from blockrecurrent.model.config import preset as model_preset
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 from blockrecurrent.train.settings import load_train_config
+from blockrecurrent.train.train_data import build_data
+from blockrecurrent.train.trainer import Trainer
 
 # ----------------------------------------------------------------------------------- corpora
 
@@ -62,6 +64,16 @@ def settings(corpus, out_dir, *extra, preset="tiny"):
                  "batch_size=4", "max_steps=8", "warmup_steps=2", "lr=3e-3", "log_interval=1",
                  "eval_interval=4", "save_interval=4", "eval_tokens=2000", *extra]
     return load_train_config(None, preset, overrides)
+
+
+def step_losses(corpus, *extra, steps=3):
+    """(losses, final weights) of `steps` optimizer steps of a Trainer with the short run's
+    settings and `extra`: no files written."""
+    mc, tc = settings(corpus, "unused", *extra)
+    tok, train_corpus, _ = build_data(tc)
+    trainer = Trainer(mc, tc, train_corpus, None, tok)
+    losses = [trainer.train_step()[0] for _ in range(steps)]
+    return losses, trainer.model.state_dict()
 
 
 def records(out_dir, event):

@@ -4,10 +4,10 @@ import os
 import signal
 import sys
 
-from blockrecurrent.train import trainer as T
+from blockrecurrent.train.trainer import Trainer, main
 
 stop_at = int(sys.argv[1])
-original = T.Trainer.train_step
+original = Trainer.train_step
 
 
 def train_step(self):
@@ -16,5 +16,5 @@ def train_step(self):
     return original(self)
 
 
-T.Trainer.train_step = train_step
-sys.exit(T.main(sys.argv[2:]))
+Trainer.train_step = train_step
+sys.exit(main(sys.argv[2:]))
