@@ -5,8 +5,8 @@ per-layer activation checkpointing (`activation_checkpointing = true`).
     python benchmarks/activation_memory.py --preset paper-150m --batch-size 1   # minutes on a CPU
 
 CPU memory is the peak resident set above the level before the segment
-(bench_machine.PeakMemory, large blocks mmapped so that freed tensors leave at once); CUDA: peak
-allocated above the start."""
+(blockrecurrent.bench.machine.PeakMemory, large blocks mmapped so that freed tensors leave at
+once); CUDA: peak allocated above the start."""
 
 import argparse
 import functools
