@@ -15,6 +15,7 @@ DTYPES = ("fp32", "bf16")
 MODES = ("train", "infer")
 MODELS = ("recurrent", "slide", "xl")
 
+
 def _ratio(s: dict, x) -> str:
     """A largest / smallest length ratio ("-" with one length: nothing to compare)."""
     return "-" if s["smallest"] == s["largest"] else f"{x:.3f}"
@@ -30,11 +31,12 @@ def format_markdown(res: dict) -> str:
              + f". Memory: {m['memory_method']}." + (f" {m['dtype_note']}." if m["dtype_note"]
                                                      else ""),
              "",
-             "| model | params | segment | FLOPs/token fwd | train |",
-             "|---|---:|---:|---:|---:|"]
+             "| model | layers | params | segment | FLOPs/token fwd | train |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, info in res["models"].items():
         f = info["flops_per_token"]
-        lines.append(f"| {name} | {info['params'] / 1e6:.2f}M | {info['segment']} | "
+        lines.append(f"| {name} | {info['config']['depth']} | {info['params'] / 1e6:.2f}M | "
+                     f"{info['segment']} | "
                      f"{f['infer'] / 1e6:.2f}M | {f['train'] / 1e6:.2f}M |")
     lines += ["", "| mode | dtype | model | batch x length | tokens/s | segment ms | "
               "peak mem MiB | model GFLOP/s | MFU | CPU share | tokens/CPU-s |",
