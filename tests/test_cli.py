@@ -1,44 +1,20 @@
-"""The `brt` command line: --help of every subcommand, eval and generate on a saved tiny model,
-user errors exit 2 with a one-line message, and a tiny end-to-end main job."""
+"""cli.py, the `brt` command line: --help of every subcommand, eval and generate on a saved tiny
+model, user errors exit 2 with a one-line message, probe. (`brt run`: test_report; `brt compare`:
+test_compare.)"""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run, tiny_config
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.cli import build_parser, main
-from blockrecurrent.data.corpus import ByteTokenizer
-from blockrecurrent.errors import is_expected
+from blockrecurrent.data.tokenizer import ByteTokenizer
+from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 COMMANDS = ("train", "eval", "generate", "compare", "bench", "probe", "run")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    BlockRecurrentTransformer(preset("tiny")).save_pretrained(d)
-    ByteTokenizer().save(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    """40 small text files: every split (5% val, 5% test) gets at least one."""
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        (d / f"f{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # é\n" * (1 + i % 7))
-    return d
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -138,15 +114,6 @@ def test_top_level_help_does_not_import_torch():
     assert done.returncode == 0, done.stderr
 
 
-def test_missing_modules_of_ours_are_bugs():
-    """A missing optional package is one line; a missing module of this package is a bug."""
-    assert is_expected(ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval"))
-    assert not is_expected(ModuleNotFoundError("No module named 'blockrecurrent.gone'",
-                                               name="blockrecurrent.gone"))
-    assert is_expected(ModuleNotFoundError("No module named 'blockrecurrent_extras'",
-                                           name="blockrecurrent_extras"))
-
-
 def test_traceback_flag_reraises(model_dir, tmp_path):
     with pytest.raises(ValueError, match="checkpoint directory"):
         main(["--traceback", "eval", str(tmp_path / "missing")])
@@ -169,52 +136,6 @@ def test_internal_bugs_keep_their_traceback(capsys, model_dir, monkeypatch):
     assert "error:" not in capsys.readouterr().err
 
 
-def tiny_config(tmp_path, corpus_dir) -> str:
-    path = tmp_path / "tiny.toml"
-    path.write_text(f"""[model]
-preset = "tiny"
-[train]
-data = "{corpus_dir}"
-cache_dir = "{tmp_path / 'cache'}"
-batch_size = 2
-max_steps = 2
-warmup_steps = 1
-eval_interval = 0
-eval_tokens = 4096
-save_interval = 0
-log_interval = 1
-""")
-    return str(path)
-
-
-def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
-    """The main job on a tiny model and corpus: train, evaluate, sample, report."""
-    out = tmp_path / "report"
-    code, stdout, err = run(capsys, "run", "--quick", "--threads", "1", "--out", out,
-                            "--config", tiny_config(tmp_path, corpus_dir), "max_steps=2")
-    assert code == 0, err
-    assert "test bits per byte" in stdout and "--- sample" in stdout
-    for name in ("README.md", "results.json", "eval-test.json", "metrics.jsonl", "train/model"):
-        assert (out / name).exists(), name
-    readme = (out / "README.md").read_text()
-    assert "## Loss by position in the document" in readme and "| [0, 1k) |" in readme
-    if importlib.util.find_spec("matplotlib"):
-        assert "![test loss by position](eval-test.png)" in readme
-    res = json.loads((out / "results.json").read_text())
-    assert res["train_summary"]["step"] == 2 and res["eval"]["tokens"] > 0
-    # The state section: the ablation by position and the recall probe.
-    assert "## Does the state help?" in readme and "state reset" in readme
-    gain = {g["label"]: g for g in res["state_ablation"]}
-    assert gain["all"]["tokens"] == res["eval"]["tokens"]
-    assert gain["all"]["carry"] == pytest.approx(res["eval"]["bits_per_token"])
-    assert {r["model"] for r in res["probe"]} == {"recurrent", "slide"}
-    assert (out / "probe" / "probe.json").is_file()
-    # The exported model works with the other commands.
-    code, _, err = run(capsys, "generate", out / "train" / "model", "--prompt", "def",
-                       "--max-new-tokens", "4", "--threads", "1")
-    assert code == 0, err
-
-
 def test_settings_may_follow_options(capsys):
     """key=value settings before and after an option are all kept, in order."""
     args, extra = build_parser(False).parse_known_args(["train", "a=1", "--resume", "b=2"])
@@ -228,15 +149,15 @@ def test_settings_may_follow_options(capsys):
 def test_failed_and_interrupted_runs_exit_with_a_one_line_message(capsys, tmp_path, corpus_dir,
                                                                   monkeypatch):
     """A diverging run exits 2 with 'training diverged' (no traceback); an interrupted one 130."""
-    import blockrecurrent.train.trainer as T
-
-    monkeypatch.setattr(T, "lm_loss_sum", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr("blockrecurrent.train.trainer.lm_loss_sum",
+                        lambda *a: torch.tensor(float("nan"), requires_grad=True))
     config = tiny_config(tmp_path, corpus_dir)
     code, _, err = run(capsys, "train", "--threads", "1", "--config", config,
                        f"out_dir={tmp_path / 'nan'}", "max_nonfinite=1")
     assert code == 2 and "\nerror: training diverged: " in err and "Traceback" not in err
     monkeypatch.undo()
-    monkeypatch.setattr(T, "train", lambda *a, **k: {"status": "interrupted", "step": 1})
+    monkeypatch.setattr("blockrecurrent.train.trainer.train",
+                        lambda *a, **k: {"status": "interrupted", "step": 1})
     code, _, err = run(capsys, "train", "--threads", "1", "--config", config,
                        f"out_dir={tmp_path / 'stop'}")
     assert code == 130 and "--resume" in err
@@ -263,42 +184,6 @@ def test_probe_command(capsys, tmp_path):
     assert code == 2 and "unknown model setting 'gatee'" in err
     code, _, err = run(capsys, "probe", "--keys", "20", "--out", tmp_path / "bad")
     assert code == 2 and "do not fit" in err
-
-
-def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
-    """Four tiny models at equal training tokens and steps; a rerun reuses the finished runs."""
-    out = tmp_path / "cmp"
-    argv = ["compare", "--threads", "1", "--config", tiny_config(tmp_path, corpus_dir),
-            "--out", out, "--max-eval-tokens", "2000"]
-    code, stdout, err = run(capsys, *argv)
-    assert code == 0, err
-    res = json.loads((out / "comparison.json").read_text())["models"]
-    assert list(res) == ["recurrent", "slide", "slide+1", "xl"]
-    rec, slide, slide1, xl = res.values()
-    # Equal steps, tokens and lanes: XL's segment is one block (16 of 64), so each step reads
-    # 4 consecutive segments of the same lanes.
-    assert rec["summary"]["step"] == xl["summary"]["step"] == slide["summary"]["step"] == 2
-    positions = [r["train_config"]["batch_size"] * r["train_config"]["grad_accum"]
-                 * r["model_config"]["max_seq_len"] for r in (rec, xl)]
-    assert positions[0] == positions[1]
-    assert xl["train_config"]["batch_size"] == rec["train_config"]["batch_size"]
-    assert xl["train_config"]["grad_accum"] == 4 * rec["train_config"]["grad_accum"]
-    assert slide["model_config"]["depth"] == rec["model_config"]["depth"]
-    assert slide1["model_config"]["depth"] == rec["model_config"]["depth"] + 1
-    assert (slide["model_config"]["recurrent_layers"] == slide1["model_config"]["recurrent_layers"]
-            == [])
-    assert xl["train_config"]["baseline"] == "xl" and xl["model_config"]["depth"] == 3
-    assert rec["eval"]["test"]["tokens"] == xl["eval"]["test"]["tokens"]  # same documents
-    gain = {g["label"]: g for g in rec["state_ablation"]}
-    assert gain["all"]["carry"] == pytest.approx(rec["eval"]["test"]["bits_per_token"])
-    table = (out / "comparison.md").read_text()
-    assert "| Rec:fixed:skip (2L) |" in table and "| Slide:2L |" in table
-    assert "| Slide:3L |" in table and "XL:16" in table and "state ablation" in table
-    code, _, err = run(capsys, *argv)
-    assert code == 0 and err.count("reusing the finished run") == 4
-    # Other settings with the same out_dir: refused before any work.
-    code, _, err = run(capsys, *argv, "lr=0.002")
-    assert code == 2 and "other settings" in err
 
 
 def test_eval_reads_the_training_corpus_from_the_run(capsys, tmp_path, corpus_dir):

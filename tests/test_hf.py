@@ -16,34 +16,31 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from corpora import write_word_corpus  # noqa: E402
+from helpers import write_word_corpus  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
-from blockrecurrent import BlockRecurrentTransformer, preset  # noqa: E402
-from blockrecurrent import hf as H  # noqa: E402  # noqa: E402
-from blockrecurrent.data import corpus as D  # noqa: E402
+from blockrecurrent.data.corpus import load_documents, split_documents, tokenize_corpus  # noqa: E402
+from blockrecurrent.data.tokenizer import load_tokenizer  # noqa: E402
 from blockrecurrent.evaluate.evaluation import evaluate  # noqa: E402
-from blockrecurrent.model.config import BlockRecurrentConfig  # noqa: E402
-from blockrecurrent.train import trainer as T  # noqa: E402
+from blockrecurrent.hf import (  # noqa: E402
+    BlockRecurrentCache,
+    BlockRecurrentForCausalLM,
+    BlockRecurrentHFConfig,
+    add_hf_files,
+    hf_config,
+    write_choice_task,
+    write_rolling_task,
+)
+from blockrecurrent.model.config import BlockRecurrentConfig, preset  # noqa: E402
+from blockrecurrent.model.transformer import BlockRecurrentTransformer  # noqa: E402
+from blockrecurrent.train.settings import load_train_config  # noqa: E402
+from blockrecurrent.train.trainer import train  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _quiet(monkeypatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+def _quiet(quiet_training):
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny random model (W=16, segment 64) saved by our save_pretrained, with the byte
-    tokenizer."""
-    d = tmp_path_factory.mktemp("saved")
-    torch.manual_seed(0)
-    model = BlockRecurrentTransformer(preset("tiny")).eval()
-    model.save_pretrained(d)
-    D.ByteTokenizer().save(d)
-    return d, model
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,10 @@ def corpus(tmp_path_factory):
 
 def brt_train(corpus, out, *extra):
     torch.set_num_threads(1)
-    mc, tc = T.load_train_config(None, "tiny", [
+    mc, tc = load_train_config(None, "tiny", [
         f"data={corpus}", f"out_dir={out}", "cache_dir=", "batch_size=2", "max_steps=2",
         "warmup_steps=1", "eval_tokens=0", "log_interval=1", *extra])
-    return T.train(mc, tc)["model_dir"]
+    return train(mc, tc)["model_dir"]
 
 
 @pytest.fixture(scope="module")
@@ -75,23 +72,23 @@ def hf_model(d):
 
 def test_config_maps_one_to_one():
     cfg = preset("tiny", gate="lstm", variant="dual", recurrent_layers=(1, 2), tie_embeddings=True)
-    hc = H.hf_config(cfg)
+    hc = hf_config(cfg)
     assert hc.model_type == "block_recurrent" and hc.to_brt() == cfg
     assert (hc.vocab_size, hc.hidden_size, hc.num_hidden_layers, hc.tie_word_embeddings) == \
         (cfg.num_tokens, cfg.dim, cfg.depth, True)
     import dataclasses
     assert all(hasattr(hc, f.name) for f in dataclasses.fields(BlockRecurrentConfig))
     with pytest.raises(ValueError, match="block_width"):
-        H.BlockRecurrentHFConfig(max_seq_len=50, block_width=16)
+        BlockRecurrentHFConfig(max_seq_len=50, block_width=16)
     with pytest.raises(TypeError):
-        H.hf_config({"dim": 64})
+        hf_config({"dim": 64})
 
 
 def test_auto_classes_load_save_pretrained_dir(saved):
     d, model = saved
-    assert isinstance(AutoConfig.from_pretrained(d), H.BlockRecurrentHFConfig)
+    assert isinstance(AutoConfig.from_pretrained(d), BlockRecurrentHFConfig)
     hf = hf_model(d)
-    assert isinstance(hf, H.BlockRecurrentForCausalLM)
+    assert isinstance(hf, BlockRecurrentForCausalLM)
     assert hf.state_dict().keys() == model.state_dict().keys()
     x = torch.randint(0, 256, (2, 64))  # one segment: one call of our model, exactly ours
     with torch.no_grad():
@@ -116,13 +113,13 @@ def test_directory_saved_before_the_mlp_field_loads_as_gelu(tmp_path):
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         assert torch.equal(hf(x).logits, model(x)[0])
-    assert H.BlockRecurrentHFConfig().mlp == BlockRecurrentConfig().mlp  # defaults unchanged
+    assert BlockRecurrentHFConfig().mlp == BlockRecurrentConfig().mlp  # defaults unchanged
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_save_pretrained_writes_our_format(tmp_path, tie):
     model = BlockRecurrentTransformer(preset("tiny", tie_embeddings=tie, use_compressed_mem=True))
-    hf = H.BlockRecurrentForCausalLM.from_brt(model.eval())
+    hf = BlockRecurrentForCausalLM.from_brt(model.eval())
     assert all(p is q for p, q in zip(hf.parameters(), model.parameters(), strict=True))
     assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
     hf.save_pretrained(tmp_path)
@@ -163,7 +160,7 @@ def test_add_hf_files_to_an_older_directory(saved, tmp_path):
     model.config.to_json(old / "config.json")  # no transformers keys
     (old / "tokenizer_config.json").write_text('{"kind": "byte"}')
     weights = (old / "model.safetensors").read_bytes()
-    H.add_hf_files(old)
+    add_hf_files(old)
     assert (old / "model.safetensors").read_bytes() == weights
     x = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
@@ -188,7 +185,7 @@ def test_brt_train_dir_loads(trained, kind):
     ours = BlockRecurrentTransformer.from_pretrained(d).eval()
     hf = hf_model(d)
     tok = AutoTokenizer.from_pretrained(d)
-    our_tok = D.load_tokenizer(d)
+    our_tok = load_tokenizer(d)
     text = "the cat sat on a mat, é 🙂 <|doc|> then ran"
     assert tok(text)["input_ids"] == our_tok.encode(text)
     assert tok.decode(our_tok.encode(text)) == text
@@ -236,7 +233,7 @@ def test_beam_search_equals_brute_force():
     scored by a fresh forward over its whole sequence: checks the cache reordering."""
     torch.manual_seed(0)
     model = BlockRecurrentTransformer(preset("tiny", num_tokens=8)).eval()
-    hf = H.BlockRecurrentForCausalLM.from_brt(model).eval()
+    hf = BlockRecurrentForCausalLM.from_brt(model).eval()
     prompt = torch.randint(0, 8, (1, 14))  # the beams cross the block boundary at 16
     beams = [(0.0, prompt[0].tolist())]
     with torch.no_grad():
@@ -261,7 +258,7 @@ def test_cache_select_and_reorder(saved):
     with torch.no_grad():
         out = hf(x[:, :20], use_cache=True)
         cache = out.cache
-        assert isinstance(cache, H.BlockRecurrentCache) and cache.get_seq_length() == 20
+        assert isinstance(cache, BlockRecurrentCache) and cache.get_seq_length() == 20
         cache.reorder_cache(torch.tensor([2, 0, 0]))
         step = hf(x[[2, 0, 0], 20:], cache=cache).logits[:, -1]
         full = model(x)[0][:, -1]
@@ -328,7 +325,7 @@ def test_padding(saved):
 def test_pipeline_byte_and_bpe(trained):
     for kind, d in trained.items():
         ours = BlockRecurrentTransformer.from_pretrained(d).eval()
-        tok = D.load_tokenizer(d)
+        tok = load_tokenizer(d)
         gen = pipeline("text-generation", model=str(d), device="cpu")
         text = gen("the cat", max_new_tokens=12, do_sample=False, return_full_text=False)
         want = ours.generate(tok.encode("the cat"), 12, do_sample=False, eos_token_id=tok.bos_id)
@@ -337,7 +334,7 @@ def test_pipeline_byte_and_bpe(trained):
         assert text[0]["generated_text"] == tok.decode(want), kind
     # A prompt read as a document start: the tokenizer prepends bos when asked to.
     d = trained["byte"]
-    ours, tok = BlockRecurrentTransformer.from_pretrained(d).eval(), D.load_tokenizer(d)
+    ours, tok = BlockRecurrentTransformer.from_pretrained(d).eval(), load_tokenizer(d)
     hf_tok = AutoTokenizer.from_pretrained(d, add_bos_token=True)
     assert hf_tok("the cat")["input_ids"] == [tok.bos_id] + tok.encode("the cat")
     gen = pipeline("text-generation", model=str(d), tokenizer=hf_tok, device="cpu")
@@ -352,11 +349,11 @@ def test_pipeline_byte_and_bpe(trained):
 
 def test_task_writers_check_input(tmp_path):
     with pytest.raises(ValueError):
-        H.write_rolling_task(tmp_path, [])
+        write_rolling_task(tmp_path, [])
     with pytest.raises(ValueError):
-        H.write_choice_task(tmp_path, [("q", ["a", "b"], 2)])
+        write_choice_task(tmp_path, [("q", ["a", "b"], 2)])
     with pytest.raises(ValueError, match="identifier"):
-        H.write_rolling_task(tmp_path, ["x"], name="a b")
+        write_rolling_task(tmp_path, ["x"], name="a b")
 
 
 def readme_blocks(lang):
@@ -392,9 +389,9 @@ def test_lm_eval_rolling_loglikelihood_equals_brt_eval(trained, corpus, tmp_path
     results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]
     assert 0 <= results["brt_choice"]["acc,none"] <= 1
 
-    docs = D.split_documents(D.load_documents(str(corpus)))["test"]
+    docs = split_documents(load_documents(str(corpus)))["test"]
     model = BlockRecurrentTransformer.from_pretrained(d)
-    ours = evaluate(model, D.tokenize_corpus(docs, D.load_tokenizer(d)), batch_size=1,
+    ours = evaluate(model, tokenize_corpus(docs, load_tokenizer(d)), batch_size=1,
                     progress=False)
     print("lm-eval - brt eval, bits per byte:",
           results["brt_heldout"]["bits_per_byte,none"] - ours["bits_per_byte"])
