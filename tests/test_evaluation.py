@@ -1,24 +1,26 @@
-"""Evaluation: bits-per-byte bookkeeping, every token counted once, buckets, the carried-state
-equivalence with one full forward per document, reports. Tiny CPU models (W=16)."""
+"""evaluate/evaluation.py: bits-per-byte bookkeeping, every token counted once, buckets, the
+carried-state equivalence with one full forward per document, the state ablation. Tiny CPU models
+(W=16). (The reports: test_eval_report.)"""
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import eval_model, mixed_length_corpus
 
-from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.data.corpus import ByteTokenizer, Document, tokenize_corpus
+from blockrecurrent.data.corpus import Document, tokenize_corpus
+from blockrecurrent.data.tokenizer import ByteTokenizer
 from blockrecurrent.evaluate.evaluation import (
     bucket_label,
     cheapest_batch_size,
     evaluate,
     lane_plan,
 )
-from blockrecurrent.evaluate.report import eval_table, write_eval_report
+from blockrecurrent.model.config import preset
+from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 LN2 = math.log(2)
 BUCKETS = (0, 16, 64, 128)
@@ -26,18 +28,12 @@ BUCKETS = (0, 16, 64, 128)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return BlockRecurrentTransformer(preset("tiny", max_seq_len=32)).eval()
+    return eval_model()
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    """Documents from 1 to 300 tokens (segments are 32), with multi-byte UTF-8 characters."""
-    rng = np.random.default_rng(0)
-    alphabet = list("abcdefgh \n") + ["é", "€", "😀"]
-    lengths = [300, 7, 150, 1, 45, 220, 33, 90]
-    docs = [Document(f"doc{i}", "".join(rng.choice(alphabet, n))) for i, n in enumerate(lengths)]
-    return tokenize_corpus(docs, ByteTokenizer())
+    return mixed_length_corpus()
 
 
 def full_forward_nll(model, corpus) -> list[torch.Tensor]:
@@ -163,27 +159,6 @@ def test_restores_training_mode(corpus):
     a = evaluate(m, corpus, max_docs=2, progress=False)
     b = evaluate(m, corpus, max_docs=2, progress=False)
     assert m.training and a["loss"] == b["loss"]  # dropout off during evaluation
-
-
-def test_write_eval_report(model, corpus, tmp_path):
-    res = evaluate(model, corpus, buckets=BUCKETS, progress=False)
-    paths = write_eval_report(res, tmp_path / "out", "eval-test")
-    saved = json.loads((tmp_path / "out" / "eval-test.json").read_text())
-    assert saved["bits_per_byte"] == res["bits_per_byte"] and len(saved["buckets"]) == 4
-    pytest.importorskip("matplotlib")
-    assert paths["png"] and (tmp_path / "out" / "eval-test.png").read_bytes()[:4] == b"\x89PNG"
-    table = eval_table(res, markdown=True)
-    assert table.count("\n") == 2 + 4 and "| all |" in table
-    with pytest.raises(ValueError, match="plain file name"):
-        write_eval_report(res, tmp_path, "a/b")
-
-
-def test_write_eval_report_without_matplotlib(model, corpus, tmp_path, monkeypatch):
-    res = evaluate(model, corpus, max_docs=1, progress=False)
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    with pytest.warns(UserWarning, match="matplotlib is not installed"):
-        paths = write_eval_report(res, tmp_path, "eval")
-    assert paths["png"] is None and (tmp_path / "eval.json").is_file()
 
 
 def test_bucket_label():
