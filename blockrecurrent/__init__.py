@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .model.config import PRESETS, BlockRecurrentConfig, preset
-    from .model.transformer import BlockRecurrentTransformer, XLMemories
+    from .model.memories import XLMemories
+    from .model.transformer import BlockRecurrentTransformer
 
 
 def __getattr__(name: str):

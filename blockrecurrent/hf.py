@@ -62,7 +62,8 @@ from blockrecurrent.model.config import (
     SAVED_BEFORE_FIELD,
     BlockRecurrentConfig,
 )
-from blockrecurrent.model.transformer import BlockRecurrentTransformer, ModelOutput, XLMemories
+from blockrecurrent.model.memories import XLMemories
+from blockrecurrent.model.transformer import BlockRecurrentTransformer, ModelOutput
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
 
@@ -341,7 +342,7 @@ def add_hf_files(model_dir) -> None:
     the model (config.json gains model_type and auto_map, block_recurrent_hf.py is written;
     the weights are unchanged) and its tokenizer (tokenizer.json, tokenizer_config.json keys,
     generation_config.json)."""
-    from blockrecurrent.data.corpus import load_tokenizer
+    from blockrecurrent.data.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     BlockRecurrentTransformer.from_pretrained(model_dir).save_pretrained(model_dir)

@@ -136,7 +136,7 @@ def _job_overrides(overrides, quick: bool, out: Path) -> list[str]:
 def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
     """The trained model on the held-out test documents, eval-test.json/.png written ->
     (model, corpus, device, batch size, results)."""
-    from .data.corpus import load_tokenizer
+    from .data.tokenizer import load_tokenizer
     from .evaluate.compare import eval_device
     from .evaluate.evaluation import auto_batch_size, evaluate, load_heldout
     from .evaluate.report import write_eval_report

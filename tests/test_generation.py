@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.generate.generation import (
-    GenerationResult,
-    filter_logits,
-    generate,
-    generate_text,
-    prefill,
-    sample_next,
-    stream,
-)
+from blockrecurrent.generate.generation import GenerationResult, generate, prefill, stream
+from blockrecurrent.generate.sampling import filter_logits, sample_next
+from blockrecurrent.generate.text import generate_text
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -267,7 +261,7 @@ def test_carried_state_must_match_batch(model):
 
 
 def test_generate_text_with_byte_tokenizer(tmp_path, model):
-    from blockrecurrent.data.corpus import ByteTokenizer
+    from blockrecurrent.data.tokenizer import ByteTokenizer
 
     model.save_pretrained(tmp_path)
     ByteTokenizer().save(tmp_path)

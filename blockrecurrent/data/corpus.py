@@ -17,23 +17,10 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..files import make_temp_dir, write_atomic, write_json
-from .lanes import DocumentLanes
-from .tokenizer import (
-    _CONFIG,
-    DOC_TOKEN,
-    BPETokenizer,
-    ByteTokenizer,
-    HFTokenizer,
-    _import_tokenizers,
-    byte_tokenizer_json,
-    load_tokenizer,
-    train_bpe,
-)
+from .tokenizer import _CONFIG, ByteTokenizer, _import_tokenizers, load_tokenizer, train_bpe
 
-__all__ = ["DOC_TOKEN", "BPETokenizer", "ByteTokenizer", "Document", "DocumentLanes",
-           "HFTokenizer", "TokenizedCorpus", "byte_tokenizer_json", "iter_jsonl", "iter_stdlib",
-           "iter_text_files", "load_documents", "load_tokenizer", "make_tokenizer",
-           "split_documents", "tokenize_corpus", "train_bpe"]
+__all__ = ["Document", "TokenizedCorpus", "iter_jsonl", "iter_stdlib", "iter_text_files",
+           "load_documents", "make_tokenizer", "split_documents", "tokenize_corpus"]
 _STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                           "__pycache__"})
 

@@ -168,7 +168,7 @@ def _evaluate_runs(runs: dict, tc, splits, segment: int, eval_batch_size, max_ev
                    progress: bool) -> None:
     """Every trained model on the same held-out documents of each split (run["eval"]), and the
     recurrent model's state ablation on the last split (run["state_ablation"])."""
-    from ..data.corpus import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     corpora = {}  # (tokenizer fingerprint, split) -> corpus: the same documents for every model
     device = eval_device(tc)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import DocumentLanes, TokenizedCorpus
+from ..data.corpus import TokenizedCorpus
+from ..data.lanes import DocumentLanes
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import DTYPE_NAMES, torch_dtype
 from .report import write_eval_report
@@ -408,7 +409,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
     data/text_field None: those of the training run (training_data), else "stdlib"/"text".
     Returns evaluate's results plus "model_dir", "data", "split" and "report" (the paths)."""
-    from ..data.corpus import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

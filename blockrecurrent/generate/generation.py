@@ -23,25 +23,25 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..model.config import BlockRecurrentConfig
+from ..model.memories import XLMemories
 from ..model.plan import WindowPlan
-from ..model.transformer import BlockRecurrentTransformer, XLMemories
-from .sampling import check_count, check_sampling, filter_logits, sample_next
+from .sampling import check_count, check_sampling, sample_next
 
-__all__ = ["GenerationResult", "cache_len_after", "chunk_bounds", "filter_logits", "generate",
-           "prefill", "sample_next", "stream"]  # and generate_text (text.py)
+__all__ = ["GenerationResult", "cache_len_after", "chunk_bounds", "generate", "prefill", "stream"]
 
 
-def __getattr__(name: str):
-    """generate_text lives in text.py, which imports this module."""
-    if name == "generate_text":
-        from .text import generate_text
-        return generate_text
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _check_model(model) -> None:
+    """A BlockRecurrentTransformer (known by its config: model.generate calls this module, so
+    it cannot import the class)."""
+    if not (isinstance(model, nn.Module)
+            and isinstance(getattr(model, "config", None), BlockRecurrentConfig)):
+        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
 
 
-def _as_batch(prompt, model: BlockRecurrentTransformer) -> Tensor:
+def _as_batch(prompt, model: nn.Module) -> Tensor:
     """A 1-D or 2-D tensor, or a (nested) list of ints -> (b, n) int64 on the model's device."""
     if isinstance(prompt, (list, tuple)):
         try:
@@ -126,7 +126,7 @@ def _check_carry(model, b: int, mems, states) -> None:
 
 
 @torch.inference_mode()
-def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | None = None,
+def prefill(model: nn.Module, prompt, xl_memories: XLMemories | None = None,
             states: Tensor | None = None, chunk_size: int | None = None
             ) -> tuple[Tensor, XLMemories, Tensor]:
     """Read a prompt of any length -> (last logits (b, v), memories, states).
@@ -134,8 +134,7 @@ def prefill(model: BlockRecurrentTransformer, prompt, xl_memories: XLMemories | 
     Chunks of `chunk_size` tokens (default `max_seq_len`, whole blocks) keep memory constant in
     the prompt length; the first chunk is shortened to finish a partial block left in the
     carried memories, so the rest run as whole blocks."""
-    if not isinstance(model, BlockRecurrentTransformer):
-        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    _check_model(model)
     seq = _as_batch(prompt, model)
     _check_carry(model, seq.shape[0], xl_memories, states)
     W = model.config.block_width
@@ -165,7 +164,7 @@ def chunk_bounds(n: int, cache_len: int, block_width: int, chunk_size: int
 
 
 @torch.inference_mode()
-def _step(model: BlockRecurrentTransformer, tokens: Tensor, mems: XLMemories, states: Tensor,
+def _step(model: nn.Module, tokens: Tensor, mems: XLMemories, states: Tensor,
           own: bool = False) -> tuple[Tensor, XLMemories, Tensor]:
     """One cached decoding step: (b,) tokens -> next logits (b, v), memories, states.
     own: the memories and states are the model's own outputs of the last step and the tokens
@@ -262,7 +261,7 @@ class _Decoder:
 @dataclass
 class _Request:
     """Checked and normalised arguments of one generation call."""
-    model: BlockRecurrentTransformer
+    model: nn.Module
     seq: Tensor | None  # (b, n), None to continue from past
     max_new_tokens: int
     sampling: dict
@@ -277,8 +276,7 @@ def _check(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=Non
            do_sample=True, eos_token_id=None, xl_memories=None, states=None, generator=None,
            seed=None, past=None) -> _Request:
     """Every check of a generation call, and nothing else: no model work happens here."""
-    if not isinstance(model, BlockRecurrentTransformer):
-        raise TypeError(f"model must be a BlockRecurrentTransformer, got {type(model).__name__}")
+    _check_model(model)
     check_count("max_new_tokens", max_new_tokens, 0)
     check_sampling(temperature, top_k, top_p, do_sample)
     if eos_token_id is not None:
@@ -353,7 +351,7 @@ class _EvalMode:
         self.model.train(self.was_training)
 
 
-def generate(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
+def generate(model: nn.Module, prompt, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              do_sample: bool = True, eos_token_id: int | None = None,
              xl_memories: XLMemories | None = None, states: Tensor | None = None,
@@ -385,7 +383,7 @@ def generate(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
     return GenerationResult(tokens, dec.mems, dec.states, dec.logits, dec.finished, dec.generator)
 
 
-def stream(model: BlockRecurrentTransformer, prompt, max_new_tokens: int,
+def stream(model: nn.Module, prompt, max_new_tokens: int,
            **kwargs) -> Iterator[int | Tensor]:
     """Like `generate` (same keyword arguments, but no return_state), yielding each new token as
     soon as it is sampled: an int when the batch has one row, else a (b,) tensor. Arguments are

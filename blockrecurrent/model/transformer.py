@@ -25,28 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import CacheStep, LayerCache, WindowAttention, WindowPlan, stack
-from .cell import MLP, STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, retention_bias
+from .attention import CacheStep, LayerCache, WindowPlan, stack
+from .cell import STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
+from .layer import Layer
 from .memories import XLMemories
 
-# The state's candidate z = state_out(attention outputs) starts at this multiple of fan-in scale.
-# An attention output averages many values, so at fan-in scale z starts at std ~0.5, and the
-# slow channels of the fixed gate, which under the convex write take (1 - g) of it per block,
-# stayed buried under the learned initial state (std 0.1); on the recall probe 2 keys 4 blocks
-# back rose from 0.66 to 0.92 (seed 0) with 4 (README, Design). The normalized write
-# (gate_write) still prefers 4 to 1 on the probe (README).
+# The state's candidate z = state_out(attention outputs) starts at this multiple of fan-in
+# scale, so that it is not buried under the initial state in the slow gate channels
+# (docs/design.md, "Initialisation").
 CANDIDATE_GAIN = 4.0
 
-# The state's attention to the tokens (each slot choosing what to write) starts this many times
-# sharper than unit-spread scores: its learned per-head scale starts at STATE_READ_GAIN *
-# sqrt(dim_head). Adam moves a scale by about lr per step, so for a short run the initial value
-# is the sharpness; at unit spread a slot writes a blur of the 2W tokens it reads, and the recall
-# probe sat on a plateau for 250-400 steps (2 keys 5 blocks back, 300 steps, seeds 0-3: 0.45 /
-# 0.57 / 0.91 / 0.12; with 4: 0.88 / 0.95 / 0.88 / 0.86; README, Design).
+# The state's read of the tokens starts this many times sharper than unit-spread scores, so that
+# a slot can pick a token to write in a short run (docs/design.md, "Initialisation").
 STATE_READ_GAIN = 4.0
 
-__all__ = ["BlockRecurrentTransformer", "Layer", "LayerOutput", "ModelOutput", "XLMemories"]
+__all__ = ["BlockRecurrentTransformer", "ModelOutput"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # What transformers imports from a saved directory under trust_remote_code (see config.HF_KEYS):
@@ -62,23 +56,10 @@ class ModelOutput(NamedTuple):
     states: Tensor  # (r, b, s, e) the recurrent states for the next call
 
 
-class LayerOutput(NamedTuple):
-    """What `Layer.forward` returns: the residual stream, the layer's next cache and, in a
-    recurrent layer, its state and state keys/values (see `cell.CellOutput`; else None)."""
-    x: Tensor
-    cache: LayerCache
-    state: Tensor | None
-    state_kv: StateKV | None
-
-
 def _detached(t: Tensor) -> Tensor:
     """t cut from its graph; the same object when it has none, so that a decoding step's cache
     stays the view that its buffer may extend in place (see attention.GrowthBuffer)."""
     return t.detach() if t.requires_grad else t
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 def _same_memory(a: Tensor, b: Tensor) -> bool:
@@ -86,44 +67,6 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
     values costs ~30 us at batch 1 and ~1.5 ms at batch 32 per step on a 2-core CPU)."""
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
-
-
-class Layer(nn.Module):
-    """Pre-norm transformer layer; the attention is the recurrent cell in recurrent layers."""
-
-    def __init__(self, config: BlockRecurrentConfig, recurrent: bool):
-        super().__init__()
-        self.recurrent = recurrent
-        self.attn_norm = nn.LayerNorm(config.dim)
-        self.attn = RecurrentCell(config) if recurrent else WindowAttention(config)
-        self.mlp_norm = nn.LayerNorm(config.dim)
-        self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor, cache: LayerCache, plan: WindowPlan, state: Tensor | None = None,
-                state_kv: StateKV | None = None) -> LayerOutput:
-        if self.recurrent:
-            y, cache, state, state_kv = self.attn(self.attn_norm(x), cache, plan, state, state_kv)
-        else:
-            y, cache = self.attn(self.attn_norm(x), cache, plan)
-        drop = self.drop if self.training else _identity  # no module call per decoding step
-        x = x + drop(y)
-        x = x + drop(self.mlp(self.mlp_norm(x)))
-        return LayerOutput(x, cache, state, state_kv)
-
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, window,
-             state_kv: StateKV | None = None) -> Tensor:
-        """`forward` for one token that completes no block, without dropout: x (b, e) -> (b, e).
-        (cos, sin) rotate the token's position; window(q, k, v, scale) writes its key and value
-        to this layer's cache and attends (attention.CacheStep, or the compiled step's);
-        state_kv is the (K_s, V_s) of the state, in a recurrent layer."""
-        e, n1, n2 = x.shape[-1:], self.attn_norm, self.mlp_norm
-        xn = torch.layer_norm(x, e, n1.weight, n1.bias, n1.eps)  # no module call per token
-        if self.recurrent:
-            x = self.attn.step(x, xn, cos, sin, window, state_kv)
-        else:
-            x = self.attn.step(x, xn, cos, sin, window)
-        return self.mlp.step(x, torch.layer_norm(x, e, n2.weight, n2.bias, n2.eps))
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -151,15 +94,10 @@ class BlockRecurrentTransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Every initialisation of the model, in one place.
-
-        Linear layers start at std 1/sqrt(fan_in), the variance scaling of the official code
-        (meliad). Under Adam, whose steps are about lr per weight whatever the weight's size,
-        small weights take large relative steps: with GPT-2's std 0.02 a step of lr 2e-3 moves a
-        weight by 10% of its size, and on the recall probe the state lost in the first 50 steps
-        what it held at initialisation (linear probes of the key fell from 0.99 to 0.4) and
-        recall stayed at chance. Embeddings keep std 0.02: their fast relative steps let the
-        tokens to be remembered become distinct early (the probe learns faster than at std 1)."""
+        """Every initialisation of the model, in one place. Linear layers start at std
+        1/sqrt(fan_in), the variance scaling of the official code (meliad), rather than GPT-2's
+        0.02, under which Adam's steps are large relative to the weights; embeddings keep 0.02
+        (docs/design.md, "Initialisation")."""
         cfg = self.config
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d)):
@@ -456,6 +394,7 @@ class BlockRecurrentTransformer(nn.Module):
 
     def generate(self, prompt, max_new_tokens: int, **kwargs):
         """New token ids after `prompt`, with cached decoding: see generation.generate."""
-        from ..generate.generation import generate  # lazy: generation imports this module
+        # The one call from the model up to generate/, which knows the model by its config.
+        from ..generate.generation import generate
 
         return generate(self, prompt, max_new_tokens, **kwargs)

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from ..files import make_temp_dir, write_atomic, write_json
 from ..model.config import BlockRecurrentConfig, as_saved_now
-from ..model.transformer import BlockRecurrentTransformer, XLMemories
+from ..model.memories import XLMemories
+from ..model.transformer import BlockRecurrentTransformer
 from .distributed import DistEnv, full_model
 from .settings import TrainConfig
 

@@ -46,9 +46,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data import corpus as D
+from ..data.lanes import DocumentLanes
+from ..data.tokenizer import ByteTokenizer, load_tokenizer
 from ..errors import NonFiniteLossError, is_expected
 from ..model.config import PRESETS, BlockRecurrentConfig
-from ..model.transformer import BlockRecurrentTransformer, XLMemories
+from ..model.memories import XLMemories
+from ..model.transformer import BlockRecurrentTransformer
 from . import checkpoint as C
 from .checkpoint import Checkpoints
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
@@ -80,7 +83,7 @@ class Trainer:
                  tokenizer=None, env: DistEnv | None = None):
         self.env = env = env or DistEnv()
         self.cfg, self.model_config = cfg, model_config
-        self.tokenizer = tokenizer or D.ByteTokenizer()
+        self.tokenizer = tokenizer or ByteTokenizer()
         if train_corpus.vocab_size > model_config.num_tokens:
             raise ValueError(f"the tokenizer has {train_corpus.vocab_size} ids but "
                              f"model.num_tokens={model_config.num_tokens}; set "
@@ -107,7 +110,7 @@ class Trainer:
         # After wrapping: FSDP replaces the parameters by sharded ones.
         self.optimizer = make_optimizer(self.model, lr_at(1, cfg), tuple(cfg.betas),
                                         cfg.weight_decay)
-        self.lanes = D.DocumentLanes(train_corpus, cfg.batch_size, model_config.max_seq_len,
+        self.lanes = DocumentLanes(train_corpus, cfg.batch_size, model_config.max_seq_len,
                                      seed=cfg.seed, rank=env.rank, world_size=env.world_size)
         self.eval_corpus = fixed_eval_set(val_corpus, cfg.eval_tokens)
         self.mems: XLMemories | None = None
@@ -192,7 +195,7 @@ class Trainer:
         env, n = self.env, len(self.eval_corpus)
         sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # nats, tokens
         eval_world = min(env.world_size, n)  # ranks beyond the number of documents add zeros
-        lanes = None if env.rank >= eval_world else D.DocumentLanes(
+        lanes = None if env.rank >= eval_world else DocumentLanes(
             self.eval_corpus, max(1, min(self.cfg.batch_size, n // eval_world)),
             self.model_config.max_seq_len,
             rank=env.rank, world_size=eval_world, shuffle=False, loop=False)
@@ -431,7 +434,7 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
 
 def _checkpoint_tokenizer(checkpoint):
     try:
-        return D.load_tokenizer(checkpoint)
+        return load_tokenizer(checkpoint)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}") from None
 
