@@ -2,7 +2,8 @@
 
 import torch
 
-from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.model.config import preset
+from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 VOCAB = 257
 

@@ -6,14 +6,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import run_chunks, tiny
+from models import VOCAB, run_chunks, tiny
 from reference import reference_forward
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.model.cell import STATE_READ, FixedGate, LSTMGate
-from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN
-
-VOCAB = 257
+from blockrecurrent.model.config import preset
+from blockrecurrent.model.transformer import (
+    CANDIDATE_GAIN,
+    STATE_READ_GAIN,
+    BlockRecurrentTransformer,
+)
 
 
 def perturbed(**kw) -> BlockRecurrentTransformer:

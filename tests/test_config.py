@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from blockrecurrent import BlockRecurrentConfig, BlockRecurrentTransformer, preset
+from blockrecurrent.model.config import BlockRecurrentConfig, preset
+from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 
 def test_config_validation_messages():

@@ -3,7 +3,7 @@
 import torch
 from models import VOCAB, tiny
 
-from blockrecurrent import XLMemories
+from blockrecurrent.model.memories import XLMemories
 
 
 def test_decoding_steps_never_change_memories_handed_out():

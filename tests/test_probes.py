@@ -1,10 +1,11 @@
+"""evaluate/probes.py: the recall tasks' layout, the state recalling beyond the window where
+Slide cannot (with the report), one model per K, per-parameter learning rates, Adam's betas."""
 import json
 import math
 
 import pytest
 import torch
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.evaluate.probes import (
     BETAS,
     IGNORE,
@@ -15,6 +16,8 @@ from blockrecurrent.evaluate.probes import (
     train_recall,
     write_probe_report,
 )
+from blockrecurrent.model.config import preset
+from blockrecurrent.model.transformer import BlockRecurrentTransformer
 from blockrecurrent.train.settings import TrainConfig
 
 
