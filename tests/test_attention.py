@@ -95,7 +95,7 @@ def test_cache_step_grows_the_layer_cache():
     cache = LayerCache(torch.randn(1, 5, h, d), torch.randn(1, 5, h, d))
     q, k, v = (torch.randn(1, h, d) for _ in range(3))
     first = WindowPlan.step_start(cfg, 5)
-    window = CacheStep(cache, first, 2 * W, flash=False)
+    window = CacheStep(*cache[:2], None, None, first, 2 * W, flash=False)
     with torch.no_grad():
         out = window(q, k, v, d ** -0.5)
     nxt = window.next_cache()

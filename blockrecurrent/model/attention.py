@@ -301,9 +301,10 @@ class CacheStep:
 
     __slots__ = ("keys", "values", "key_buffer", "value_buffer", "first", "capacity", "flash")
 
-    def __init__(self, cache: LayerCache, first: int, capacity: int, flash: bool):
-        self.keys, self.values = cache.keys, cache.values
-        self.key_buffer, self.value_buffer = cache.key_buffer, cache.value_buffer
+    def __init__(self, keys: Tensor, values: Tensor, key_buffer: GrowthBuffer | None,
+                 value_buffer: GrowthBuffer | None, first: int, capacity: int, flash: bool):
+        self.keys, self.values, self.key_buffer, self.value_buffer = (keys, values, key_buffer,
+                                                                      value_buffer)
         self.first, self.capacity, self.flash = first, capacity, flash
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -259,9 +259,11 @@ class BlockRecurrentTransformer(nn.Module):
         x = F.embedding(seq[:, 0], self.token_emb.weight)  # (b, e)
         cos, sin = self.layers[0].attn.rotary.row(L, x.dtype)  # every layer's is the same
         windows, state_kv = [], self.state_kv(mems, states, same_states)
+        kbufs, vbufs = mems.key_buffers, mems.value_buffers
         r = 0
         for i, layer in enumerate(self.layers):
-            window = CacheStep(mems.layer(i), first, 2 * W, layer.attn.flash)
+            window = CacheStep(mems.keys[i], mems.values[i], kbufs[i] if kbufs else None,
+                               vbufs[i] if vbufs else None, first, 2 * W, layer.attn.flash)
             windows.append(window)
             x = layer.step(x, cos, sin, window, state_kv[r] if layer.recurrent else None)
             r += layer.recurrent
