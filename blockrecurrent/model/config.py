@@ -57,20 +57,17 @@ class BlockRecurrentConfig:
     gate: str = "fixed"  # state gate: "fixed" (learned bias) or "lstm" (input/forget gates)
     variant: str = "skip"  # "skip": gate the attention output only; "dual": + state MLP and gate
     # How the fixed gate writes its candidate z: "normalized" s*g + z*sqrt(1-g^2), which keeps
-    # every channel's variance the same whatever its g (LRU's input normalisation), or "convex"
-    # s*g + z*(1-g) (the paper), which leaves a slow channel (g = 0.97) holding 1/8 of z's
-    # spread. Normalized is the only setting that met every recall-probe target on every draw
-    # tried; language modelling is level with convex from 1,200 steps on, 0.7% worse at 400 on
-    # the mean of three seeds (README, Design). Fixed gate only: the lstm gate's input gate sets
-    # its own.
+    # every channel's variance the same whatever its g (LRU's input normalisation), so slow
+    # channels still hold what is written, or "convex" s*g + z*(1-g) (the paper). Fixed gate
+    # only: the lstm gate's input gate sets its own (docs/design.md, "The fixed gate's write").
     gate_write: str = "normalized"
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
-    # the candidate reads only the tokens and slots do not mix: the recall probe stores several
-    # keys far better, and language modelling at 400 steps is no worse (README, Design).
+    # the candidate reads only the tokens and slots do not mix, which stores several keys apart
+    # (docs/design.md, "Several keys").
     state_self_attention: bool = False
     mlp_mult: float = 4.0  # MLP hidden width = mlp_mult * dim ("geglu": 2/3 of it per half)
     # "geglu": a GELU-gated linear unit, each half 2/3 of the width (the same parameters and
-    # FLOPs as "gelu", Linear-GELU-Linear); 3-7% lower loss at 1,200 steps (README, design).
+    # FLOPs as "gelu", Linear-GELU-Linear; docs/design.md, "The MLP is a GEGLU").
     mlp: str = "geglu"
     dropout: float = 0.0  # residual dropout on the token side (never on the state side)
     tie_embeddings: bool = False  # share the input embedding with the output projection
