@@ -1,0 +1,2 @@
+"""Lets transformers load this directory with trust_remote_code=True."""
+from blockrecurrent.hf import BlockRecurrentForCausalLM, BlockRecurrentHFConfig
