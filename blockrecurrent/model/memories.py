@@ -52,6 +52,9 @@ class XLMemories:
     def check_fits(self, cfg: BlockRecurrentConfig, b: int) -> None:
         """Raise ValueError unless these memories fit a model of config `cfg` and a batch of b."""
         shape = (b, cfg.heads, cfg.dim_head)
+        if self.lengths.dim() != 1 or self.batch_size != b:
+            raise ValueError(f"xl_memories hold {self.batch_size} rows (lengths shape "
+                             f"{tuple(self.lengths.shape)}) but the input has batch size {b}")
         if len(self.keys) != cfg.depth or len(self.values) != cfg.depth:
             raise ValueError(f"xl_memories hold {len(self.keys)} layers, the model has "
                              f"depth={cfg.depth}; were they made by another model?")

@@ -175,8 +175,8 @@ class BlockRecurrentTransformer(nn.Module):
             want = (len(cfg.recurrent_layers), b, cfg.num_state_vectors, cfg.dim)
             if tuple(states.shape) != want:
                 raise ValueError(f"states of shape {tuple(states.shape)} do not fit this model and "
-                                 f"batch: expected (recurrent layers, batch, num_state_vectors, "
-                                 f"dim) = {want}")
+                                 f"batch size {b}: expected (recurrent layers, batch, "
+                                 f"num_state_vectors, dim) = {want}")
         if reset is not None:
             if not isinstance(reset, Tensor) or reset.dtype != torch.bool or reset.shape != (b,):
                 raise TypeError(f"reset must be a bool tensor of shape ({b},)")
