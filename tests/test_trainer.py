@@ -223,7 +223,7 @@ def test_nonfinite_in_a_row_stops_without_saving(corpus, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- torch.compile
 
 @pytest.mark.slow
-def test_compile_gives_the_samestep_losses(corpus):
+def test_compile_gives_the_same_losses(corpus):
     want, _ = step_losses(corpus, steps=4)
     got, _ = step_losses(corpus, "compile=true", steps=4)
     assert got == pytest.approx(want, rel=1e-4)
