@@ -25,6 +25,9 @@ except ImportError:  # Python 3.10: the tomli backport (a dependency there)
 from .config import PRESETS, BlockRecurrentConfig
 
 BASELINES = ("recurrent", "slide", "xl")
+# Settings fitted to the run and the corpus when the user leaves them unset: warmup_steps to
+# max_steps (here), batch_size to the training documents (train.train).
+FITTED = ("warmup_steps", "batch_size")
 DTYPES = ("auto", "float32", "bfloat16")
 PARALLEL = ("ddp", "fsdp")
 # The one table of dtype names: the trainer's, evaluation's and the benchmark's short ones.
@@ -87,6 +90,11 @@ class TrainConfig:
     save_interval: int = 500  # steps between checkpoints (always one at the end); 0: at the end
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+
+    # Not a setting (no annotation): which of FITTED neither a config file nor the command line
+    # set, so the trainer may fit them to the run and the corpus (load_train_config fills it; a
+    # TrainConfig made in code fits nothing).
+    unset = frozenset()
 
     def __post_init__(self):
         for f in fields(self):  # types follow the defaults; ints are accepted for floats
@@ -264,7 +272,21 @@ def load_train_config(path=None, preset: str | None = None, overrides=()
     model_dict = {**PRESETS[name], **model_values}
     if isinstance(model_dict.get("recurrent_layers"), list):
         model_dict["recurrent_layers"] = tuple(model_dict["recurrent_layers"])
-    return BlockRecurrentConfig(**model_dict), TrainConfig(**sections["train"][1])
+    train_values = sections["train"][1]
+    warmup = fit_warmup(train_values.get("max_steps"))
+    if "warmup_steps" not in train_values and warmup is not None:
+        train_values = {**train_values, "warmup_steps": warmup}
+    train_config = TrainConfig(**train_values)
+    train_config.unset = frozenset(FITTED) - set(sections["train"][1])
+    return BlockRecurrentConfig(**model_dict), train_config
+
+
+def fit_warmup(max_steps) -> int | None:
+    """The warmup of a run of max_steps whose default warmup_steps would not fit in it: a tenth
+    of the run (at least 1); None when the default fits (or max_steps is not a valid count)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        return None
+    return max(1, max_steps // 10) if TrainConfig.warmup_steps > max_steps else None
 
 
 def _setting_meanings() -> dict[str, str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from .checkpoint import Checkpoints
 from .config import PRESETS, BlockRecurrentConfig
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
 from .errors import NonFiniteLossError, is_expected
+from .lanes import lanes_that_fit
 from .metrics import MetricsLog
 from .model import BlockRecurrentTransformer, XLMemories
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
@@ -409,6 +411,7 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             C.check_model_config(meta.get("model_config"),
                                resolve_model_config(model_config, cfg, tokenizer.vocab_size))
         tokenizer, train_corpus, val_corpus = build_data(cfg, env, tokenizer)
+        cfg = _fit_to_corpus(cfg, train_corpus, env, resume)
         if model_config.num_tokens != tokenizer.vocab_size and env.is_main and not resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
@@ -427,6 +430,27 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
     finally:
         if env.owns_group:
             dist.destroy_process_group()
+
+
+def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus, env: DistEnv,
+                   resume: bool) -> TrainConfig:
+    """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
+    where the corpus has too few training documents for batch_size; one line saying so."""
+    fitted = []
+    if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
+        fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
+                      f"the default {TrainConfig.warmup_steps} is longer)")
+    fits = lanes_that_fit(train_corpus.doc_lengths, env.world_size, cfg.batch_size)
+    if "batch_size" in cfg.unset and not resume and 0 < fits < cfg.batch_size:
+        docs = int((train_corpus.doc_lengths >= 2).sum())
+        fitted.append(f"batch_size={fits} (each batch row reads its own documents and the "
+                      f"training split has {docs}, too few for the default {cfg.batch_size})")
+        unset = cfg.unset
+        cfg = dataclasses.replace(cfg, batch_size=fits)
+        cfg.unset = unset
+    if fitted and env.is_main:
+        print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
+    return cfg
 
 
 def _checkpoint_tokenizer(checkpoint):

@@ -159,6 +159,32 @@ def test_bad_corpus_fails_before_any_output(tmp_path):
             T.train(*settings(tmp_path / "bin", out, "tensorboard=true"))
 
 
+def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
+    """7 files and only data= and max_steps= given: warmup and the lanes fit the run, in one
+    line; the same values set explicitly are refused in plain words before any output."""
+    (tmp_path / "seven").mkdir()
+    corpus = write_word_corpus(tmp_path / "seven", max_words=60, docs=7)
+    base = [f"data={corpus}", f"cache_dir={tmp_path / 'cache'}", "max_steps=4", "eval_tokens=0",
+            "log_interval=1"]
+    mc, tc = T.load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'out'}"])
+    assert tc.warmup_steps == 1 and tc.unset == {"warmup_steps", "batch_size"}
+    summary = T.train(mc, tc)
+    assert summary["status"] == "completed" and summary["step"] == 4
+    err = capsys.readouterr().err
+    fitted = [line for line in err.splitlines() if line.startswith("fitted to this run")]
+    assert len(fitted) == 1 and "warmup_steps=1" in fitted[0] and "batch_size=5" in fitted[0]
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step_0000004" / "trainer.json")
+                       .read_text())["train_config"]
+    assert (saved["batch_size"], saved["warmup_steps"]) == (5, 1)
+    out = tmp_path / "strict"
+    with pytest.raises(ValueError, match=r"batch_size=8 asks for 8 batch rows.*only 5 "
+                                         r"documents.*set batch_size=5"):
+        T.train(*T.load_train_config(None, "tiny", [*base, f"out_dir={out}", "batch_size=8"]))
+    with pytest.raises(ValueError, match="warmup_steps=100.*must not exceed max_steps=4"):
+        T.load_train_config(None, "tiny", [*base, "warmup_steps=100"])
+    assert not out.exists()
+
+
 def _has(module):
     try:
         __import__(module)
