@@ -56,8 +56,9 @@ class DocumentLanes:
             raise ValueError(f"batch_size={batch_size}{procs} asks for {G} batch rows, each "
                              f"reading its own documents, but the corpus has only {len(usable)} "
                              "documents with text for them"
-                             + (f"; set batch_size={fits} (or lower) or add documents" if fits
-                                else "; add documents or use fewer processes"))
+                             + "; lower batch_size or world_size"
+                             + (f" (batch_size={fits} fits)" if fits else "")
+                             + " or add documents")
         first = self.rank * self.batch_size
         self._docs = [usable[usable % G == first + k] for k in range(self.batch_size)]
         self._epoch = [0] * self.batch_size

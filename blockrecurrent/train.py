@@ -448,7 +448,7 @@ def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus, env: DistE
         unset = cfg.unset
         cfg = dataclasses.replace(cfg, batch_size=fits)
         cfg.unset = unset
-    if fitted and env.is_main:
+    if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
         print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
     return cfg
 

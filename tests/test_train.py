@@ -178,7 +178,7 @@ def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
     assert (saved["batch_size"], saved["warmup_steps"]) == (5, 1)
     out = tmp_path / "strict"
     with pytest.raises(ValueError, match=r"batch_size=8 asks for 8 batch rows.*only 5 "
-                                         r"documents.*set batch_size=5"):
+                                         r"documents.*lower batch_size.*\(batch_size=5 fits\)"):
         T.train(*T.load_train_config(None, "tiny", [*base, f"out_dir={out}", "batch_size=8"]))
     with pytest.raises(ValueError, match="warmup_steps=100.*must not exceed max_steps=4"):
         T.load_train_config(None, "tiny", [*base, "warmup_steps=100"])
