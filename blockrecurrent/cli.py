@@ -40,10 +40,15 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .settings import load_train_config
+    from .settings import load_resume_config, load_train_config
     from .train import train
 
-    model_config, train_config = load_train_config(args.config, args.preset, overrides)
+    if args.resume:  # the run's own settings, from its checkpoint, and those given over them
+        model_config, train_config, note = load_resume_config(args.config, args.preset, overrides)
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        model_config, train_config = load_train_config(args.config, args.preset, overrides)
     summary = train(model_config, train_config, resume=args.resume)
     print(json.dumps(summary, indent=2, default=str))
     if summary.get("status") == "interrupted":  # checkpointed: `--resume` continues it
@@ -205,7 +210,8 @@ def _train_command(add) -> None:
     p.epilog = settings_help()
     _train_options(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in out_dir")
+                   help="continue from the latest checkpoint in out_dir, with the settings saved "
+                        "there; those given (key=value, --config, --preset) apply over them")
 
 
 def _eval_command(add) -> None:

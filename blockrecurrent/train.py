@@ -59,6 +59,7 @@ from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import (
     TrainConfig,
     apply_baseline,
+    load_resume_config,
     load_train_config,
     resolve_model_config,
     settings_help,
@@ -469,14 +470,22 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="model preset (default: the file's, else small)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from out_dir's latest checkpoint")
+                        help="continue from out_dir's latest checkpoint, with its saved settings "
+                             "under those given")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="train settings, or model.key=value; values are TOML "
                              "(e.g. betas=[0.9,0.99])")
     args = parser.parse_intermixed_args(argv)  # --resume may follow key=value settings
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        model_config, train_config = load_train_config(args.config, args.preset, args.overrides)
+        if args.resume:  # the run's own settings, from its checkpoint, and those given
+            model_config, train_config, note = load_resume_config(args.config, args.preset,
+                                                                  args.overrides)
+            if note and main_rank:
+                print(note, file=sys.stderr)
+        else:
+            model_config, train_config = load_train_config(args.config, args.preset,
+                                                           args.overrides)
         summary = train(model_config, train_config, resume=args.resume)
     except Exception as err:
         if not is_expected(err):  # a bug: its traceback

@@ -248,6 +248,30 @@ def test_refuses_to_overwrite_and_checks_resume_settings(corpus, finished):
         T.train(*settings(corpus, out.parent / "fresh"), resume=True)
 
 
+def test_resume_takes_the_runs_own_settings(corpus, finished, tmp_path, capsys):
+    """`brt train --resume out_dir=X max_steps=10`: the checkpoint's settings (tiny model, its
+    schedule and lanes), not the defaults, with only what was given applied; one line says so."""
+    from blockrecurrent.cli import main
+
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    mc, tc, note = T.load_resume_config(None, None, [f"out_dir={out}", "max_steps=10"])
+    want_mc, want_tc = settings(corpus, out, "keep_last=1", "max_steps=10")
+    assert mc == T.resolve_model_config(want_mc, want_tc, 257) and tc == want_tc
+    assert note == f"resuming {out} from step_0000008 with the settings saved there, except " \
+                   "max_steps=10"
+    code = main(["train", "--threads", "1", "--resume", f"out_dir={out}", "max_steps=10"])
+    err = capsys.readouterr().err
+    assert code == 0 and note in err
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 11))
+    assert T.lr_at(10, tc) == pytest.approx(tc.min_lr)  # the run's schedule ends at step 10
+    # Nothing given but out_dir: the saved settings as they are; a model setting that differs
+    # from the checkpoint's is still refused.
+    assert T.load_resume_config(None, None, [f"out_dir={out}"])[1].max_steps == 10
+    assert main(["train", "--resume", f"out_dir={out}", "model.depth=3"]) == 2
+    assert "model settings differ" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage, match", [
     ("optimizer.pt", "optimizer.pt"),
     ("model.safetensors", "model.safetensors"),
