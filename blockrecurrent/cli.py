@@ -69,6 +69,7 @@ def cmd_eval(args) -> int:
         cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
         dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
         device=args.device, out_dir=out, reset_state=args.reset_state,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
         name=f"eval-{args.split}" + {"carry": "", "every-segment": "-state-reset",
                                      "other-document": "-state-other-document"}[args.reset_state])
     print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "

@@ -77,6 +77,24 @@ def test_eval_writes_json_and_png(capsys, model_dir, corpus_dir, tmp_path):
     assert code == 0 and again["bits_per_byte"] == pytest.approx(res["bits_per_byte"])
 
 
+def test_eval_says_what_it_reads_before_reading_it(capsys, model_dir, corpus_dir, tmp_path):
+    """Up front: the split, its size and the caps that read less; then a progress bar."""
+    argv = ["eval", model_dir, "--data", corpus_dir, "--split", "val", "--val-fraction", "0.2",
+            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", "--threads", "1"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith(("reading", "evaluating"))]
+    res = json.loads((tmp_path / "out" / "eval-val.json").read_text())
+    assert lines == [f"reading the val split of {str(corpus_dir)!r}",
+                     f"evaluating all {res['documents']} documents of the val split of "
+                     f"{str(corpus_dir)!r}: {res['tokens']:,} tokens, {res['bytes']:,} bytes; "
+                     "--max-tokens N or --max-docs N evaluate fewer"]
+    assert "eval val" in err and res["documents"] > 1  # the progress bar
+    code, out, err = run(capsys, *argv, "--max-docs", "1")
+    assert code == 0 and f"evaluating 1 of the {res['documents']} documents" in err
+    assert "(--max-docs 1): " in err
+
+
 def test_generate(capsys, model_dir, tmp_path):
     code, out, err = run(capsys, "generate", model_dir, "--prompt", "def f(", "--max-new-tokens",
                          "8", "--temperature", "0.8", "--top-k", "20", "--seed", "0")
