@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .config import BlockRecurrentConfig, as_saved_now
 from .distributed import DistEnv, full_model
-from .files import make_temp_dir, write_atomic, write_json
+from .files import make_temp_dir, usual_mode, write_atomic, write_json
 from .model import BlockRecurrentTransformer, XLMemories
 from .settings import TrainConfig
 
@@ -100,6 +100,7 @@ def _write_rank_files(directory: Path, rank: int, part: dict) -> None:
     """One rank's data position, carried memories and states, and RNG (RANK_KEYS of the state)."""
     from safetensors.torch import save_file
     save_file(part["lane_tensors"], str(directory / f"lanes_rank{rank}.safetensors"))
+    usual_mode(directory / f"lanes_rank{rank}.safetensors")
     write_json(directory / f"lanes_rank{rank}.json", part["lanes"])
     torch.save(part["rng"], directory / f"rng_rank{rank}.pt")
 

@@ -28,6 +28,7 @@ from . import decode
 from .attention import LayerCache, WindowAttention, WindowPlan, stack
 from .cell import STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, mlp, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
+from .files import usual_mode
 from .memories import XLMemories
 
 # The state's candidate z = state_out(attention outputs) starts at this multiple of fan-in scale.
@@ -333,6 +334,7 @@ class BlockRecurrentTransformer(nn.Module):
         # Temporary names and rename: an interrupted save never leaves a half-written file.
         tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        usual_mode(tmp_w)
         tmp_c.write_text(json.dumps({**HF_KEYS, **self.config.to_dict()}, indent=2))
         (directory / HF_SHIM_FILE).write_text(_HF_SHIM)
         os.replace(tmp_w, directory / WEIGHTS_FILE)

@@ -228,6 +228,17 @@ def test_run_writes_metrics_checkpoints_and_model(finished):
     assert all(s["step"] == 8 for s in opt["state"].values())
 
 
+def test_saved_weights_and_lanes_get_the_usual_mode(finished):
+    """Not safetensors' private 0600: others on a shared machine can load the model."""
+    out, _ = finished
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "model" / "model.safetensors",
+                 out / "checkpoints" / "step_0000008" / "model.safetensors",
+                 out / "checkpoints" / "step_0000008" / "lanes_rank0.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
 def test_refuses_to_overwrite_and_checks_resume_settings(corpus, finished):
     out, _ = finished
     before = tree_digest(out)
