@@ -267,7 +267,8 @@ def _generate_command(add) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model directory (see brt eval)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--prompt", help="prompt text, read as the start of a document")
-    which.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
+    which.add_argument("--prompt-file", metavar="FILE",
+                       help="read the prompt from a UTF-8 text file")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="stop after this many new tokens, or when the model starts a new document "
                         "(default: %(default)s)")

@@ -74,9 +74,15 @@ def _read_prompt(prompt: str | None, prompt_file) -> str | None:
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if prompt_file is not None:
         path = Path(prompt_file)
+        if path.is_dir():
+            raise ValueError(f"prompt file {str(path)!r} is a directory; name a text file")
         if not path.is_file():
             raise ValueError(f"prompt file {str(path)!r} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+        try:
+            prompt = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
     return prompt
 
 
