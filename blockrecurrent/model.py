@@ -106,6 +106,24 @@ class Layer(nn.Module):
         return LayerOutput(x, cache, state, state_kv)
 
 
+def check_device(device) -> torch.device:
+    """A torch device that exists on this machine, else a ValueError saying which ones do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use cpu")
+    return dev
+
+
 class BlockRecurrentTransformer(nn.Module):
     def __init__(self, config: BlockRecurrentConfig | None = None, **kwargs):
         super().__init__()
@@ -348,7 +366,11 @@ class BlockRecurrentTransformer(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
-                raise ValueError(f"{directory} is not a saved model: {name} is missing")
+                run = (directory / "model" / CONFIG_FILE).is_file()  # a training run's out_dir
+                raise ValueError(f"{directory} is not a saved model: {name} is missing"
+                                 + (f"; it holds a training run, whose model is "
+                                    f"{directory / 'model'}" if run else ""))
+        check_device(map_location)  # before reading: else the weights file gets the blame
         try:
             text = (directory / CONFIG_FILE).read_text()
             config = BlockRecurrentConfig.from_dict(json.loads(text))

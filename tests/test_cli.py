@@ -131,12 +131,17 @@ def test_generate(capsys, model_dir, tmp_path):
     (["generate", "{model}", "--prompt-file", "{tmp}"], "is a directory"),
     (["generate", "{model}", "--prompt-file", "{tmp}/latin1.txt"],
      "latin1.txt' is not UTF-8 text (invalid continuation byte at byte 1)"),
+    (["generate", "{tmp}/run", "--prompt", "x"], "holds a training run, whose model is"),
+    (["generate", "{model}", "--prompt", "x", "--device", "cuda:99"], "CUDA GPU"),
+    (["eval", "{model}", "--device", "nodevice"], "unknown device 'nodevice'"),
     (["train", "max_steps"], "key=value"),
     (["run", "=3"], "key=value"),
 ])
 def test_user_errors_exit_2_with_a_message(capsys, model_dir, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
     (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
+    (tmp_path / "run" / "model").mkdir(parents=True)  # a training run's out_dir
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert "error:" in err and message in err and "Traceback" not in err
