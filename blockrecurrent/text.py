@@ -103,16 +103,22 @@ def _print_tokens(dec, tokenizer, max_new_tokens: int, out) -> tuple[str, int]:
     """Decode up to max_new_tokens tokens, writing the text to `out` as it comes, until the
     model starts a new document (emits bos). Returns the text and the count of new tokens."""
     decoder, pieces, new = tokenizer.stream_decoder(), [], 0
-    for tok in dec.tokens(max_new_tokens):
-        tok = int(tok[0])
-        if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
-            break
-        new += 1
-        piece = decoder.feed([tok])
-        if piece:
-            out.write(piece)
+    try:
+        for tok in dec.tokens(max_new_tokens):
+            tok = int(tok[0])
+            if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
+                break
+            new += 1
+            piece = decoder.feed([tok])
+            if piece:
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
+    except KeyboardInterrupt:  # end the text's line, so that "interrupted" starts its own
+        if pieces and not pieces[-1].endswith("\n"):
+            out.write("\n")
             out.flush()
-            pieces.append(piece)
+        raise
     pieces.append(decoder.flush())
     text = "".join(pieces)
     out.write(pieces[-1] + ("\n" if text and not text.endswith("\n") else ""))

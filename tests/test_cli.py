@@ -119,6 +119,29 @@ def test_generate(capsys, model_dir, tmp_path):
     assert again == expected + ("" if expected.endswith("\n") or not expected else "\n")
 
 
+def test_interrupted_generation_ends_its_line(model_dir):
+    """Ctrl-C while printing: the text's line is ended, so 'interrupted' starts a line."""
+    import io
+
+    from blockrecurrent.text import generate_text
+
+    class InterruptedOut(io.StringIO):
+        interrupted = False
+
+        def write(self, text):  # Ctrl-C once, in the middle of a line
+            if not self.interrupted and len(self.getvalue()) >= 3 \
+                    and not self.getvalue().endswith("\n"):
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = InterruptedOut()
+    with pytest.raises(KeyboardInterrupt):
+        generate_text(model_dir, prompt="x", max_new_tokens=50, temperature=0, out=out,
+                      err=io.StringIO())
+    assert len(out.getvalue()) >= 3 and out.getvalue().endswith("\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{tmp}/missing"], "checkpoint directory"),
     (["eval", "{model}", "--data", "{tmp}/no/such/corpus"], "no file matches"),
