@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval_report import eval_table, human_count
+    from .eval_report import count_of, eval_table, human_count
     from .evaluate import evaluate_checkpoint
 
     out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
@@ -74,7 +74,7 @@ def cmd_eval(args) -> int:
                                      "other-document": "-state-other-document"}[args.reset_state])
     print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "
           f"{human_count(res['non_embedding_params'])} non-embedding)")
-    print(f"data: {res['data']!r}, {args.split} split: {res['documents']} documents, "
+    print(f"data: {res['data']!r}, {args.split} split: {count_of(res['documents'], 'document')}, "
           f"{res['tokens']:,} tokens, {res['bytes']:,} bytes "
           f"({res['seconds']:.1f} s, {res['tokens_per_s']:,.0f} tokens/s)")
     print(eval_table(res))

@@ -18,7 +18,7 @@ import torch
 
 from .config import as_saved_now
 from .errors import TrainingInterrupted
-from .eval_report import _fmt, _plot_buckets, _table, ablation_table, human_count
+from .eval_report import _fmt, _plot_buckets, _table, ablation_table, count_of, human_count
 from .evaluate import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
 from .model import BlockRecurrentTransformer
 
@@ -252,7 +252,8 @@ def comparison_markdown(runs: dict, splits: Sequence[str] = ("val", "test")) -> 
     first = next(iter(runs.values()))["eval"][split]
     note = (f"\n\nTraining tokens are the real (non-padding) tokens seen; every model saw the "
             f"same number of segment positions (steps x batch x segment). Evaluation: "
-            f"{first['documents']} held-out {split} documents, {first['tokens']:,} tokens, each "
+            f"{count_of(first['documents'], f'held-out {split} document')}, "
+            f"{first['tokens']:,} tokens, each "
             f"read once from its start with memories carried. Bits per token by position of the "
             f"token in its document; empty buckets show n/a.")
     return _table(header, rows, markdown=True) + note

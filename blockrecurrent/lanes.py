@@ -55,7 +55,7 @@ class DocumentLanes:
             procs = f" x {world_size} processes" if world_size > 1 else ""
             raise ValueError(f"batch_size={batch_size}{procs} asks for {G} batch rows, each "
                              f"reading its own documents, but the corpus has only {len(usable)} "
-                             "documents with text for them"
+                             f"document{'s' * (len(usable) != 1)} with text for them"
                              + "; lower batch_size or world_size"
                              + (f" (batch_size={fits} fits)" if fits else "")
                              + " or add documents")

@@ -172,7 +172,7 @@ def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, 
 def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation: dict) -> None:
     """loss.png and metrics.jsonl copied from training, out/results.json and out/README.md,
     and the summary lines on stdout."""
-    from .eval_report import ablation_table, eval_table
+    from .eval_report import ablation_table, count_of, eval_table
     from .probes import probe_table
 
     for name in ("loss.png", "metrics.jsonl"):
@@ -185,8 +185,9 @@ def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation:
                               probe_table(job["probe"], markdown=True))
     (out / "README.md").write_text(readme)
     print(eval_table(results))
-    print(f"test bits per byte: {results['bits_per_byte']:.4f} over {results['documents']} "
-          f"documents ({results['tokens']:,} tokens); final train loss "
+    print(f"test bits per byte: {results['bits_per_byte']:.4f} over "
+          f"{count_of(results['documents'], 'document')} ({results['tokens']:,} tokens); final "
+          f"train loss "
           f"{summary.get('train_loss') or float('nan'):.4f}, val bits per byte "
           f"{summary.get('val_bpb') or float('nan'):.4f}")
     print(f"wrote {out / 'README.md'} ({job['wall_seconds'] / 60:.1f} min)")
@@ -213,7 +214,7 @@ def _rel(path: Path, start: Path) -> str:
 # Over 60 lines: the report's text is one f-string template, read best as the page it makes.
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
-    from .eval_report import human_count
+    from .eval_report import count_of, human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
                              job["eval"], job["sample"])
@@ -249,7 +250,7 @@ def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, tab
 
 | result | value |
 |---|---|
-| test bits per byte ({ev["documents"]} documents, {ev["tokens"]:,} tokens) | \
+| test bits per byte ({count_of(ev["documents"], "document")}, {ev["tokens"]:,} tokens) | \
 **{ev["bits_per_byte"]:.4f}** |
 | test bits per token | {ev["bits_per_token"]:.4f} |
 | validation bits per byte (trainer, step {show(s.get("evaluated_at"))}) | \

@@ -92,7 +92,7 @@ def test_eval_says_what_it_reads_before_reading_it(capsys, model_dir, corpus_dir
     assert "eval val" in err and res["documents"] > 1  # the progress bar
     code, out, err = run(capsys, *argv, "--max-docs", "1")
     assert code == 0 and f"evaluating 1 of the {res['documents']} documents" in err
-    assert "(--max-docs 1): " in err
+    assert "(--max-docs 1): " in err and "val split: 1 document, " in out  # not "1 documents"
 
 
 def test_generate(capsys, model_dir, tmp_path):
