@@ -182,7 +182,6 @@ class Trainer:
         self.tokens_seen += int(total)
         self.log_window = [self.log_window[0] + loss * total, self.log_window[1] + total,
                            self.log_window[2] + positions]
-        self.last_loss = loss
         return loss, stop
 
     # --- evaluation ---------------------------------------------------------------------
@@ -298,9 +297,9 @@ class Trainer:
                 bar.update(1)
                 if not math.isfinite(loss):
                     self._nonfinite_step()
-                if self.step % cfg.log_interval == 0 and self.log_window[1] > 0:
-                    self._log_train(bar)
                 done = self.step >= cfg.max_steps
+                if (self.step % cfg.log_interval == 0 or done) and self.log_window[1] > 0:
+                    self._log_train(bar)  # the last steps too: the summary's train_loss
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 or done:
                     self._evaluate_and_log(bar)
                 if cfg.save_interval and self.step % cfg.save_interval == 0 or done or stop:
@@ -350,6 +349,7 @@ class Trainer:
                "padding_fraction": 1 - real / positions, "grad_norm": self.last_grad_norm,
                "nonfinite_skips": self.nonfinite_skips}
         self._log(rec)
+        self.last_loss = rec["loss"]  # the summary's train_loss: the bar's and metrics.jsonl's
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         self.log_window, self._log_elapsed = [0.0, 0.0, 0.0], self.elapsed
 
@@ -388,7 +388,8 @@ class Trainer:
 def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume: bool = False
           ) -> dict:
     """Build data, model and trainer, optionally resume from out_dir's latest checkpoint, train.
-    Returns a summary: status ("completed" | "interrupted"), step, train_loss, val_loss, val_bpb,
+    Returns a summary: status ("completed" | "interrupted"), step, train_loss (the mean loss per
+    token over the steps of the last metrics line, as the progress bar shows it), val_loss, val_bpb,
     tokens_seen, paths (out_dir, checkpoint, model_dir, metrics). Everything a user can get
     wrong raises ValueError/TypeError before training starts, and before anything is written."""
     if not isinstance(model_config, BlockRecurrentConfig):

@@ -228,6 +228,16 @@ def test_run_writes_metrics_checkpoints_and_model(finished):
     assert all(s["step"] == 8 for s in opt["state"].values())
 
 
+def test_summary_train_loss_is_the_last_logged_loss(corpus, tmp_path):
+    """The summary's train_loss is the mean of the last metrics line (the progress bar's), and
+    the last steps are logged even off log_interval."""
+    summary = T.train(*settings(corpus, tmp_path / "out", "max_steps=5", "log_interval=3",
+                                "eval_interval=0", "save_interval=0", "eval_tokens=0"))
+    logged = records(tmp_path / "out", "train")
+    assert [r["step"] for r in logged] == [3, 5]
+    assert summary["train_loss"] == logged[-1]["loss"]
+
+
 def test_saved_weights_and_lanes_get_the_usual_mode(finished):
     """Not safetensors' private 0600: others on a shared machine can load the model."""
     out, _ = finished
