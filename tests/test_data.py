@@ -110,6 +110,15 @@ def test_split_deterministic_disjoint_nonempty():
         D.split_documents(["just text"])
 
 
+def test_split_of_one_or_two_documents_trains():
+    """A one-file corpus whose name hashes to a held-out split still has a training document."""
+    held_out = [d for d in make_docs(400) if D._unit_hash(d.name) < 0.1][:2]
+    assert len(held_out) == 2
+    assert D.split_documents(held_out[:1])["train"] == held_out[:1]
+    two = D.split_documents(held_out)
+    assert len(two["train"]) == 1 and sum(map(len, two.values())) == 2
+
+
 # ---------------------------------------------------------------------------- tokenizers
 
 
