@@ -37,7 +37,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -418,9 +417,9 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
         model_config = resolve_model_config(model_config, cfg, tokenizer.vocab_size)
-        if val_corpus is None and cfg.eval_tokens and env.is_main:
-            warnings.warn("the corpus has too few documents for a validation split: no evaluation",
-                          stacklevel=2)
+        if val_corpus is None and cfg.eval_tokens and env.is_main:  # one line, not a warning
+            print("note: the corpus has too few documents for a validation split (3 or more "
+                  "are needed): training without evaluation", file=sys.stderr)
         trainer = Trainer(model_config, cfg, train_corpus, val_corpus, tokenizer, env)
         if resume:
             trainer.checkpoints.load(trainer, checkpoint)

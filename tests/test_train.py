@@ -185,6 +185,18 @@ def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_one_file_corpus_trains_with_a_one_line_note(tmp_path, capsys):
+    """One file: no validation split, said in one clean line (no warning with its source line)."""
+    (tmp_path / "one.txt").write_text("one small document to learn from " * 20)
+    summary = T.train(*T.load_train_config(None, "tiny", [
+        f"data={tmp_path / 'one.txt'}", f"out_dir={tmp_path / 'out'}", "max_steps=2",
+        f"cache_dir={tmp_path / 'cache'}"]))
+    err = capsys.readouterr().err
+    assert summary["status"] == "completed" and summary["val_loss"] is None
+    assert "note: the corpus has too few documents for a validation split" in err
+    assert "Warning" not in err and "batch_size=1" in err
+
+
 def _has(module):
     try:
         __import__(module)
