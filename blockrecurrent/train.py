@@ -458,7 +458,8 @@ def _checkpoint_tokenizer(checkpoint):
     try:
         return D.load_tokenizer(checkpoint)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}") from None
+        raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}"
+                         + C.previous_intact_hint(checkpoint)) from None
 
 
 def main(argv=None) -> int:

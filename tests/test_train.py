@@ -326,6 +326,23 @@ def test_corrupted_checkpoint_is_a_clear_error(corpus, finished, tmp_path, damag
     assert tree_digest(out) == before
 
 
+def test_corrupted_latest_checkpoint_points_at_the_previous_intact_one(corpus, tmp_path):
+    out = tmp_path / "out"
+    T.train(*settings(corpus, out, "keep_last=0"))  # checkpoints at steps 4 and 8
+    ckpts = out / "checkpoints"
+    bad = ckpts / "step_0000008" / "optimizer.pt"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"optimizer\.pt.*corrupted\. The previous checkpoint "
+                                         r".*step_0000004 looks intact: to resume from it, move "
+                                         r".*step_0000008 out of .*checkpoints and delete "
+                                         r".*latest$"):
+        T.train(*settings(corpus, out, "keep_last=0"), resume=True)
+    shutil.move(ckpts / "step_0000008", tmp_path / "bad")  # as the message says
+    (ckpts / "latest").unlink()
+    summary = T.train(*settings(corpus, out, "keep_last=0"), resume=True)
+    assert summary["status"] == "completed" and summary["step"] == 8
+
+
 # ---------------------------------------------------------------------------- exact resume
 
 def test_resume_is_exact(corpus, tmp_path, monkeypatch):
