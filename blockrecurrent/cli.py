@@ -368,8 +368,9 @@ def _run_command(add) -> None:
             "Train the small model on the built-in corpus (the CPython standard library), "
             "evaluate it on held-out documents by position, sample a continuation, and write "
             "a report folder (README.md, plots, metrics).")
-    p.add_argument("--out", default="report", metavar="DIR",
-                   help="report directory (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="report directory (default: report; with --quick: report-quick, so that "
+                        "the quick and the full job do not share a training run)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test of the whole pipeline in a minute or two (a few training "
                         "steps, a small evaluation)")

@@ -1,7 +1,7 @@
 """The main job (`brt run`, `bash scripts/main.sh`): train, evaluate, ablate the state, probe
 recall, sample, and write a report, end to end on the built-in corpus.
 
-    job = main_job("report", quick=True)      # report/README.md, results.json, plots
+    job = main_job(quick=True)      # report-quick/README.md, results.json, plots
 """
 
 from __future__ import annotations
@@ -55,15 +55,16 @@ def _git_commit() -> str | None:
         return None
 
 
-def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
+def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
              config: str | None = None, overrides=(), max_eval_tokens: int | None = None,
              sample_tokens: int | None = None) -> dict:
     """The README's main job, end to end on the built-in corpus (the CPython standard library):
     train the small recurrent model (configs/small.toml, else the "small" preset), evaluate it on
     the held-out test documents by position, sample a continuation of a held-out document, and
-    write out_dir/README.md with the plots, metrics and tables beside it. Training goes to
-    out_dir/train (unless `out_dir=` is overridden); a finished run there with the same
-    settings is reused and an interrupted one resumed, so rerunning the job is cheap."""
+    write out_dir/README.md with the plots, metrics and tables beside it (default: report, or
+    report-quick with quick). Training goes to out_dir/train (unless `out_dir=` is overridden);
+    a finished run there with the same settings is reused and an interrupted one resumed, so
+    rerunning the job is cheap."""
     import torch
 
     from .compare import check_reusable, train_or_reuse
@@ -72,7 +73,8 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
     from .probes import run_probes, write_probe_report
     from .settings import load_train_config
 
-    out = Path(out_dir)
+    # The quick job has its own folder: its finished run would block the full job's in report/.
+    out = Path(out_dir if out_dir is not None else "report-quick" if quick else "report")
     config = config if config is not None else _default_config()
     overrides = _job_overrides(overrides, quick, out)
     if max_eval_tokens is None:

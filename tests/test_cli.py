@@ -3,6 +3,7 @@ user errors exit 2 with a one-line message, and a tiny end-to-end main job."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -235,6 +236,28 @@ save_interval = 0
 log_interval = 1
 """)
     return str(path)
+
+
+def test_quick_and_full_main_jobs_train_in_their_own_folders(capsys, tmp_path, monkeypatch):
+    """`brt run --quick` then `brt run`: the quick job's finished run cannot block the full one."""
+    import blockrecurrent.compare
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(model_config, train_config):  # the first check of the run's folder: stop there
+        seen.append(train_config.out_dir)
+        raise Stop
+
+    monkeypatch.setattr(blockrecurrent.compare, "check_reusable", stop)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--quick"], [], ["--quick", "--out", "mine"]):
+        with pytest.raises(Stop):
+            main(["run", *argv])
+    assert seen == [os.path.join("report-quick", "train"), os.path.join("report", "train"),
+                    os.path.join("mine", "train")]
 
 
 def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
