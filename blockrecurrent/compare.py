@@ -61,8 +61,10 @@ def _scaled_train_config(tc, baseline: str, factor: int, out_dir: Path):
     one-window segments, so the optimizer steps, the training tokens and the documents in each
     batch stay equal. (Giving XL `factor` times the lanes instead gave it more documents per
     batch, worth far more than the architecture: `benchmarks/batch_shape.py`.)"""
-    return dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
-                               grad_accum=tc.grad_accum * factor)
+    scaled = dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
+                                 grad_accum=tc.grad_accum * factor)
+    scaled.unset = tc.unset  # what the user left unset is fitted for every model alike
+    return scaled
 
 
 def _run_settings(model_config, train_config) -> dict:

@@ -374,6 +374,16 @@ def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
     assert code == 2 and "other settings" in err
 
 
+def test_compare_fits_what_the_user_left_unset(tmp_path):
+    """Each model of brt compare fits warmup and lanes to a small corpus as brt train does."""
+    from blockrecurrent.compare import _scaled_train_config
+    from blockrecurrent.settings import load_train_config
+
+    tc = load_train_config(None, "tiny", ["max_steps=50", "lr=0.002"])[1]
+    xl = _scaled_train_config(tc, "xl", 4, tmp_path / "xl")
+    assert xl.unset == tc.unset == {"warmup_steps", "batch_size"} and xl.warmup_steps == 5
+
+
 def test_eval_reads_the_training_corpus_from_the_run(capsys, tmp_path, corpus_dir):
     """`brt eval out_dir/model` finds the corpus in the run's trainer.json: no --data needed."""
     train_dir = tmp_path / "run"
