@@ -66,12 +66,12 @@ class TrainConfig:
     cache_dir: str = "data_cache"  # tokenized corpora and BPE tokenizers are cached here ("": none)
     baseline: str = "recurrent"  # "slide": no recurrent layer; "xl": also segment = block_width
     # optimisation
-    batch_size: int = 8  # lanes per process; global batch = batch_size * world size
+    batch_size: int = 8  # lanes per process (x world size), fewer when unset and documents are few
     grad_accum: int = 1  # consecutive segments of every lane per optimizer step
     max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-4  # learning rate at max_steps
-    warmup_steps: int = 100  # linear warmup from 0
+    warmup_steps: int = 100  # linear warmup from 0 (unset and over max_steps: max_steps // 10)
     weight_decay: float = 0.1  # AdamW decay, on weight matrices only
     betas: tuple = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
