@@ -27,8 +27,8 @@ from .config import PRESETS, BlockRecurrentConfig
 
 BASELINES = ("recurrent", "slide", "xl")
 # Settings fitted to the run and the corpus when the user leaves them unset: warmup_steps to
-# max_steps (here), batch_size to the training documents (train.train).
-FITTED = ("warmup_steps", "batch_size")
+# max_steps (here), batch_size and eval_tokens to the documents (train.train).
+FITTED = ("warmup_steps", "batch_size", "eval_tokens")
 DTYPES = ("auto", "float32", "bfloat16")
 PARALLEL = ("ddp", "fsdp")
 # The one table of dtype names: the trainer's, evaluation's and the benchmark's short ones.

@@ -63,7 +63,7 @@ from .settings import (
     resolve_model_config,
     settings_help,
 )
-from .train_data import build_data, fixed_eval_set
+from .train_data import build_data, eval_subset, fixed_eval_set
 
 # The trainer's names, with those of its parts that scripts and tests reach through it.
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "apply_baseline", "build_data",
@@ -412,7 +412,7 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             C.check_model_config(meta.get("model_config"),
                                resolve_model_config(model_config, cfg, tokenizer.vocab_size))
         tokenizer, train_corpus, val_corpus = build_data(cfg, env, tokenizer)
-        cfg = _fit_to_corpus(cfg, train_corpus, env, resume)
+        cfg = _fit_to_corpus(cfg, train_corpus, val_corpus, env, resume)
         if model_config.num_tokens != tokenizer.vocab_size and env.is_main and not resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
@@ -433,11 +433,13 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             dist.destroy_process_group()
 
 
-def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus, env: DistEnv,
-                   resume: bool) -> TrainConfig:
+def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
+                   val_corpus: D.TokenizedCorpus | None, env: DistEnv, resume: bool
+                   ) -> TrainConfig:
     """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
-    where the corpus has too few training documents for batch_size; one line saying so."""
-    fitted = []
+    where the corpus has too few training documents for batch_size, and eval_tokens holding
+    the shortest validation document where none fits; one line saying so."""
+    fitted, changes = [], {}
     if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
         fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
                       f"the default {TrainConfig.warmup_steps} is longer)")
@@ -446,8 +448,15 @@ def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus, env: DistE
         docs = int((train_corpus.doc_lengths >= 2).sum())
         fitted.append(f"batch_size={fits} (each batch row reads its own documents and the "
                       f"training split has {docs}, too few for the default {cfg.batch_size})")
+        changes["batch_size"] = fits
+    if ("eval_tokens" in cfg.unset and not resume and val_corpus is not None and cfg.eval_tokens
+            and eval_subset(val_corpus, cfg.eval_tokens) is None):
+        changes["eval_tokens"] = shortest = int(val_corpus.doc_lengths.min())
+        fitted.append(f"eval_tokens={shortest} (the shortest validation document, whole; the "
+                      f"default {cfg.eval_tokens} holds none)")
+    if changes:
         unset = cfg.unset
-        cfg = dataclasses.replace(cfg, batch_size=fits)
+        cfg = dataclasses.replace(cfg, **changes)
         cfg.unset = unset
     if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
         print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)

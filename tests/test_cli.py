@@ -381,7 +381,8 @@ def test_compare_fits_what_the_user_left_unset(tmp_path):
 
     tc = load_train_config(None, "tiny", ["max_steps=50", "lr=0.002"])[1]
     xl = _scaled_train_config(tc, "xl", 4, tmp_path / "xl")
-    assert xl.unset == tc.unset == {"warmup_steps", "batch_size"} and xl.warmup_steps == 5
+    assert xl.unset == tc.unset == {"warmup_steps", "batch_size", "eval_tokens"}
+    assert xl.warmup_steps == 5
 
 
 def test_eval_reads_the_training_corpus_from_the_run(capsys, tmp_path, corpus_dir):

@@ -185,6 +185,23 @@ def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_eval_tokens_left_unset_fit_a_long_validation_document(tmp_path, capsys):
+    """Long files: the default eval_tokens holds no validation document, so the shortest is
+    evaluated whole; set explicitly, the clear error stays."""
+    (tmp_path / "long").mkdir()
+    for i in range(7):
+        (tmp_path / "long" / f"{i}.txt").write_text(f"line {i} of a long file\n" * (1500 + 99 * i))
+    base = [f"data={tmp_path / 'long'}", f"cache_dir={tmp_path / 'cache'}", "max_steps=1",
+            "model.max_seq_len=512"]  # few long segments: a quick evaluation
+    summary = T.train(*T.load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'o'}"]))
+    assert summary["val_bpb"] is not None
+    fitted = [line for line in capsys.readouterr().err.splitlines() if "fitted" in line]
+    assert len(fitted) == 1 and "the default 32768 holds none" in fitted[0]
+    with pytest.raises(ValueError, match="eval_tokens=32768 is smaller than every validation"):
+        T.train(*T.load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'x'}",
+                                                    "eval_tokens=32768"]))
+
+
 def test_one_file_corpus_trains_with_a_one_line_note(tmp_path, capsys):
     """One file: no validation split, said in one clean line (no warning with its source line)."""
     (tmp_path / "one.txt").write_text("one small document to learn from " * 20)
