@@ -13,7 +13,8 @@ Mistakes a user can make (a missing directory, an unknown option, a setting out 
 interrupted run (checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full
 traceback instead. What is expected is decided by errors.is_expected: anything else is a bug and
 keeps its traceback. Heavy modules (torch, the trainer) are imported inside the subcommands, so
-`brt --help` is quick.
+`brt --help` is quick. Warnings print as `warning: <message>` (with --traceback, as Python
+prints them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
@@ -384,6 +386,11 @@ def _run_command(add) -> None:
                    help="override a training field or a model field (model.key=value)")
 
 
+def _warning_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as `warning: <message>`: its source line means nothing to a user of brt."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `brt` console script -> exit status (0 ok, 2 user error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -403,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning for callers of main()
+            if not args.traceback:
+                warnings.showwarning = _warning_in_one_line
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -198,6 +198,21 @@ def test_missing_modules_of_ours_are_bugs():
                                            name="blockrecurrent_extras"))
 
 
+def test_warnings_print_in_one_line(capsys, model_dir, monkeypatch):
+    """A warning (no matplotlib, say) is `warning: <message>`, without a source line."""
+    import warnings
+
+    import blockrecurrent.text
+
+    def warns(*args, **kwargs):
+        warnings.warn("matplotlib is not installed, so no plot", stacklevel=2)
+
+    monkeypatch.setattr(blockrecurrent.text, "generate_text", warns)
+    code, _, err = run(capsys, "generate", model_dir)
+    assert code == 0 and err == "warning: matplotlib is not installed, so no plot\n"
+    assert warnings.showwarning.__name__ != "_warning_in_one_line"  # restored after main()
+
+
 def test_traceback_flag_reraises(model_dir, tmp_path):
     with pytest.raises(ValueError, match="checkpoint directory"):
         main(["--traceback", "eval", str(tmp_path / "missing")])
