@@ -247,8 +247,11 @@ def load_resume_config(path=None, preset: str | None = None, overrides=()
     from .checkpoint import latest_checkpoint  # imports torch: only when resuming
 
     name, model_values, train_values = _given_settings(path, preset, overrides)
-    out_dir = os.fspath(train_values.get("out_dir", TrainConfig.out_dir))
-    checkpoint = latest_checkpoint(out_dir)
+    out_dir = train_values.get("out_dir", TrainConfig.out_dir)
+    checkpoint = None
+    if isinstance(out_dir, (str, os.PathLike)):  # else TrainConfig's type check says what's wrong
+        out_dir = os.fspath(out_dir)
+        checkpoint = latest_checkpoint(out_dir)
     saved = _saved_settings(checkpoint) if checkpoint is not None else None
     if saved is None:
         return (*load_train_config(path, preset, overrides), None)

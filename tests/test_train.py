@@ -322,6 +322,12 @@ def test_resume_takes_the_runs_own_settings(corpus, finished, tmp_path, capsys):
     assert "model settings differ" in capsys.readouterr().err
 
 
+def test_resume_settings_with_a_bad_out_dir_are_a_clear_error(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train]\nout_dir = 5\n")
+    with pytest.raises(TypeError, match="out_dir must be str, got int"):
+        T.load_resume_config(tmp_path / "bad.toml")
+
+
 @pytest.mark.parametrize("damage, match", [
     ("optimizer.pt", "optimizer.pt"),
     ("model.safetensors", "model.safetensors"),
