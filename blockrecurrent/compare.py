@@ -75,21 +75,27 @@ def _run_settings(model_config, train_config) -> dict:
 def check_reusable(model_config, train_config) -> bool:
     """True when train_config.out_dir holds a finished run (summary.json) of these settings;
     ValueError when it holds one of other settings. Checked before any work is done."""
+    diff = finished_run_diff(model_config, train_config)
+    if diff:
+        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings "
+                         f"({{name: (finished run, now)}}: {diff}); choose another output "
+                         f"directory or delete {train_config.out_dir}")
+    return diff is not None
+
+
+def finished_run_diff(model_config, train_config) -> dict | None:
+    """How the finished run in train_config.out_dir (its summary.json) differs from these
+    settings, {name: (finished run, now)}: {} the same, None where there is no finished run."""
     prior = Path(train_config.out_dir) / "summary.json"
     if not prior.is_file():
-        return False
+        return None
     saved = json.loads(prior.read_text())
     saved = {k: saved.get(k) for k in ("model_config", "train_config")}
     saved["model_config"] = as_saved_now(saved["model_config"])  # a run from before a field
     now = _run_settings(model_config, train_config)
-    if saved != now:
-        diff = {f"{part}.{k}": (old.get(k), new.get(k))
-                for part in now for old, new in [(saved[part] or {}, now[part])]
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings "
-                         f"({{name: (finished run, now)}}: {diff}); choose another output "
-                         f"directory or delete {train_config.out_dir}")
-    return True
+    return {f"{part}.{k}": (old.get(k), new.get(k))
+            for part in now for old, new in [(saved[part] or {}, now[part])]
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 def train_or_reuse(model_config, train_config, label: str = "model") -> dict:

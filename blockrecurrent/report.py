@@ -64,10 +64,11 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
     write out_dir/README.md with the plots, metrics and tables beside it (default: report, or
     report-quick with quick). Training goes to out_dir/train (unless `out_dir=` is overridden);
     a finished run there with the same settings is reused and an interrupted one resumed, so
-    rerunning the job is cheap."""
+    rerunning the job is cheap; one with other settings is moved aside to out_dir/train-previous
+    (where out_dir= is not given)."""
     import torch
 
-    from .compare import check_reusable, train_or_reuse
+    from .compare import check_reusable, finished_run_diff, train_or_reuse
     from .config import preset
     from .evaluate import state_ablation
     from .probes import run_probes, write_probe_report
@@ -76,12 +77,17 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
     # The quick job has its own folder: its finished run would block the full job's in report/.
     out = Path(out_dir if out_dir is not None else "report-quick" if quick else "report")
     config = config if config is not None else _default_config()
+    own_dir = not any(o.split("=", 1)[0].strip() == "out_dir" for o in overrides)
     overrides = _job_overrides(overrides, quick, out)
     if max_eval_tokens is None:
         max_eval_tokens = QUICK_EVAL_TOKENS if quick else EVAL_TOKENS
     sample_tokens = sample_tokens if sample_tokens is not None else (32 if quick else 256)
     # Every check before any work: settings, an output directory holding another run.
     model_config, tc = load_train_config(config, None, overrides)
+    if own_dir and finished_run_diff(model_config, tc):  # the job's own folder: keep, not refuse
+        aside = _move_aside(Path(tc.out_dir))
+        print(f"note: {tc.out_dir} held a finished run with other settings; moved it to {aside}",
+              file=sys.stderr)
     reused = check_reusable(model_config, tc)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -122,6 +128,17 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
            "wall_seconds": time.perf_counter() - started}
     _write_job(job, out, train_dir, model_dir, ablation)
     return job
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename path to the first free path-previous, path-previous-2, ... beside it."""
+    n = 1
+    while True:
+        aside = path.with_name(f"{path.name}-previous" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+        n += 1
 
 
 def _job_overrides(overrides, quick: bool, out: Path) -> list[str]:
