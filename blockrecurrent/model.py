@@ -106,6 +106,17 @@ class Layer(nn.Module):
         return LayerOutput(x, cache, state, state_kv)
 
 
+def _run_hint(directory: Path) -> str:
+    """Where a training run's out_dir keeps its models: model/, else its checkpoints."""
+    if (directory / "model" / CONFIG_FILE).is_file():
+        return f"; it holds a training run, whose model is {directory / 'model'}"
+    steps = sorted((directory / "checkpoints").glob("step_*/" + CONFIG_FILE))
+    if steps:  # zero-padded step numbers: the last in name order is the newest
+        return (f"; it holds an unfinished training run, whose latest checkpoint "
+                f"{steps[-1].parent} is a saved model too")
+    return ""
+
+
 def check_device(device) -> torch.device:
     """A torch device that exists on this machine, else a ValueError saying which ones do."""
     try:
@@ -366,10 +377,8 @@ class BlockRecurrentTransformer(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
-                run = (directory / "model" / CONFIG_FILE).is_file()  # a training run's out_dir
                 raise ValueError(f"{directory} is not a saved model: {name} is missing"
-                                 + (f"; it holds a training run, whose model is "
-                                    f"{directory / 'model'}" if run else ""))
+                                 + _run_hint(directory))
         check_device(map_location)  # before reading: else the weights file gets the blame
         try:
             text = (directory / CONFIG_FILE).read_text()

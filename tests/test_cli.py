@@ -156,6 +156,8 @@ def test_interrupted_generation_ends_its_line(model_dir):
     (["generate", "{model}", "--prompt-file", "{tmp}/latin1.txt"],
      "latin1.txt' is not UTF-8 text (invalid continuation byte at byte 1)"),
     (["generate", "{tmp}/run", "--prompt", "x"], "holds a training run, whose model is"),
+    (["generate", "{tmp}/unfinished", "--prompt", "x"],
+     "latest checkpoint {tmp}/unfinished/checkpoints/step_0000020 is a saved model too"),
     (["generate", "{model}", "--prompt", "x", "--device", "cuda:99"], "CUDA GPU"),
     (["eval", "{model}", "--device", "nodevice"], "unknown device 'nodevice'"),
     (["train", "max_steps"], "key=value"),
@@ -163,9 +165,13 @@ def test_interrupted_generation_ends_its_line(model_dir):
 ])
 def test_user_errors_exit_2_with_a_message(capsys, model_dir, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
+    message = message.format(tmp=tmp_path, model=model_dir)
     (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
     (tmp_path / "run" / "model").mkdir(parents=True)  # a training run's out_dir
     (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    for step in ("step_0000010", "step_0000020"):  # a run stopped before its model's export
+        (tmp_path / "unfinished" / "checkpoints" / step).mkdir(parents=True)
+        (tmp_path / "unfinished" / "checkpoints" / step / "config.json").write_text("{}")
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert "error:" in err and message in err and "Traceback" not in err
