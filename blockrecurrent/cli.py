@@ -13,7 +13,8 @@ Mistakes a user can make (a missing directory, an unknown option, a setting out 
 interrupted run (checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full
 traceback instead. What is expected is decided by errors.is_expected: anything else is a bug and
 keeps its traceback. Heavy modules (torch, the trainer) are imported inside the subcommands, so
-`brt --help` is quick.
+`brt --help` is quick. Warnings print as `warning: <message>` (with --traceback, as Python
+prints them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
@@ -40,10 +42,15 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .train.settings import load_train_config
+    from .train.settings import load_resume_config, load_train_config
     from .train.trainer import train
 
-    model_config, train_config = load_train_config(args.config, args.preset, overrides)
+    if args.resume:  # the run's own settings, from its checkpoint, and those given over them
+        model_config, train_config, note = load_resume_config(args.config, args.preset, overrides)
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        model_config, train_config = load_train_config(args.config, args.preset, overrides)
     summary = train(model_config, train_config, resume=args.resume)
     print(json.dumps(summary, indent=2, default=str))
     if summary.get("status") == "interrupted":  # checkpointed: `--resume` continues it
@@ -55,7 +62,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate.evaluation import evaluate_checkpoint
-    from .evaluate.report import eval_table, human_count
+    from .evaluate.report import count_of, eval_table, human_count
 
     out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
     res = evaluate_checkpoint(
@@ -64,11 +71,12 @@ def cmd_eval(args) -> int:
         cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
         dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
         device=args.device, out_dir=out, reset_state=args.reset_state,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
         name=f"eval-{args.split}" + {"carry": "", "every-segment": "-state-reset",
                                      "other-document": "-state-other-document"}[args.reset_state])
     print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "
           f"{human_count(res['non_embedding_params'])} non-embedding)")
-    print(f"data: {res['data']!r}, {args.split} split: {res['documents']} documents, "
+    print(f"data: {res['data']!r}, {args.split} split: {count_of(res['documents'], 'document')}, "
           f"{res['tokens']:,} tokens, {res['bytes']:,} bytes "
           f"({res['seconds']:.1f} s, {res['tokens_per_s']:,.0f} tokens/s)")
     print(eval_table(res))
@@ -205,7 +213,8 @@ def _train_command(add) -> None:
     p.epilog = settings_help()
     _train_options(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in out_dir")
+                   help="continue from the latest checkpoint in out_dir, with the settings saved "
+                        "there; those given (key=value, --config, --preset) apply over them")
 
 
 def _eval_command(add) -> None:
@@ -260,7 +269,8 @@ def _generate_command(add) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model directory (see brt eval)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--prompt", help="prompt text, read as the start of a document")
-    which.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file")
+    which.add_argument("--prompt-file", metavar="FILE",
+                       help="read the prompt from a UTF-8 text file")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="stop after this many new tokens, or when the model starts a new document "
                         "(default: %(default)s)")
@@ -360,8 +370,9 @@ def _run_command(add) -> None:
             "Train the small model on the built-in corpus (the CPython standard library), "
             "evaluate it on held-out documents by position, sample a continuation, and write "
             "a report folder (README.md, plots, metrics).")
-    p.add_argument("--out", default="report", metavar="DIR",
-                   help="report directory (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="report directory (default: report; with --quick: report-quick, so that "
+                        "the quick and the full job do not share a training run)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke test of the whole pipeline in a minute or two (a few training "
                         "steps, a small evaluation)")
@@ -373,6 +384,11 @@ def _run_command(add) -> None:
                         f"(default {EVAL_TOKENS:,}; --quick: {QUICK_EVAL_TOKENS:,})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a training field or a model field (model.key=value)")
+
+
+def _warning_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as `warning: <message>`: its source line means nothing to a user of brt."""
+    print(f"warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning for callers of main()
+            if not args.traceback:
+                warnings.showwarning = _warning_in_one_line
+            return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,12 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def usual_mode(path) -> None:
+    """Give a file written by a library that makes it private (safetensors' save_file: 0600)
+    the mode of any saved file, so that others on a shared machine can read it too."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def write_atomic(path: Path, write) -> None:
     """Call write(binary file) on a temporary file in the same directory, then os.replace it."""
     path = Path(path)

@@ -1,7 +1,7 @@
 """The main job (`brt run`, `bash scripts/main.sh`): train, evaluate, ablate the state, probe
 recall, sample, and write a report, end to end on the built-in corpus.
 
-    job = main_job("report", quick=True)      # report/README.md, results.json, plots
+    job = main_job(quick=True)      # report-quick/README.md, results.json, plots
 """
 
 from __future__ import annotations
@@ -55,31 +55,39 @@ def _git_commit() -> str | None:
         return None
 
 
-def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
+def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
              config: str | None = None, overrides=(), max_eval_tokens: int | None = None,
              sample_tokens: int | None = None) -> dict:
     """The README's main job, end to end on the built-in corpus (the CPython standard library):
     train the small recurrent model (configs/small.toml, else the "small" preset), evaluate it on
     the held-out test documents by position, sample a continuation of a held-out document, and
-    write out_dir/README.md with the plots, metrics and tables beside it. Training goes to
-    out_dir/train (unless `out_dir=` is overridden); a finished run there with the same
-    settings is reused and an interrupted one resumed, so rerunning the job is cheap."""
+    write out_dir/README.md with the plots, metrics and tables beside it (default: report, or
+    report-quick with quick). Training goes to out_dir/train (unless `out_dir=` is overridden);
+    a finished run there with the same settings is reused and an interrupted one resumed, so
+    rerunning the job is cheap; one with other settings is moved aside to out_dir/train-previous
+    (where out_dir= is not given)."""
     import torch
 
-    from .evaluate.compare import check_reusable, train_or_reuse
+    from .evaluate.compare import check_reusable, finished_run_diff, train_or_reuse
     from .evaluate.evaluation import state_ablation
     from .evaluate.probes import run_probes, write_probe_report
     from .model.config import preset
     from .train.settings import load_train_config
 
-    out = Path(out_dir)
+    # The quick job has its own folder: its finished run would block the full job's in report/.
+    out = Path(out_dir if out_dir is not None else "report-quick" if quick else "report")
     config = config if config is not None else _default_config()
+    own_dir = not any(o.split("=", 1)[0].strip() == "out_dir" for o in overrides)
     overrides = _job_overrides(overrides, quick, out)
     if max_eval_tokens is None:
         max_eval_tokens = QUICK_EVAL_TOKENS if quick else EVAL_TOKENS
     sample_tokens = sample_tokens if sample_tokens is not None else (32 if quick else 256)
     # Every check before any work: settings, an output directory holding another run.
     model_config, tc = load_train_config(config, None, overrides)
+    if own_dir and finished_run_diff(model_config, tc):  # the job's own folder: keep, not refuse
+        aside = _move_aside(Path(tc.out_dir))
+        print(f"note: {tc.out_dir} held a finished run with other settings; moved it to {aside}",
+              file=sys.stderr)
     reused = check_reusable(model_config, tc)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -120,6 +128,17 @@ def main_job(out_dir: str | os.PathLike = "report", *, quick: bool = False,
            "wall_seconds": time.perf_counter() - started}
     _write_job(job, out, train_dir, model_dir, ablation)
     return job
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename path to the first free path-previous, path-previous-2, ... beside it."""
+    n = 1
+    while True:
+        aside = path.with_name(f"{path.name}-previous" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+        n += 1
 
 
 def _job_overrides(overrides, quick: bool, out: Path) -> list[str]:
@@ -173,7 +192,7 @@ def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation:
     """loss.png and metrics.jsonl copied from training, out/results.json and out/README.md,
     and the summary lines on stdout."""
     from .evaluate.probes import probe_table
-    from .evaluate.report import ablation_table, eval_table
+    from .evaluate.report import ablation_table, count_of, eval_table
 
     for name in ("loss.png", "metrics.jsonl"):
         if (train_dir / name).is_file() and train_dir.resolve() != out.resolve():
@@ -185,8 +204,9 @@ def _write_job(job: dict, out: Path, train_dir: Path, model_dir: Path, ablation:
                               probe_table(job["probe"], markdown=True))
     (out / "README.md").write_text(readme)
     print(eval_table(results))
-    print(f"test bits per byte: {results['bits_per_byte']:.4f} over {results['documents']} "
-          f"documents ({results['tokens']:,} tokens); final train loss "
+    print(f"test bits per byte: {results['bits_per_byte']:.4f} over "
+          f"{count_of(results['documents'], 'document')} ({results['tokens']:,} tokens); final "
+          f"train loss "
           f"{summary.get('train_loss') or float('nan'):.4f}, val bits per byte "
           f"{summary.get('val_bpb') or float('nan'):.4f}")
     print(f"wrote {out / 'README.md'} ({job['wall_seconds'] / 60:.1f} min)")
@@ -213,7 +233,7 @@ def _rel(path: Path, start: Path) -> str:
 # Over 60 lines: the report's text is one f-string template, read best as the page it makes.
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
-    from .evaluate.report import human_count
+    from .evaluate.report import count_of, human_count
 
     mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
                              job["eval"], job["sample"])
@@ -249,7 +269,7 @@ def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, tab
 
 | result | value |
 |---|---|
-| test bits per byte ({ev["documents"]} documents, {ev["tokens"]:,} tokens) | \
+| test bits per byte ({count_of(ev["documents"], "document")}, {ev["tokens"]:,} tokens) | \
 **{ev["bits_per_byte"]:.4f}** |
 | test bits per token | {ev["bits_per_token"]:.4f} |
 | validation bits per byte (trainer, step {show(s.get("evaluated_at"))}) | \

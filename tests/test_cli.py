@@ -53,6 +53,24 @@ def test_eval_writes_json_and_png(capsys, model_dir, corpus_dir, tmp_path):
     assert code == 0 and again["bits_per_byte"] == pytest.approx(res["bits_per_byte"])
 
 
+def test_eval_says_what_it_reads_before_reading_it(capsys, model_dir, corpus_dir, tmp_path):
+    """Up front: the split, its size and the caps that read less; then a progress bar."""
+    argv = ["eval", model_dir, "--data", corpus_dir, "--split", "val", "--val-fraction", "0.2",
+            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out", "--threads", "1"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith(("reading", "evaluating"))]
+    res = json.loads((tmp_path / "out" / "eval-val.json").read_text())
+    assert lines == [f"reading the val split of {str(corpus_dir)!r}",
+                     f"evaluating all {res['documents']} documents of the val split of "
+                     f"{str(corpus_dir)!r}: {res['tokens']:,} tokens, {res['bytes']:,} bytes; "
+                     "--max-tokens N or --max-docs N evaluate fewer"]
+    assert "eval val" in err and res["documents"] > 1  # the progress bar
+    code, out, err = run(capsys, *argv, "--max-docs", "1")
+    assert code == 0 and f"evaluating 1 of the {res['documents']} documents" in err
+    assert "(--max-docs 1): " in err and "val split: 1 document, " in out  # not "1 documents"
+
+
 def test_generate(capsys, model_dir, tmp_path):
     code, out, err = run(capsys, "generate", model_dir, "--prompt", "def f(", "--max-new-tokens",
                          "8", "--temperature", "0.8", "--top-k", "20", "--seed", "0")
@@ -77,6 +95,29 @@ def test_generate(capsys, model_dir, tmp_path):
     assert again == expected + ("" if expected.endswith("\n") or not expected else "\n")
 
 
+def test_interrupted_generation_ends_its_line(model_dir):
+    """Ctrl-C while printing: the text's line is ended, so 'interrupted' starts a line."""
+    import io
+
+    from blockrecurrent.generate.text import generate_text
+
+    class InterruptedOut(io.StringIO):
+        interrupted = False
+
+        def write(self, text):  # Ctrl-C once, in the middle of a line
+            if not self.interrupted and len(self.getvalue()) >= 3 \
+                    and not self.getvalue().endswith("\n"):
+                self.interrupted = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = InterruptedOut()
+    with pytest.raises(KeyboardInterrupt):
+        generate_text(model_dir, prompt="x", max_new_tokens=50, temperature=0, out=out,
+                      err=io.StringIO())
+    assert len(out.getvalue()) >= 3 and out.getvalue().endswith("\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{tmp}/missing"], "checkpoint directory"),
     (["eval", "{model}", "--data", "{tmp}/no/such/corpus"], "no file matches"),
@@ -86,11 +127,26 @@ def test_generate(capsys, model_dir, tmp_path):
     (["generate", "{model}", "--prompt", "x", "--prompt-file", "p.txt"], "not allowed with"),
     (["generate", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate", "{model}", "--prompt-file", "{tmp}/missing.txt"], "does not exist"),
+    (["generate", "{model}", "--prompt-file", "{tmp}"], "is a directory"),
+    (["generate", "{model}", "--prompt-file", "{tmp}/latin1.txt"],
+     "latin1.txt' is not UTF-8 text (invalid continuation byte at byte 1)"),
+    (["generate", "{tmp}/run", "--prompt", "x"], "holds a training run, whose model is"),
+    (["generate", "{tmp}/unfinished", "--prompt", "x"],
+     "latest checkpoint {tmp}/unfinished/checkpoints/step_0000020 is a saved model too"),
+    (["generate", "{model}", "--prompt", "x", "--device", "cuda:99"], "CUDA GPU"),
+    (["eval", "{model}", "--device", "nodevice"], "unknown device 'nodevice'"),
     (["train", "max_steps"], "key=value"),
     (["run", "=3"], "key=value"),
 ])
 def test_user_errors_exit_2_with_a_message(capsys, model_dir, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
+    message = message.format(tmp=tmp_path, model=model_dir)
+    (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
+    (tmp_path / "run" / "model").mkdir(parents=True)  # a training run's out_dir
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    for step in ("step_0000010", "step_0000020"):  # a run stopped before its model's export
+        (tmp_path / "unfinished" / "checkpoints" / step).mkdir(parents=True)
+        (tmp_path / "unfinished" / "checkpoints" / step / "config.json").write_text("{}")
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert "error:" in err and message in err and "Traceback" not in err
@@ -197,3 +253,18 @@ def test_eval_reads_the_training_corpus_from_the_run(capsys, tmp_path, corpus_di
     assert code == 0, err
     assert f"data: {str(corpus_dir)!r}" in out
     assert (train_dir / "model" / "eval" / "eval-test.json").is_file()
+
+
+def test_warnings_print_in_one_line(capsys, model_dir, monkeypatch):
+    """A warning (no matplotlib, say) is `warning: <message>`, without a source line."""
+    import warnings
+
+    import blockrecurrent.generate.text
+
+    def warns(*args, **kwargs):
+        warnings.warn("matplotlib is not installed, so no plot", stacklevel=2)
+
+    monkeypatch.setattr(blockrecurrent.generate.text, "generate_text", warns)
+    code, _, err = run(capsys, "generate", model_dir)
+    assert code == 0 and err == "warning: matplotlib is not installed, so no plot\n"
+    assert warnings.showwarning.__name__ != "_warning_in_one_line"  # restored after main()

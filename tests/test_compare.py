@@ -41,3 +41,14 @@ def test_compare_end_to_end(capsys, tmp_path, corpus_dir):
     # Other settings with the same out_dir: refused before any work.
     code, _, err = run(capsys, *argv, "lr=0.002")
     assert code == 2 and "other settings" in err
+
+
+def test_compare_fits_what_the_user_left_unset(tmp_path):
+    """Each model of brt compare fits warmup and lanes to a small corpus as brt train does."""
+    from blockrecurrent.evaluate.compare import _scaled_train_config
+    from blockrecurrent.train.settings import load_train_config
+
+    tc = load_train_config(None, "tiny", ["max_steps=50", "lr=0.002"])[1]
+    xl = _scaled_train_config(tc, "xl", 4, tmp_path / "xl")
+    assert xl.unset == tc.unset == {"warmup_steps", "batch_size", "eval_tokens"}
+    assert xl.warmup_steps == 5

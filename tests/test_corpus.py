@@ -148,3 +148,14 @@ def test_tokenized_corpus_cache(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob(".*tmp"))  # no stray temporary files
     with pytest.raises(ValueError, match="no documents"):
         tokenize_corpus([], tok)
+
+
+def test_split_of_one_or_two_documents_trains():
+    """A one-file corpus whose name hashes to a held-out split still has a training document."""
+    from blockrecurrent.data.corpus import _unit_hash
+
+    held_out = [d for d in make_docs(400) if _unit_hash(d.name) < 0.1][:2]
+    assert len(held_out) == 2
+    assert split_documents(held_out[:1])["train"] == held_out[:1]
+    two = split_documents(held_out)
+    assert len(two["train"]) == 1 and sum(map(len, two.values())) == 2

@@ -1,5 +1,7 @@
 """model.py: the documented API, chunking invariance, resets, save/load and input checks."""
 
+import os
+
 import pytest
 import torch
 from models import VOCAB, run_chunks, tiny
@@ -181,6 +183,15 @@ def test_save_load_round_trip(tmp_path, tie):
         torch.testing.assert_close(model(seq)[0], loaded(seq)[0])
     if tie:
         assert loaded.to_logits.weight is loaded.token_emb.weight
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    """Others on a shared machine can load a saved model: safetensors' private 0600 is not kept."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tiny().save_pretrained(tmp_path / "m")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_load_rejects_bad_directories(tmp_path):

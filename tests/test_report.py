@@ -3,9 +3,12 @@ a tiny model and corpus."""
 
 import importlib.util
 import json
+import os
 
 import pytest
 from helpers import run, tiny_config
+
+from blockrecurrent.cli import main
 
 
 def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
@@ -34,3 +37,53 @@ def test_run_quick_end_to_end(capsys, tmp_path, corpus_dir):
     code, _, err = run(capsys, "generate", out / "train" / "model", "--prompt", "def",
                        "--max-new-tokens", "4", "--threads", "1")
     assert code == 0, err
+
+
+def test_quick_and_full_main_jobs_train_in_their_own_folders(capsys, tmp_path, monkeypatch):
+    """`brt run --quick` then `brt run`: the quick job's finished run cannot block the full one."""
+    import blockrecurrent.evaluate.compare
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(model_config, train_config):  # the first check of the run's folder: stop there
+        seen.append(train_config.out_dir)
+        raise Stop
+
+    monkeypatch.setattr(blockrecurrent.evaluate.compare, "check_reusable", stop)
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--quick"], [], ["--quick", "--out", "mine"]):
+        with pytest.raises(Stop):
+            main(["run", *argv])
+    assert seen == [os.path.join("report-quick", "train"), os.path.join("report", "train"),
+                    os.path.join("mine", "train")]
+
+
+def test_main_job_moves_its_own_finished_run_of_other_settings_aside(capsys, tmp_path,
+                                                                      monkeypatch):
+    """report/train left by a run of other settings (an older --quick job): moved to
+    report/train-previous with a note, not refused; a folder given as out_dir= is refused."""
+    import blockrecurrent.evaluate.compare
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # training would start here
+        raise Stop
+
+    monkeypatch.setattr(blockrecurrent.evaluate.compare, "train_or_reuse", stop)
+    monkeypatch.chdir(tmp_path)
+    other = {"model_config": {"dim": 1}, "train_config": {"max_steps": 10}, "summary": {}}
+    (tmp_path / "report" / "train").mkdir(parents=True)
+    (tmp_path / "report" / "train" / "summary.json").write_text(json.dumps(other))
+    with pytest.raises(Stop):
+        main(["run"])
+    err = capsys.readouterr().err
+    moved = os.path.join("report", "train-previous")
+    assert f"held a finished run with other settings; moved it to {moved}" in err
+    assert (tmp_path / moved / "summary.json").is_file()
+    assert not (tmp_path / "report" / "train").exists()
+    code, _, err = run(capsys, "run", f"out_dir={moved}")
+    assert code == 2 and "other settings" in err and (tmp_path / moved).is_dir()

@@ -1,19 +1,25 @@
 """train/trainer.py: a short run's outputs, exact resume, truncated backprop through time,
 non-finite steps, torch.compile. (Settings: test_settings; checkpoints: test_checkpoint; several
 processes and activation checkpointing: test_distributed.)"""
+import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
-from helpers import records, settings, step_losses
+from helpers import records, settings, step_losses, write_word_corpus
 
 from blockrecurrent.data.tokenizer import ByteTokenizer, load_tokenizer
 from blockrecurrent.errors import NonFiniteLossError
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
-from blockrecurrent.train.optim import lm_loss_sum
-from blockrecurrent.train.settings import resolve_model_config
+from blockrecurrent.train.optim import lm_loss_sum, lr_at
+from blockrecurrent.train.settings import (
+    load_resume_config,
+    load_train_config,
+    resolve_model_config,
+)
 from blockrecurrent.train.train_data import build_data
 from blockrecurrent.train.trainer import Trainer, train
 
@@ -227,3 +233,128 @@ def test_compile_gives_the_same_losses(corpus):
     want, _ = step_losses(corpus, steps=4)
     got, _ = step_losses(corpus, "compile=true", steps=4)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+# --- fitted settings, resume from a run's own settings, saved files (the first hour) --------
+
+def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
+    """7 files and only data= and max_steps= given: warmup and the lanes fit the run, in one
+    line; the same values set explicitly are refused in plain words before any output."""
+    (tmp_path / "seven").mkdir()
+    corpus = write_word_corpus(tmp_path / "seven", max_words=60, docs=7)
+    base = [f"data={corpus}", f"cache_dir={tmp_path / 'cache'}", "max_steps=4", "eval_tokens=0",
+            "log_interval=1"]
+    mc, tc = load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'out'}"])
+    assert tc.warmup_steps == 1 and tc.unset == {"warmup_steps", "batch_size"}
+    summary = train(mc, tc)
+    assert summary["status"] == "completed" and summary["step"] == 4
+    err = capsys.readouterr().err
+    fitted = [line for line in err.splitlines() if line.startswith("fitted to this run")]
+    assert len(fitted) == 1 and "warmup_steps=1" in fitted[0] and "batch_size=5" in fitted[0]
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "step_0000004" / "trainer.json")
+                       .read_text())["train_config"]
+    assert (saved["batch_size"], saved["warmup_steps"]) == (5, 1)
+    out = tmp_path / "strict"
+    with pytest.raises(ValueError, match=r"batch_size=8 asks for 8 batch rows.*only 5 "
+                                         r"documents.*lower batch_size.*\(batch_size=5 fits\)"):
+        train(*load_train_config(None, "tiny", [*base, f"out_dir={out}", "batch_size=8"]))
+    with pytest.raises(ValueError, match="warmup_steps=100.*must not exceed max_steps=4"):
+        load_train_config(None, "tiny", [*base, "warmup_steps=100"])
+    assert not out.exists()
+
+
+def test_eval_tokens_left_unset_fit_a_long_validation_document(tmp_path, capsys):
+    """Long files: the default eval_tokens holds no validation document, so the shortest is
+    evaluated whole; set explicitly, the clear error stays."""
+    (tmp_path / "long").mkdir()
+    for i in range(7):
+        (tmp_path / "long" / f"{i}.txt").write_text(f"line {i} of a long file\n" * (1500 + 99 * i))
+    base = [f"data={tmp_path / 'long'}", f"cache_dir={tmp_path / 'cache'}", "max_steps=1",
+            "model.max_seq_len=512"]  # few long segments: a quick evaluation
+    summary = train(*load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'o'}"]))
+    assert summary["val_bpb"] is not None
+    fitted = [line for line in capsys.readouterr().err.splitlines() if "fitted" in line]
+    assert len(fitted) == 1 and "the default 32768 holds none" in fitted[0]
+    with pytest.raises(ValueError, match="eval_tokens=32768 is smaller than every validation"):
+        train(*load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'x'}",
+                                                    "eval_tokens=32768"]))
+
+
+def test_one_file_corpus_trains_with_a_one_line_note(tmp_path, capsys):
+    """One file: no validation split, said in one clean line (no warning with its source line)."""
+    (tmp_path / "one.txt").write_text("one small document to learn from " * 20)
+    summary = train(*load_train_config(None, "tiny", [
+        f"data={tmp_path / 'one.txt'}", f"out_dir={tmp_path / 'out'}", "max_steps=2",
+        f"cache_dir={tmp_path / 'cache'}"]))
+    err = capsys.readouterr().err
+    assert summary["status"] == "completed" and summary["val_loss"] is None
+    assert "note: the corpus has too few documents for a validation split" in err
+    assert "Warning" not in err and "batch_size=1" in err
+
+
+def test_summary_train_loss_is_the_last_logged_loss(corpus, tmp_path):
+    """The summary's train_loss is the mean of the last metrics line (the progress bar's), and
+    the last steps are logged even off log_interval."""
+    summary = train(*settings(corpus, tmp_path / "out", "max_steps=5", "log_interval=3",
+                                "eval_interval=0", "save_interval=0", "eval_tokens=0"))
+    logged = records(tmp_path / "out", "train")
+    assert [r["step"] for r in logged] == [3, 5]
+    assert summary["train_loss"] == logged[-1]["loss"]
+
+
+def test_saved_weights_and_lanes_get_the_usual_mode(finished):
+    """Not safetensors' private 0600: others on a shared machine can load the model."""
+    out, _ = finished
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "model" / "model.safetensors",
+                 out / "checkpoints" / "step_0000008" / "model.safetensors",
+                 out / "checkpoints" / "step_0000008" / "lanes_rank0.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_resume_takes_the_runs_own_settings(corpus, finished, tmp_path, capsys):
+    """`brt train --resume out_dir=X max_steps=10`: the checkpoint's settings (tiny model, its
+    schedule and lanes), not the defaults, with only what was given applied; one line says so."""
+    from blockrecurrent.cli import main
+
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    mc, tc, note = load_resume_config(None, None, [f"out_dir={out}", "max_steps=10"])
+    want_mc, want_tc = settings(corpus, out, "keep_last=1", "max_steps=10")
+    assert mc == resolve_model_config(want_mc, want_tc, 257) and tc == want_tc
+    assert note == f"resuming {out} from step_0000008 with the settings saved there, except " \
+                   "max_steps=10"
+    code = main(["train", "--threads", "1", "--resume", f"out_dir={out}", "max_steps=10"])
+    err = capsys.readouterr().err
+    assert code == 0 and note in err
+    assert [r["step"] for r in records(out, "train")] == list(range(1, 11))
+    assert lr_at(10, tc) == pytest.approx(tc.min_lr)  # the run's schedule ends at step 10
+    # Nothing given but out_dir: the saved settings as they are; a model setting that differs
+    # from the checkpoint's is still refused.
+    assert load_resume_config(None, None, [f"out_dir={out}"])[1].max_steps == 10
+    assert main(["train", "--resume", f"out_dir={out}", "model.depth=3"]) == 2
+    assert "model settings differ" in capsys.readouterr().err
+
+
+def test_resume_settings_with_a_bad_out_dir_are_a_clear_error(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train]\nout_dir = 5\n")
+    with pytest.raises(TypeError, match="out_dir must be str, got int"):
+        load_resume_config(tmp_path / "bad.toml")
+
+
+def test_corrupted_latest_checkpoint_points_at_the_previous_intact_one(corpus, tmp_path):
+    out = tmp_path / "out"
+    train(*settings(corpus, out, "keep_last=0"))  # checkpoints at steps 4 and 8
+    ckpts = out / "checkpoints"
+    bad = ckpts / "step_0000008" / "optimizer.pt"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"optimizer\.pt.*corrupted\. The previous checkpoint "
+                                         r".*step_0000004 looks intact: to resume from it, move "
+                                         r".*step_0000008 out of .*checkpoints and delete "
+                                         r".*latest$"):
+        train(*settings(corpus, out, "keep_last=0"), resume=True)
+    shutil.move(ckpts / "step_0000008", tmp_path / "bad")  # as the message says
+    (ckpts / "latest").unlink()
+    summary = train(*settings(corpus, out, "keep_last=0"), resume=True)
+    assert summary["status"] == "completed" and summary["step"] == 8

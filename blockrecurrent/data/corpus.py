@@ -160,7 +160,7 @@ def split_documents(docs: Sequence[Document], val_fraction: float = 0.05,
     """Whole documents go to 'train', 'val' or 'test' by a hash of their name, so adding or removing
     documents never moves the others. With >= 3 documents, every split with a fraction > 0 (train
     always) gets one: an empty split takes the smallest-hash document of the largest split. With
-    fewer documents val/test may be empty. Each split keeps the input order."""
+    fewer documents val/test may be empty, train never. Each split keeps the input order."""
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not isinstance(f, (int, float)) or not 0 <= f < 1:
             raise ValueError(f"{name} must be a number in [0, 1), got {f!r}")
@@ -174,13 +174,15 @@ def split_documents(docs: Sequence[Document], val_fraction: float = 0.05,
         split = ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction
                  else "train")
         splits[split].append(i)
-    if len(docs) >= 3:
-        for key, frac in (("train", 1.0), ("val", val_fraction), ("test", test_fraction)):
-            if frac > 0 and not splits[key]:
-                donor = max(splits, key=lambda k: len(splits[k]))  # holds >= 2 documents here
-                moved = min(splits[donor], key=lambda i: _unit_hash(docs[i].name))
-                splits[donor].remove(moved)
-                splits[key].append(moved)
+    # Train always gets a document, so that a one-file corpus trains too.
+    wanted = [("train", 1.0)] + ([("val", val_fraction), ("test", test_fraction)]
+                                 if len(docs) >= 3 else [])
+    for key, frac in wanted:
+        if docs and frac > 0 and not splits[key]:
+            donor = max(splits, key=lambda k: len(splits[k]))  # with >= 3 documents, >= 2
+            moved = min(splits[donor], key=lambda i: _unit_hash(docs[i].name))
+            splits[donor].remove(moved)
+            splits[key].append(moved)
     return {k: [docs[i] for i in sorted(v)] for k, v in splits.items()}
 
 

@@ -12,6 +12,22 @@ if TYPE_CHECKING:
     from .corpus import TokenizedCorpus
 
 
+def _empty_lanes(usable: np.ndarray, lanes: int) -> int:
+    """How many of `lanes` lanes get no document: lane j reads the documents i % lanes == j."""
+    return int((np.bincount(usable % lanes, minlength=lanes) == 0).sum())
+
+
+def lanes_that_fit(doc_lengths, world_size: int = 1, limit: int | None = None) -> int:
+    """The largest batch_size (up to `limit`) whose batch_size * world_size lanes all get a
+    document of these lengths (in tokens, bos included); 0 if not even one per process does."""
+    usable = np.flatnonzero(np.asarray(doc_lengths) >= 2)
+    top = len(usable) // world_size
+    for b in range(min(top, limit) if limit is not None else top, 0, -1):
+        if not _empty_lanes(usable, b * world_size):
+            return b
+    return 0
+
+
 class DocumentLanes:
     """Batches for recurrence: row k of each batch continues the document it read in the last one.
 
@@ -34,12 +50,15 @@ class DocumentLanes:
         self.shuffle, self.loop = bool(shuffle), bool(loop)
         G = self.batch_size * self.world_size
         usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has no target to predict
-        empty = int((np.bincount(usable % G, minlength=G) == 0).sum())
-        if empty:
-            raise ValueError(f"{empty} of the {G} lanes (batch_size {batch_size} x world_size "
-                             f"{world_size}) get no document: lane j reads the documents with "
-                             f"index % {G} == j and the corpus has {len(usable)} non-empty ones; "
-                             "lower batch_size or world_size")
+        if _empty_lanes(usable, G):
+            fits = lanes_that_fit(corpus.doc_lengths, self.world_size, self.batch_size)
+            procs = f" x {world_size} processes" if world_size > 1 else ""
+            raise ValueError(f"batch_size={batch_size}{procs} asks for {G} batch rows, each "
+                             f"reading its own documents, but the corpus has only {len(usable)} "
+                             f"document{'s' * (len(usable) != 1)} with text for them"
+                             + "; lower batch_size or world_size"
+                             + (f" (batch_size={fits} fits)" if fits else "")
+                             + " or add documents")
         first = self.rank * self.batch_size
         self._docs = [usable[usable % G == first + k] for k in range(self.batch_size)]
         self._epoch = [0] * self.batch_size

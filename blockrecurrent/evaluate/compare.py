@@ -20,7 +20,7 @@ from ..errors import TrainingInterrupted
 from ..model.config import as_saved_now
 from ..model.transformer import BlockRecurrentTransformer
 from .evaluation import _check_int, auto_batch_size, evaluate, load_heldout, state_ablation
-from .report import _fmt, _plot_buckets, _table, ablation_table, human_count
+from .report import _fmt, _plot_buckets, _table, ablation_table, count_of, human_count
 
 
 def _label(name: str, config) -> str:
@@ -38,8 +38,10 @@ def _scaled_train_config(tc, baseline: str, factor: int, out_dir: Path):
     one-window segments, so the optimizer steps, the training tokens and the documents in each
     batch stay equal. (Giving XL `factor` times the lanes instead gave it more documents per
     batch, worth far more than the architecture: `benchmarks/batch_shape.py`.)"""
-    return dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
-                               grad_accum=tc.grad_accum * factor)
+    scaled = dataclasses.replace(tc, baseline=baseline, out_dir=str(out_dir),
+                                 grad_accum=tc.grad_accum * factor)
+    scaled.unset = tc.unset  # what the user left unset is fitted for every model alike
+    return scaled
 
 
 def _run_settings(model_config, train_config) -> dict:
@@ -50,21 +52,27 @@ def _run_settings(model_config, train_config) -> dict:
 def check_reusable(model_config, train_config) -> bool:
     """True when train_config.out_dir holds a finished run (summary.json) of these settings;
     ValueError when it holds one of other settings. Checked before any work is done."""
+    diff = finished_run_diff(model_config, train_config)
+    if diff:
+        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings "
+                         f"({{name: (finished run, now)}}: {diff}); choose another output "
+                         f"directory or delete {train_config.out_dir}")
+    return diff is not None
+
+
+def finished_run_diff(model_config, train_config) -> dict | None:
+    """How the finished run in train_config.out_dir (its summary.json) differs from these
+    settings, {name: (finished run, now)}: {} the same, None where there is no finished run."""
     prior = Path(train_config.out_dir) / "summary.json"
     if not prior.is_file():
-        return False
+        return None
     saved = json.loads(prior.read_text())
     saved = {k: saved.get(k) for k in ("model_config", "train_config")}
     saved["model_config"] = as_saved_now(saved["model_config"])  # a run from before a field
     now = _run_settings(model_config, train_config)
-    if saved != now:
-        diff = {f"{part}.{k}": (old.get(k), new.get(k))
-                for part in now for old, new in [(saved[part] or {}, now[part])]
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        raise ValueError(f"{train_config.out_dir} holds a finished run with other settings "
-                         f"({{name: (finished run, now)}}: {diff}); choose another output "
-                         f"directory or delete {train_config.out_dir}")
-    return True
+    return {f"{part}.{k}": (old.get(k), new.get(k))
+            for part in now for old, new in [(saved[part] or {}, now[part])]
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 def train_or_reuse(model_config, train_config, label: str = "model") -> dict:
@@ -235,7 +243,8 @@ def comparison_markdown(runs: dict, splits: Sequence[str] = ("val", "test")) -> 
     first = next(iter(runs.values()))["eval"][split]
     note = (f"\n\nTraining tokens are the real (non-padding) tokens seen; every model saw the "
             f"same number of segment positions (steps x batch x segment). Evaluation: "
-            f"{first['documents']} held-out {split} documents, {first['tokens']:,} tokens, each "
+            f"{count_of(first['documents'], f'held-out {split} document')}, "
+            f"{first['tokens']:,} tokens, each "
             f"read once from its start with memories carried. Bits per token by position of the "
             f"token in its document; empty buckets show n/a.")
     return _table(header, rows, markdown=True) + note

@@ -130,12 +130,8 @@ def lane_plan(lengths, lanes: int) -> tuple[np.ndarray, int]:
     return order, max((int(lengths[d].sum()) for d in members if d), default=0)
 
 
-def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int, select: str = "first"
-            ) -> tuple[TokenizedCorpus, np.ndarray]:
-    """The documents to evaluate as a corpus of their own, laid out for balanced lanes (see
-    lane_plan) -> (corpus, original index of each of its documents). The results do not depend
-    on the layout: every row is reset at a document start. select: which documents max_docs /
-    max_tokens keep, "first" in corpus order or "longest" first (fills the late positions)."""
+def _chosen(corpus: TokenizedCorpus, max_docs, max_tokens, select: str = "first") -> np.ndarray:
+    """The indices of the documents that max_docs / max_tokens keep (see _select)."""
     if select not in SELECT:
         raise ValueError(f"select must be one of {SELECT}, got {select!r}")
     usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has nothing to predict
@@ -146,6 +142,16 @@ def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int, select: s
     if max_tokens is not None:  # whole documents only; always at least one
         cum = np.cumsum(corpus.doc_lengths[usable] - 1)
         usable = usable[:max(1, int(np.searchsorted(cum, max_tokens, side="right")))]
+    return usable
+
+
+def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int, select: str = "first"
+            ) -> tuple[TokenizedCorpus, np.ndarray]:
+    """The documents to evaluate as a corpus of their own, laid out for balanced lanes (see
+    lane_plan) -> (corpus, original index of each of its documents). The results do not depend
+    on the layout: every row is reset at a document start. select: which documents max_docs /
+    max_tokens keep, "first" in corpus order or "longest" first (fills the late positions)."""
+    usable = _chosen(corpus, max_docs, max_tokens, select)
     if len(usable) == 0:
         raise ValueError("the corpus has no document with text to evaluate (each needs at least "
                          "one token after its bos)")
@@ -403,11 +409,13 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
                         buckets: Sequence[int] = DEFAULT_BUCKETS, dtype=None,
                         max_docs: int | None = None, max_tokens: int | None = None,
                         device: str = "cpu", out_dir=None, name: str | None = None,
-                        progress: bool = True, reset_state: str = "carry") -> dict:
+                        progress: bool = True, reset_state: str = "carry", log=None) -> dict:
     """Load a saved model directory (config.json, model.safetensors, tokenizer files), evaluate
     it on the held-out `split` of `data` (the other arguments as in `evaluate`) and, with
     out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
     data/text_field None: those of the training run (training_data), else "stdlib"/"text".
+    log: called with a line before reading the documents and one with their size before the
+    (long) evaluation, e.g. print to stderr; None: silent.
     Returns evaluate's results plus "model_dir", "data", "split" and "report" (the paths)."""
     from ..data.tokenizer import load_tokenizer
 
@@ -426,8 +434,11 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     if tokenizer.vocab_size > model.config.num_tokens:
         raise ValueError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
                          f"model num_tokens={model.config.num_tokens}: are they from one run?")
+    log = log or (lambda line: None)
+    log(f"reading the {split} split of {os.fspath(data)!r}")
     corpus = load_heldout(data, tokenizer, split, text_field=text_field, val_fraction=val_fraction,
                           test_fraction=test_fraction, cache_dir=cache_dir)
+    log(_eval_size(corpus, split, data, max_docs, max_tokens))
     results = evaluate(model, corpus, batch_size=batch_size, segment_len=segment_len,
                        buckets=buckets, dtype=dtype, max_docs=max_docs, max_tokens=max_tokens,
                        device=device, progress=progress, desc=f"eval {split}",
@@ -436,6 +447,21 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     if out_dir is not None:
         results["report"] = write_eval_report(results, out_dir, name or f"eval-{split}")
     return results
+
+
+def _eval_size(corpus: TokenizedCorpus, split: str, data, max_docs, max_tokens) -> str:
+    """One line: how much of the split will be evaluated, and the caps that make it less."""
+    chosen = _chosen(corpus, max_docs, max_tokens)
+    tokens = int((corpus.doc_lengths[chosen] - 1).sum())
+    size = f"{tokens:,} tokens, {sum(corpus.num_bytes(int(i)) for i in chosen):,} bytes"
+    docs = len(chosen)
+    if docs < len(corpus):
+        caps = " and ".join(f"{name} {v}" for name, v in (("--max-docs", max_docs),
+                                                          ("--max-tokens", max_tokens)) if v)
+        return (f"evaluating {docs} of the {len(corpus)} documents of the {split} split of "
+                f"{os.fspath(data)!r} ({caps}): {size}")
+    return (f"evaluating all {docs} document{'s' * (docs != 1)} of the {split} split of "
+            f"{os.fspath(data)!r}: {size}; --max-tokens N or --max-docs N evaluate fewer")
 
 
 def auto_batch_size(corpus: TokenizedCorpus, device: str, max_tokens=None) -> int:

@@ -82,7 +82,7 @@ def write_eval_report(results: dict, out_dir: str | os.PathLike, name: str = "ev
     json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     title = (f"{name}: {results['bits_per_byte']:.3f} bits/byte over "
-             f"{results['documents']} documents")
+             f"{count_of(results['documents'], 'document')}")
     drawn = _plot_buckets({name: results}, png_path, title)
     return {"json": str(json_path), "png": str(png_path) if drawn else None}
 
@@ -93,6 +93,11 @@ def ablation_table(ablation: dict, markdown: bool = False) -> str:
     rows = [[g["label"], f"{g['tokens']:,}", _fmt(g["carry"]), _fmt(g["reset"]),
              _fmt(g["gain_bits"]), _fmt(g["gain_percent"], 2)] for g in ablation["gain"]]
     return _table(header, rows, markdown)
+
+
+def count_of(n: int, noun: str) -> str:
+    """'1 document', '2 documents', '12,345 tokens'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def human_count(n: float) -> str:

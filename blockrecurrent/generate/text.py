@@ -74,9 +74,15 @@ def _read_prompt(prompt: str | None, prompt_file) -> str | None:
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if prompt_file is not None:
         path = Path(prompt_file)
+        if path.is_dir():
+            raise ValueError(f"prompt file {str(path)!r} is a directory; name a text file")
         if not path.is_file():
             raise ValueError(f"prompt file {str(path)!r} does not exist")
-        prompt = path.read_text(encoding="utf-8")
+        try:
+            prompt = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
     return prompt
 
 
@@ -97,16 +103,22 @@ def _print_tokens(dec, tokenizer, max_new_tokens: int, out) -> tuple[str, int]:
     """Decode up to max_new_tokens tokens, writing the text to `out` as it comes, until the
     model starts a new document (emits bos). Returns the text and the count of new tokens."""
     decoder, pieces, new = tokenizer.stream_decoder(), [], 0
-    for tok in dec.tokens(max_new_tokens):
-        tok = int(tok[0])
-        if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
-            break
-        new += 1
-        piece = decoder.feed([tok])
-        if piece:
-            out.write(piece)
+    try:
+        for tok in dec.tokens(max_new_tokens):
+            tok = int(tok[0])
+            if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
+                break
+            new += 1
+            piece = decoder.feed([tok])
+            if piece:
+                out.write(piece)
+                out.flush()
+                pieces.append(piece)
+    except KeyboardInterrupt:  # end the text's line, so that "interrupted" starts its own
+        if pieces and not pieces[-1].endswith("\n"):
+            out.write("\n")
             out.flush()
-            pieces.append(piece)
+        raise
     pieces.append(decoder.flush())
     text = "".join(pieces)
     out.write(pieces[-1] + ("\n" if text and not text.endswith("\n") else ""))

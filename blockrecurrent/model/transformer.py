@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import usual_mode
 from .attention import CacheStep, LayerCache, WindowPlan, stack
 from .cell import STATE_READ, FixedGate, LSTMGate, RecurrentCell, StateKV, retention_bias
 from .config import HF_KEYS, HF_SHIM_FILE, BlockRecurrentConfig
@@ -67,6 +68,35 @@ def _same_memory(a: Tensor, b: Tensor) -> bool:
     values costs ~30 us at batch 1 and ~1.5 ms at batch 32 per step on a 2-core CPU)."""
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
+
+
+def _run_hint(directory: Path) -> str:
+    """Where a training run's out_dir keeps its models: model/, else its checkpoints."""
+    if (directory / "model" / CONFIG_FILE).is_file():
+        return f"; it holds a training run, whose model is {directory / 'model'}"
+    steps = sorted((directory / "checkpoints").glob("step_*/" + CONFIG_FILE))
+    if steps:  # zero-padded step numbers: the last in name order is the newest
+        return (f"; it holds an unfinished training run, whose latest checkpoint "
+                f"{steps[-1].parent} is a saved model too")
+    return ""
+
+
+def check_device(device) -> torch.device:
+    """A torch device that exists on this machine, else a ValueError saying which ones do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use cpu")
+    return dev
 
 
 class BlockRecurrentTransformer(nn.Module):
@@ -347,6 +377,7 @@ class BlockRecurrentTransformer(nn.Module):
         # Temporary names and rename: an interrupted save never leaves a half-written file.
         tmp_w, tmp_c = directory / (WEIGHTS_FILE + ".tmp"), directory / (CONFIG_FILE + ".tmp")
         save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        usual_mode(tmp_w)
         tmp_c.write_text(json.dumps({**HF_KEYS, **self.config.to_dict()}, indent=2))
         (directory / HF_SHIM_FILE).write_text(_HF_SHIM)
         os.replace(tmp_w, directory / WEIGHTS_FILE)
@@ -360,7 +391,9 @@ class BlockRecurrentTransformer(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
-                raise ValueError(f"{directory} is not a saved model: {name} is missing")
+                raise ValueError(f"{directory} is not a saved model: {name} is missing"
+                                 + _run_hint(directory))
+        check_device(map_location)  # before reading: else the weights file gets the blame
         try:
             text = (directory / CONFIG_FILE).read_text()
             config = BlockRecurrentConfig.from_dict(json.loads(text))

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..files import make_temp_dir, write_atomic, write_json
+from ..files import make_temp_dir, usual_mode, write_atomic, write_json
 from ..model.config import BlockRecurrentConfig, as_saved_now
 from ..model.memories import XLMemories
 from ..model.transformer import BlockRecurrentTransformer
@@ -54,7 +54,34 @@ _NOT_META = (*RANK_KEYS, "model", "optimizer", "scheduler")
 
 
 def _unreadable(path, err) -> ValueError:
-    return ValueError(f"cannot read {path}: {err}; the checkpoint is incomplete or corrupted")
+    return ValueError(f"cannot read {path}: {err}; the checkpoint is incomplete or corrupted"
+                      + previous_intact_hint(Path(path).parent))
+
+
+def previous_intact_hint(checkpoint: Path) -> str:
+    """How to resume from the newest earlier checkpoint that looks whole, after `checkpoint`
+    turned out unreadable; "" when there is none."""
+    checkpoint = Path(checkpoint)
+    if not re.fullmatch(r"step_\d+", checkpoint.name):
+        return ""
+    root, step = checkpoint.parent, int(checkpoint.name[5:])
+    for prev in reversed(_step_dirs(root)):
+        if int(prev.name[5:]) < step and _looks_whole(prev):
+            return (f". The previous checkpoint {prev} looks intact: to resume from it, move "
+                    f"{checkpoint} out of {root} and delete {root / 'latest'}")
+    return ""
+
+
+def _looks_whole(checkpoint: Path) -> bool:
+    """Its trainer.json reads and its weights, optimizer and rank 0's files are there."""
+    try:
+        meta = json.loads((checkpoint / "trainer.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = ("dcp",) if (checkpoint / "dcp").is_dir() else ("model.safetensors", "optimizer.pt")
+    return isinstance(meta, dict) and isinstance(meta.get("step"), int) and all(
+        (checkpoint / name).exists()
+        for name in (*weights, "lanes_rank0.json", "lanes_rank0.safetensors", "rng_rank0.pt"))
 
 
 def _read_json(path: Path) -> dict:
@@ -101,6 +128,7 @@ def _write_rank_files(directory: Path, rank: int, part: dict) -> None:
     """One rank's data position, carried memories and states, and RNG (RANK_KEYS of the state)."""
     from safetensors.torch import save_file
     save_file(part["lane_tensors"], str(directory / f"lanes_rank{rank}.safetensors"))
+    usual_mode(directory / f"lanes_rank{rank}.safetensors")
     write_json(directory / f"lanes_rank{rank}.json", part["lanes"])
     torch.save(part["rng"], directory / f"rng_rank{rank}.pt")
 
@@ -184,7 +212,7 @@ def carried_from_tensors(tensors: dict, device, depth: int, batch_size: int
 def check_resume(meta: dict, cfg: TrainConfig, path: Path) -> None:
     if not isinstance(meta.get("step"), int) or not isinstance(meta.get("train_config"), dict):
         raise ValueError(f"{path / 'trainer.json'} lacks step/train_config; the checkpoint is "
-                         "corrupted")
+                         "corrupted" + previous_intact_hint(path))
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path / 'trainer.json'} has format {meta.get('format')!r}, expected "
                          f"{CHECKPOINT_FORMAT}; it was not written by this trainer")
@@ -357,7 +385,10 @@ class Checkpoints:
                              f"parallel={trainer.cfg.parallel!r}; resume with parallel={written!r}")
         if self.sharded:
             return self._load_sharded(trainer, path, meta)
-        model = BlockRecurrentTransformer.from_pretrained(path)  # validates config + weights
+        try:
+            model = BlockRecurrentTransformer.from_pretrained(path)  # validates config + weights
+        except ValueError as err:
+            raise ValueError(f"{err}{previous_intact_hint(path)}") from None
         lanes_file = path / f"lanes_rank{rank}.safetensors"
         try:
             tensors = load_file(str(lanes_file))

@@ -48,7 +48,7 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, step)
 
     def plot(self) -> None:
-        if self.is_main:
+        if self.is_main and self.path.is_file():  # nothing logged yet: no plot
             plot_metrics(self.path, self.out_dir / "loss.png")
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import json
 import math
 import os
 import re
@@ -25,6 +26,9 @@ except ImportError:  # Python 3.10: the tomli backport (a dependency there)
 from ..model.config import PRESETS, BlockRecurrentConfig
 
 BASELINES = ("recurrent", "slide", "xl")
+# Settings fitted to the run and the corpus when the user leaves them unset: warmup_steps to
+# max_steps (here), batch_size and eval_tokens to the documents (train.train).
+FITTED = ("warmup_steps", "batch_size", "eval_tokens")
 DTYPES = ("auto", "float32", "bfloat16")
 PARALLEL = ("ddp", "fsdp")
 # The one table of dtype names: the trainer's, evaluation's and the benchmark's short ones.
@@ -62,12 +66,12 @@ class TrainConfig:
     cache_dir: str = "data_cache"  # tokenized corpora and BPE tokenizers are cached here ("": none)
     baseline: str = "recurrent"  # "slide": no recurrent layer; "xl": also segment = block_width
     # optimisation
-    batch_size: int = 8  # lanes per process; global batch = batch_size * world size
+    batch_size: int = 8  # lanes per process (x world size), fewer when unset and documents are few
     grad_accum: int = 1  # consecutive segments of every lane per optimizer step
     max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
     lr: float = 1e-3  # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-4  # learning rate at max_steps
-    warmup_steps: int = 100  # linear warmup from 0
+    warmup_steps: int = 100  # linear warmup from 0 (unset and over max_steps: max_steps // 10)
     weight_decay: float = 0.1  # AdamW decay, on weight matrices only
     betas: tuple = (0.9, 0.95)  # AdamW betas
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -87,6 +91,11 @@ class TrainConfig:
     save_interval: int = 500  # steps between checkpoints (always one at the end); 0: at the end
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+
+    # Not a setting (no annotation): which of FITTED neither a config file nor the command line
+    # set, so the trainer may fit them to the run and the corpus (load_train_config fills it; a
+    # TrainConfig made in code fits nothing).
+    unset = frozenset()
 
     def __post_init__(self):
         for f in fields(self):  # types follow the defaults; ints are accepted for floats
@@ -247,6 +256,66 @@ def load_train_config(path=None, preset: str | None = None, overrides=()
     [model] preset, else "small". Unknown keys raise ValueError listing the valid ones.
     `train()` then applies the baseline and sets num_tokens from the tokenizer
     (resolve_model_config)."""
+    name, model_values, train_values = _given_settings(path, preset, overrides)
+    model_dict = {**PRESETS[name or "small"], **model_values}
+    warmup = fit_warmup(train_values.get("max_steps"))
+    train_dict = dict(train_values)
+    if "warmup_steps" not in train_values and warmup is not None:
+        train_dict["warmup_steps"] = warmup
+    train_config = TrainConfig(**train_dict)
+    train_config.unset = frozenset(FITTED) - set(train_values)
+    return _model_config(model_dict), train_config
+
+
+def load_resume_config(path=None, preset: str | None = None, overrides=()
+                       ) -> tuple[BlockRecurrentConfig, TrainConfig, str | None]:
+    """The settings to resume the run in out_dir with: those saved in its latest checkpoint
+    (trainer.json), under the file's, the preset's and the overrides given (the resume then
+    checks that they fit), and a line saying so. Where out_dir holds no readable checkpoint:
+    load_train_config's settings and None (train() then says what is wrong)."""
+    from .checkpoint import latest_checkpoint  # imports torch: only when resuming
+
+    name, model_values, train_values = _given_settings(path, preset, overrides)
+    out_dir = train_values.get("out_dir", TrainConfig.out_dir)
+    checkpoint = None
+    if isinstance(out_dir, (str, os.PathLike)):  # else TrainConfig's type check says what's wrong
+        out_dir = os.fspath(out_dir)
+        checkpoint = latest_checkpoint(out_dir)
+    saved = _saved_settings(checkpoint) if checkpoint is not None else None
+    if saved is None:
+        return (*load_train_config(path, preset, overrides), None)
+    saved_model, saved_train = saved
+    saved_train = {**saved_train, "out_dir": out_dir}  # where it is now, if it was moved
+    model_dict = {**saved_model, **(PRESETS[name] if name else {}), **model_values}
+    train_config = TrainConfig(**{**saved_train, **train_values})
+    now = train_config.to_dict()
+    changed = [f"{k}={now[k]!r}" for k in now if k in saved_train and saved_train[k] != now[k]]
+    note = (f"resuming {out_dir} from {checkpoint.name} with the settings saved there"
+            + (f", except {', '.join(changed)}" if changed else ""))
+    return _model_config(model_dict), train_config, note
+
+
+def _saved_settings(checkpoint) -> tuple[dict, dict] | None:
+    """(model settings, train settings) of a checkpoint's trainer.json; None if unreadable."""
+    try:
+        meta = json.loads((Path(checkpoint) / "trainer.json").read_text("utf-8"))
+        model = BlockRecurrentConfig.from_dict(meta["model_config"]).to_dict()
+        train = {f.name: meta["train_config"][f.name] for f in fields(TrainConfig)
+                 if f.name in meta["train_config"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return model, train
+
+
+def _model_config(model_dict: dict) -> BlockRecurrentConfig:
+    if isinstance(model_dict.get("recurrent_layers"), list):
+        model_dict = {**model_dict, "recurrent_layers": tuple(model_dict["recurrent_layers"])}
+    return BlockRecurrentConfig(**model_dict)
+
+
+def _given_settings(path, preset: str | None, overrides) -> tuple[str | None, dict, dict]:
+    """What the file, the preset argument and the overrides set: (the preset's name or None,
+    model settings, train settings), each key checked."""
     if isinstance(overrides, str):
         raise TypeError("overrides must be a list of 'key=value' strings, not one string "
                         f"({overrides!r})")
@@ -286,14 +355,19 @@ def load_train_config(path=None, preset: str | None = None, overrides=()
             put(section, name, _parse_value(text, kind), "command line")
 
     model_values = sections["model"][1]
-    name = from_args.get("preset") or preset or model_values.pop("preset", None) or "small"
+    name = from_args.get("preset") or preset or model_values.pop("preset", None) or None
     model_values.pop("preset", None)
-    if name not in PRESETS:
+    if name is not None and name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    model_dict = {**PRESETS[name], **model_values}
-    if isinstance(model_dict.get("recurrent_layers"), list):
-        model_dict["recurrent_layers"] = tuple(model_dict["recurrent_layers"])
-    return BlockRecurrentConfig(**model_dict), TrainConfig(**sections["train"][1])
+    return name, model_values, sections["train"][1]
+
+
+def fit_warmup(max_steps) -> int | None:
+    """The warmup of a run of max_steps whose default warmup_steps would not fit in it: a tenth
+    of the run (at least 1); None when the default fits (or max_steps is not a valid count)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        return None
+    return max(1, max_steps // 10) if TrainConfig.warmup_steps > max_steps else None
 
 
 def _setting_meanings() -> dict[str, str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data import corpus as D
-from ..data.lanes import DocumentLanes
+from ..data.lanes import DocumentLanes, lanes_that_fit
 from ..data.tokenizer import ByteTokenizer, load_tokenizer
 from ..errors import NonFiniteLossError, is_expected
 from ..model.config import PRESETS, BlockRecurrentConfig
@@ -60,11 +60,12 @@ from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import (
     TrainConfig,
     apply_baseline,
+    load_resume_config,
     load_train_config,
     resolve_model_config,
     settings_help,
 )
-from .train_data import build_data, fixed_eval_set
+from .train_data import build_data, eval_subset, fixed_eval_set
 
 # The trainer's names, with those of its parts that scripts and tests reach through it.
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "apply_baseline", "build_data",
@@ -182,7 +183,6 @@ class Trainer:
         self.tokens_seen += int(total)
         self.log_window = [self.log_window[0] + loss * total, self.log_window[1] + total,
                            self.log_window[2] + positions]
-        self.last_loss = loss
         return loss, stop
 
     # --- evaluation ---------------------------------------------------------------------
@@ -298,9 +298,9 @@ class Trainer:
                 bar.update(1)
                 if not math.isfinite(loss):
                     self._nonfinite_step()
-                if self.step % cfg.log_interval == 0 and self.log_window[1] > 0:
-                    self._log_train(bar)
                 done = self.step >= cfg.max_steps
+                if (self.step % cfg.log_interval == 0 or done) and self.log_window[1] > 0:
+                    self._log_train(bar)  # the last steps too: the summary's train_loss
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 or done:
                     self._evaluate_and_log(bar)
                 if cfg.save_interval and self.step % cfg.save_interval == 0 or done or stop:
@@ -350,6 +350,7 @@ class Trainer:
                "padding_fraction": 1 - real / positions, "grad_norm": self.last_grad_norm,
                "nonfinite_skips": self.nonfinite_skips}
         self._log(rec)
+        self.last_loss = rec["loss"]  # the summary's train_loss: the bar's and metrics.jsonl's
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         self.log_window, self._log_elapsed = [0.0, 0.0, 0.0], self.elapsed
 
@@ -388,7 +389,8 @@ class Trainer:
 def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume: bool = False
           ) -> dict:
     """Build data, model and trainer, optionally resume from out_dir's latest checkpoint, train.
-    Returns a summary: status ("completed" | "interrupted"), step, train_loss, val_loss, val_bpb,
+    Returns a summary: status ("completed" | "interrupted"), step, train_loss (the mean loss per
+    token over the steps of the last metrics line, as the progress bar shows it), val_loss, val_bpb,
     tokens_seen, paths (out_dir, checkpoint, model_dir, metrics). Everything a user can get
     wrong raises ValueError/TypeError before training starts, and before anything is written."""
     if not isinstance(model_config, BlockRecurrentConfig):
@@ -412,13 +414,14 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             C.check_model_config(meta.get("model_config"),
                                resolve_model_config(model_config, cfg, tokenizer.vocab_size))
         tokenizer, train_corpus, val_corpus = build_data(cfg, env, tokenizer)
+        cfg = _fit_to_corpus(cfg, train_corpus, val_corpus, env, resume)
         if model_config.num_tokens != tokenizer.vocab_size and env.is_main and not resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
         model_config = resolve_model_config(model_config, cfg, tokenizer.vocab_size)
-        if val_corpus is None and cfg.eval_tokens and env.is_main:
-            warnings.warn("the corpus has too few documents for a validation split: no evaluation",
-                          stacklevel=2)
+        if val_corpus is None and cfg.eval_tokens and env.is_main:  # one line, not a warning
+            print("note: the corpus has too few documents for a validation split (3 or more "
+                  "are needed): training without evaluation", file=sys.stderr)
         trainer = Trainer(model_config, cfg, train_corpus, val_corpus, tokenizer, env)
         if resume:
             trainer.checkpoints.load(trainer, checkpoint)
@@ -432,11 +435,42 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
             dist.destroy_process_group()
 
 
+def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
+                   val_corpus: D.TokenizedCorpus | None, env: DistEnv, resume: bool
+                   ) -> TrainConfig:
+    """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
+    where the corpus has too few training documents for batch_size, and eval_tokens holding
+    the shortest validation document where none fits; one line saying so."""
+    fitted, changes = [], {}
+    if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
+        fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
+                      f"the default {TrainConfig.warmup_steps} is longer)")
+    fits = lanes_that_fit(train_corpus.doc_lengths, env.world_size, cfg.batch_size)
+    if "batch_size" in cfg.unset and not resume and 0 < fits < cfg.batch_size:
+        docs = int((train_corpus.doc_lengths >= 2).sum())
+        fitted.append(f"batch_size={fits} (each batch row reads its own documents and the "
+                      f"training split has {docs}, too few for the default {cfg.batch_size})")
+        changes["batch_size"] = fits
+    if ("eval_tokens" in cfg.unset and not resume and val_corpus is not None and cfg.eval_tokens
+            and eval_subset(val_corpus, cfg.eval_tokens) is None):
+        changes["eval_tokens"] = shortest = int(val_corpus.doc_lengths.min())
+        fitted.append(f"eval_tokens={shortest} (the shortest validation document, whole; the "
+                      f"default {cfg.eval_tokens} holds none)")
+    if changes:
+        unset = cfg.unset
+        cfg = dataclasses.replace(cfg, **changes)
+        cfg.unset = unset
+    if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
+        print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
+    return cfg
+
+
 def _checkpoint_tokenizer(checkpoint):
     try:
         return load_tokenizer(checkpoint)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}") from None
+        raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}"
+                         + C.previous_intact_hint(checkpoint)) from None
 
 
 def main(argv=None) -> int:
@@ -448,14 +482,22 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="model preset (default: the file's, else small)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from out_dir's latest checkpoint")
+                        help="continue from out_dir's latest checkpoint, with its saved settings "
+                             "under those given")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="train settings, or model.key=value; values are TOML "
                              "(e.g. betas=[0.9,0.99])")
     args = parser.parse_intermixed_args(argv)  # --resume may follow key=value settings
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        model_config, train_config = load_train_config(args.config, args.preset, args.overrides)
+        if args.resume:  # the run's own settings, from its checkpoint, and those given
+            model_config, train_config, note = load_resume_config(args.config, args.preset,
+                                                                  args.overrides)
+            if note and main_rank:
+                print(note, file=sys.stderr)
+        else:
+            model_config, train_config = load_train_config(args.config, args.preset,
+                                                           args.overrides)
         summary = train(model_config, train_config, resume=args.resume)
     except Exception as err:
         if not is_expected(err):  # a bug: its traceback
