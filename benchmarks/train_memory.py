@@ -20,6 +20,7 @@ import torch
 
 from blockrecurrent.bench.machine import proc_status_kib
 from blockrecurrent.train import trainer as T
+from blockrecurrent.train.settings import load_train_config
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str]) -> int:
     if rank == 0:
         settings = [a for a in argv if "=" in a]
         config = next((argv[i + 1] for i, a in enumerate(argv) if a == "--config"), None)
-        out = Path(T.load_train_config(config, overrides=settings)[1].out_dir)
+        out = Path(load_train_config(config, overrides=settings)[1].out_dir)
         lines = (out / "metrics.jsonl").read_text().splitlines()
         rates = [r["tokens_per_s"] for r in map(json.loads, lines) if r.get("event") == "train"][1:]
         record["tokens_per_s_median"] = round(statistics.median(rates), 1) if rates else None

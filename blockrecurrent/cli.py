@@ -42,7 +42,8 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .train.settings import load_resume_config, load_train_config
+    from .train.checkpoint import load_resume_config
+    from .train.settings import load_train_config
     from .train.trainer import train
 
     if args.resume:  # the run's own settings, from its checkpoint, and those given over them

@@ -11,7 +11,6 @@ import ast
 import contextlib
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
@@ -265,46 +264,6 @@ def load_train_config(path=None, preset: str | None = None, overrides=()
     train_config = TrainConfig(**train_dict)
     train_config.unset = frozenset(FITTED) - set(train_values)
     return _model_config(model_dict), train_config
-
-
-def load_resume_config(path=None, preset: str | None = None, overrides=()
-                       ) -> tuple[BlockRecurrentConfig, TrainConfig, str | None]:
-    """The settings to resume the run in out_dir with: those saved in its latest checkpoint
-    (trainer.json), under the file's, the preset's and the overrides given (the resume then
-    checks that they fit), and a line saying so. Where out_dir holds no readable checkpoint:
-    load_train_config's settings and None (train() then says what is wrong)."""
-    from .checkpoint import latest_checkpoint  # imports torch: only when resuming
-
-    name, model_values, train_values = _given_settings(path, preset, overrides)
-    out_dir = train_values.get("out_dir", TrainConfig.out_dir)
-    checkpoint = None
-    if isinstance(out_dir, (str, os.PathLike)):  # else TrainConfig's type check says what's wrong
-        out_dir = os.fspath(out_dir)
-        checkpoint = latest_checkpoint(out_dir)
-    saved = _saved_settings(checkpoint) if checkpoint is not None else None
-    if saved is None:
-        return (*load_train_config(path, preset, overrides), None)
-    saved_model, saved_train = saved
-    saved_train = {**saved_train, "out_dir": out_dir}  # where it is now, if it was moved
-    model_dict = {**saved_model, **(PRESETS[name] if name else {}), **model_values}
-    train_config = TrainConfig(**{**saved_train, **train_values})
-    now = train_config.to_dict()
-    changed = [f"{k}={now[k]!r}" for k in now if k in saved_train and saved_train[k] != now[k]]
-    note = (f"resuming {out_dir} from {checkpoint.name} with the settings saved there"
-            + (f", except {', '.join(changed)}" if changed else ""))
-    return _model_config(model_dict), train_config, note
-
-
-def _saved_settings(checkpoint) -> tuple[dict, dict] | None:
-    """(model settings, train settings) of a checkpoint's trainer.json; None if unreadable."""
-    try:
-        meta = json.loads((Path(checkpoint) / "trainer.json").read_text("utf-8"))
-        model = BlockRecurrentConfig.from_dict(meta["model_config"]).to_dict()
-        train = {f.name: meta["train_config"][f.name] for f in fields(TrainConfig)
-                 if f.name in meta["train_config"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return model, train
 
 
 def _model_config(model_dict: dict) -> BlockRecurrentConfig:

@@ -53,23 +53,19 @@ from ..model.config import PRESETS, BlockRecurrentConfig
 from ..model.memories import XLMemories
 from ..model.transformer import BlockRecurrentTransformer
 from . import checkpoint as C
-from .checkpoint import Checkpoints
+from .checkpoint import Checkpoints, load_resume_config
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
 from .metrics import MetricsLog
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import (
     TrainConfig,
-    apply_baseline,
-    load_resume_config,
     load_train_config,
     resolve_model_config,
     settings_help,
 )
 from .train_data import build_data, eval_subset, fixed_eval_set
 
-# The trainer's names, with those of its parts that scripts and tests reach through it.
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "apply_baseline", "build_data",
-           "lm_loss_sum", "load_train_config", "lr_at", "main", "resolve_model_config", "train"]
+__all__ = ["Trainer", "main", "train"]
 
 
 # ------------------------------------------------------------------------------- the trainer
