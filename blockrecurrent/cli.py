@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
+from .model.dtypes import DTYPE_NAMES  # stdlib only
 from .report import EVAL_TOKENS, QUICK_EVAL_TOKENS, main_job  # stdlib only at import
 
 
@@ -110,7 +111,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run as bench
+    from .bench import command as bench
 
     bench.main(args)
     return 0
@@ -120,6 +121,11 @@ def cmd_probe(args) -> int:
     from .evaluate.probes import evaluate_saved, probe_table, run_probes, write_probe_report
     from .train.settings import load_train_config
 
+    if args.task == "mqar":
+        from .evaluate.mqar import probe_main
+        return probe_main(args, _overrides(args.overrides))
+    if "full" in (args.models or ()):
+        raise ValueError("--models full is for --task mqar")
     # Model settings over the probe preset, parsed as the trainer parses model.key=value.
     config = load_train_config(preset="probe", overrides=[
         "model." + o.strip().removeprefix("model.") for o in _overrides(args.overrides)])[0]
@@ -128,7 +134,7 @@ def cmd_probe(args) -> int:
     if args.model is not None:
         rows = evaluate_saved(args.model, **task)
     else:
-        rows = run_probes(config, **task, models=args.models,
+        rows = run_probes(config, **task, models=args.models or ["recurrent", "slide"],
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           betas=tuple(args.betas), seeds=args.seeds, mixed=args.mixed,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
@@ -246,7 +252,7 @@ def _eval_command(add) -> None:
                    help="evaluate only the first N documents of the split")
     p.add_argument("--max-tokens", type=_positive_int, default=None,
                    help="evaluate only as many whole documents as fit in N tokens")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="autocast dtype (default: the model's own, float32)")
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
@@ -314,7 +320,7 @@ def _bench_command(add, with_bench: bool) -> None:
             "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
     if with_bench:
         try:
-            from .bench import run as bench
+            from .bench import command as bench
         except ImportError as err:  # keep the other commands working
             def unavailable(args, err=err):
                 raise ImportError(f"brt bench is unavailable: {err}")
@@ -331,6 +337,13 @@ def _probe_command(add) -> None:
             "recall tasks (keys placed d blocks before the questions, after filler) and print "
             "accuracy by distance and number of keys; writes probe.json, probe.md, probe.png. "
             "key=value settings change the probe model (default: 2 layers, dim 64, W = S = 16).")
+    p.add_argument("--task", choices=("recall", "mqar"), default="recall",
+                   help="recall: the long-range recall probes; mqar: multi-query associative "
+                        "recall (Zoology, Arora et al. 2023) for full attention, Slide and the "
+                        "recurrent model, writes mqar.json, mqar.md, mqar.png "
+                        "(default: %(default)s)")
+    p.add_argument("--grid", nargs="+", default=["256:16"], metavar="N:K",
+                   help="mqar: sequence length:pairs settings (default: 256:16)")
     p.add_argument("--kind", choices=("keys", "pairs"), default="keys",
                    help="keys: recall K keys in order; pairs: K key->value pairs, questions "
                         "key -> value (default: %(default)s)")
@@ -342,8 +355,8 @@ def _probe_command(add) -> None:
                    help="pairs: questions at the end (default: %(default)s)")
     p.add_argument("--lead", type=int, default=2,
                    help="filler blocks before the keys (default: %(default)s)")
-    p.add_argument("--models", nargs="+", choices=("recurrent", "slide"),
-                   default=["recurrent", "slide"], help="models to train (default: both)")
+    p.add_argument("--models", nargs="+", choices=("recurrent", "slide", "full"), default=None,
+                   help="models to train (default: recurrent and slide; mqar: and full)")
     p.add_argument("--steps", type=_positive_int, default=300,
                    help="training steps per run (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=32,

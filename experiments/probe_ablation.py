@@ -48,7 +48,9 @@ Initialisations (the same architecture except paper-cell; otherwise only the ini
     python experiments/probe_ablation.py --variants paper-cell gain-1 gain-2 read-gain-1 \
         --keys 2 --distances 4 --seeds 0 1
 
-Learning rates (only Adam's rate for some parameters differs):
+Learning rates (only Adam's rate for some parameters differs; the library's probes train every
+parameter at one rate, so this script trains with its own loop, `train` below, which with no
+per-parameter rates gives the same weights as blockrecurrent.evaluate.probes.train_recall):
 - all-0.5: every parameter at half of --lr (`brt probe --lr 1e-3` on an earlier release);
 - below-0.5, below-0.25: the layers below the recurrent layer (the state reads their output)
   at that fraction, everything else at --lr;
@@ -63,13 +65,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.evaluate.probes import BETAS, probe_table, run_probes
+from blockrecurrent.evaluate.probes import (
+    BETAS,
+    IGNORE,
+    RecallTask,
+    probe_config,
+    probe_table,
+    recall_accuracy,
+    task_grid,
+)
 from blockrecurrent.model.cell import STATE_READ, FixedGate
 from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN
 
@@ -110,6 +123,43 @@ def read_gain(gain: float):
         for cell in model.recurrent_cells:
             cell.scales[STATE_READ].mul_(gain / STATE_READ_GAIN)
     return init
+
+
+LrScale = Callable[[str], float]  # parameter name -> learning-rate multiplier
+
+
+def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) -> list[dict]:
+    """Adam parameter groups: each parameter at `lr * lr_scale(name)` (all at `lr` without it)."""
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        factor = 1.0 if lr_scale is None else lr_scale(name)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"lr_scale({name!r}) must be a positive number, got {factor!r}")
+        groups.setdefault(float(factor), []).append(param)
+    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
+
+
+def train(model: nn.Module, task: RecallTask, *, steps: int = 300, batch_size: int = 32,
+          lr: float = 2e-3, seed: int = 0, betas=BETAS, lr_scale: LrScale | None = None,
+          callback: Callable[[int, float], None] | None = None) -> float:
+    """probes.train_recall (the same batches, the same Adam steps) with a learning rate per
+    parameter, `lr * lr_scale(name)`, and `callback(step, loss)` after every step (probe_curve.py
+    logs the curve with it). Returns the last training loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr,
+                           betas=(float(betas[0]), float(betas[1])))
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(1, steps + 1):
+        seq, targets = task.batch(batch_size, g)
+        logits = model(seq)[0]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if callback is not None:
+            callback(step, loss.item())
+    return loss.item()
 
 
 def lr_scale(factor: float, picks):
@@ -193,6 +243,33 @@ VARIANTS = {"default": ({}, no_init, None),
                                                           not cell(layer, part)))}
 
 
+def probe_variant(name: str, args, log=print) -> list[dict]:
+    """One fresh recurrent probe model per (K, distance, seed) of the variant, trained by `train`
+    with the variant's init and learning rates; rows as run_probes writes them."""
+    settings, init, scale = VARIANTS[name]
+    base = preset("probe", **settings)
+    rows = []
+    for task in task_grid(base.block_width, "keys", args.keys, args.distances):
+        for seed in args.seeds:
+            config = probe_config(base, task, recurrent=True)
+            torch.manual_seed(seed)
+            model = BlockRecurrentTransformer(config)
+            init(model)
+            t0 = time.perf_counter()
+            loss = train(model, task, steps=args.steps, lr=args.lr, seed=seed, betas=args.betas,
+                         lr_scale=scale)
+            acc = recall_accuracy(model, task)
+            rows.append(dict(model="recurrent", kind=task.kind, num_keys=task.num_keys,
+                             distance=task.distance, queries=task.queries, lead=task.lead,
+                             seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
+                             beyond_reach=task.beyond_reach(config.depth, config.window),
+                             steps=args.steps, betas=list(args.betas), mixed=False,
+                             seconds=time.perf_counter() - t0))
+            log(f"[{name}] recurrent keys K={task.num_keys} d={task.distance} seed={seed}: "
+                f"accuracy {acc:.3f} (loss {loss:.3f}, {rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -210,17 +287,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        settings, init, scale = VARIANTS[name]
-
-        def factory(cfg, init=init):
-            model = BlockRecurrentTransformer(cfg)
-            init(model)
-            return model
-        rows = run_probes(preset("probe", **settings), num_keys=args.keys,
-                          distances=args.distances, models=("recurrent",), steps=args.steps,
-                          lr=args.lr, seeds=args.seeds, betas=args.betas, factory=factory,
-                          lr_scale=scale,
-                          log=lambda s, name=name: print(f"[{name}] {s}", flush=True))
+        rows = probe_variant(name, args, log=lambda s: print(s, flush=True))
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
         print(f"\n{name}:\n{probe_table(rows)}\n", flush=True)
 

@@ -17,16 +17,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from probe_ablation import read_gain  # the script beside this one: the same rescaling
+from probe_ablation import read_gain, train  # beside this one: the rescaling, the training loop
 
 from blockrecurrent import BlockRecurrentTransformer, preset
-from blockrecurrent.evaluate.probes import (
-    BETAS,
-    RecallTask,
-    probe_config,
-    recall_accuracy,
-    train_recall,
-)
+from blockrecurrent.evaluate.probes import BETAS, RecallTask, probe_config, recall_accuracy
 from blockrecurrent.model.config import GATE_WRITES
 from blockrecurrent.model.transformer import STATE_READ_GAIN
 
@@ -62,7 +56,7 @@ def main(argv=None):
                 if step % args.eval_every == 0:
                     line += f", accuracy {recall_accuracy(model, task):.3f}"
                 print(line, flush=True)
-        train_recall(model, task, steps=args.steps, seed=seed, betas=args.betas, callback=log)
+        train(model, task, steps=args.steps, seed=seed, betas=args.betas, callback=log)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
+import argparse
 import json
 
 import pytest
 import torch
 
 from blockrecurrent import preset
+from blockrecurrent.bench import command as C
 from blockrecurrent.bench import run as B
 from blockrecurrent.train.settings import baseline_configs
 
@@ -39,7 +41,10 @@ def test_run_benchmark_structure(tmp_path):
     md = out_md.read_text()
     assert "| train | fp32 | recurrent | 2 x 32 |" in md and "step time / Slide" in md
 
-    assert set(res["peak_flops"]) == {"fp32", "bf16"}
+    # Input takes the short aliases; results name dtypes canonically, tables label them short.
+    assert set(res["peak_flops"]) == {"float32", "bfloat16"}
+    assert {r["dtype"] for r in res["results"]} == {"float32", "bfloat16"}
+    assert "| infer | bf16 | xl | 2 x 16 |" in md
     assert all(v > 0 for v in res["peak_flops"].values())
     assert set(res["models"]) == {"recurrent", "slide", "xl"}
     assert res["models"]["recurrent"]["flops_per_token"]["train"] > \
@@ -62,8 +67,9 @@ def test_run_benchmark_structure(tmp_path):
 
 
 def test_run_benchmark_rejects_bad_options():
-    with pytest.raises(ValueError, match="dtypes"):
-        B.run_benchmark(tiny(), dtypes=("fp16",), verbose=False)
+    for bad in (("fp16",), ("float16",), ("float8",), ()):
+        with pytest.raises(ValueError, match="dtypes"):
+            B.run_benchmark(tiny(), dtypes=bad, verbose=False)
     with pytest.raises(ValueError, match="modes"):
         B.run_benchmark(tiny(), modes=("eval",), verbose=False)
     with pytest.raises(ValueError, match="lengths"):
@@ -73,15 +79,15 @@ def test_run_benchmark_rejects_bad_options():
 def test_command_line(tmp_path, capsys):
     cfg_path = tmp_path / "config.json"
     tiny(recurrent_layers=()).to_json(cfg_path)
-    assert B.cli(["--config", str(cfg_path), "--lengths", "16", "--modes", "infer",
+    assert C.cli(["--config", str(cfg_path), "--lengths", "16", "--modes", "infer",
                   "--no-baselines", "--repeats", "1", "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     # "auto" dtypes: bf16 too where this CPU has native bf16 kernels (AVX512-BF16 / AMX)
-    dtypes = ["fp32", "bf16"] if B.bf16_is_fast(torch.device("cpu")) else ["fp32"]
+    dtypes = ["float32", "bfloat16"] if B.bf16_is_fast(torch.device("cpu")) else ["float32"]
     assert [(r["model"], r["mode"], r["length"], r["dtype"]) for r in res["results"]] == \
         [("slide", "infer", 16, d) for d in dtypes]
     assert "| infer | fp32 | slide | 1 x 16 |" in capsys.readouterr().out
-    assert B.cli(["--preset", "tiny", "depth=3", "recurrent_layers=[2]", "--lengths", "16",
+    assert C.cli(["--preset", "tiny", "depth=3", "recurrent_layers=[2]", "--lengths", "16",
                   "--modes", "infer", "--no-baselines", "--repeats", "1",
                   "--json", str(tmp_path / "o.json")]) == 0
     cfg = json.loads((tmp_path / "o.json").read_text())["config"]
@@ -89,10 +95,19 @@ def test_command_line(tmp_path, capsys):
     capsys.readouterr()
     for bad, message in ((["--reference", "--lengths", "4096"], "--reference fixes"),
                          (["--preset", "tiny", "dept=3"], "unknown model setting 'dept'"),
-                         (["--config", str(cfg_path), "depth=3"], "apply to a --preset")):
+                         (["--config", str(cfg_path), "depth=3"], "apply to a --preset"),
+                         (["--dtypes", "fp16"], "invalid choice: 'fp16'")):
         with pytest.raises(SystemExit) as exit:
-            B.cli(bad)
+            C.cli(bad)
         assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dtypes_option_takes_canonical_names_and_aliases():
+    parse = C.add_arguments(argparse.ArgumentParser()).parse_args
+    assert parse(["--dtypes", "fp32", "bf16"]).dtypes == ["fp32", "bf16"]
+    assert parse(["--dtypes", "float32", "bfloat16"]).dtypes == ["float32", "bfloat16"]
+    assert B._resolve_dtypes(["fp32", "bfloat16", "float32"], torch.device("cpu")) == \
+        (("float32", "bfloat16"), None)
 
 
 def test_short_streams_are_timed_several_times_a_pass():

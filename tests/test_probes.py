@@ -1,7 +1,6 @@
 """evaluate/probes.py: the recall tasks' layout, the state recalling beyond the window where
-Slide cannot (with the report), one model per K, per-parameter learning rates, Adam's betas."""
+Slide cannot (with the report), one model per K, Adam's betas."""
 import json
-import math
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from blockrecurrent.evaluate.probes import (
     BETAS,
     IGNORE,
     RecallTask,
-    adam_groups,
     probe_table,
     run_probes,
     train_recall,
@@ -103,53 +101,18 @@ def test_mixed_trains_one_model_per_k_over_all_distances(tmp_path):
         run_probes(base, mixed="yes")
 
 
-def test_lr_scale_sets_each_parameters_learning_rate():
-    """lr_scale(name) multiplies the learning rate of that parameter alone: from the same
-    weights and batch, Adam's first step moves it by exactly that fraction of a plain step
-    and every other parameter by a plain step."""
-    torch.manual_seed(0)
-    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
-    slow = lambda name: 0.25 if name.startswith("layers.0.") else 1.0  # noqa: E731
-    groups = adam_groups(model, 1e-3, slow)
-    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(by_lr) == [2.5e-4, 1e-3]
-    assert all(names[i].startswith("layers.0.") for i in by_lr[2.5e-4])
-    assert sum(len(v) for v in by_lr.values()) == len(names)
-    assert adam_groups(model, 1e-3)[0]["lr"] == 1e-3
+def test_the_research_hooks_are_not_the_librarys():
+    """Per-parameter learning rates and per-step callbacks live in experiments/ (their own
+    training loop), not in train_recall / run_probes."""
+    import blockrecurrent.evaluate.probes as P
 
-    task = RecallTask(block_width=8, distance=2, lead=1)
-    plain, scaled = (BlockRecurrentTransformer(model.config) for _ in range(2))
-    for m in (plain, scaled):
-        m.load_state_dict(model.state_dict())
-    train_recall(plain, task, steps=1, lr=1e-3)
-    train_recall(scaled, task, steps=1, lr=1e-3, lr_scale=slow)
-    start = dict(model.named_parameters())
-    for (n, a), b in zip(plain.named_parameters(), scaled.parameters(), strict=True):
-        step_plain, step_scaled = a.detach() - start[n].detach(), b.detach() - start[n].detach()
-        assert step_plain.abs().max() > 0, n
-        torch.testing.assert_close(step_scaled, slow(n) * step_plain, rtol=1e-3, atol=1e-7)
-
-
-def test_train_recall_reports_every_step():
-    """callback(step, loss) sees every step in order, and the last loss is the one returned."""
-    torch.manual_seed(0)
-    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
-    seen = []
-    last = train_recall(model, RecallTask(block_width=8, distance=2, lead=1), steps=3,
-                        callback=lambda step, loss: seen.append((step, loss)))
-    assert [step for step, _ in seen] == [1, 2, 3]
-    assert seen[-1][1] == last and all(math.isfinite(loss) for _, loss in seen)
-
-
-def test_bad_lr_scale_is_rejected_before_training():
-    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    assert not hasattr(P, "adam_groups") and not hasattr(P, "LrScale")
     with pytest.raises(TypeError, match="lr_scale"):
-        run_probes(lr_scale=0.5)
-    with pytest.raises(ValueError, match=r"lr_scale\('token_emb.weight'\)"):
-        adam_groups(model, 1e-3, lambda name: 0.0)
-    with pytest.raises(ValueError, match="lr_scale"):
-        adam_groups(model, 1e-3, lambda name: True)
+        run_probes(lr_scale=lambda name: 1.0)
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    with pytest.raises(TypeError, match="callback"):
+        train_recall(model, RecallTask(block_width=8, distance=2, lead=1), steps=1,
+                     callback=print)
 
 
 def test_betas_reach_adam_and_default_to_the_trainers():

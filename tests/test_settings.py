@@ -79,3 +79,27 @@ def test_baselines():
     assert slide.recurrent_layers == () and slide.max_seq_len == mc.max_seq_len
     assert xl.recurrent_layers == () and xl.max_seq_len == mc.block_width
     assert resolve_model_config(mc, TrainConfig(baseline="xl"), 300).num_tokens == 300
+
+
+def test_one_table_of_dtype_names():
+    """model.dtypes: torch's names are the canonical ones, the short aliases are accepted on input
+    and read as them; the trainer takes "auto" and the canonical names it can train in."""
+    import torch
+
+    from blockrecurrent.model import dtypes
+    from blockrecurrent.train import settings
+
+    assert dtypes.DTYPES == ("float32", "bfloat16", "float16")
+    assert [dtypes.dtype_name(n) for n in ("fp32", "bf16", "fp16", "bfloat16")] == \
+        ["float32", "bfloat16", "float16", "bfloat16"]
+    assert dtypes.torch_dtype("bf16") is torch.bfloat16 is settings.torch_dtype("bfloat16")
+    assert dtypes.short_name("float32") == "fp32" and dtypes.short_name("bf16") == "bf16"
+    assert dtypes.names_of(("float32", "bf16")) == ("float32", "bfloat16", "fp32", "bf16")
+    for bad in ("float8", "torch.float32", None):
+        with pytest.raises(ValueError, match="unknown dtype"):
+            dtypes.dtype_name(bad)
+    assert settings.DTYPES == ("auto", "float32", "bfloat16")
+    assert TrainConfig(dtype="bfloat16").dtype == "bfloat16"
+    for bad in ("bf16", "float16"):  # stored settings keep one spelling; no fp16 grad scaler
+        with pytest.raises(ValueError, match="dtype"):
+            TrainConfig(dtype=bad)

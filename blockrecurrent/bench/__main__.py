@@ -2,7 +2,7 @@
 
 import sys
 
-from .run import cli
+from .command import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

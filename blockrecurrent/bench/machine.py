@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..model.cell import mlp_widths
 from ..model.config import BlockRecurrentConfig
-from ..train.settings import torch_dtype
+from ..model.dtypes import torch_dtype
 
 MIB = 2 ** 20
 

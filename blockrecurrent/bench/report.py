@@ -1,6 +1,7 @@
 """The benchmark's results as tables: the vocabulary of a results dict (modes, dtypes, models,
 in table order), the markdown of a run (every figure measured in that run), and the JSON /
-markdown files."""
+markdown files. Results name dtypes by their canonical names (model.dtypes: "float32",
+"bfloat16"); the markdown tables label them short ("fp32", "bf16") to keep the columns narrow."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import json
 import os
 from pathlib import Path
 
+from ..model.dtypes import short_name
 from .machine import fmt
 
-DTYPES = ("fp32", "bf16")
+DTYPES = ("float32", "bfloat16")  # the dtypes benchmarked, canonical names (model.dtypes)
 MODES = ("train", "infer")
 MODELS = ("recurrent", "slide", "xl")
 
@@ -27,7 +29,7 @@ def format_markdown(res: dict) -> str:
              f"{m['threads']} threads, compile={m['compile']}, median of {m['repeats']}",
              "",
              "Matmul peak (measured): " + ", ".join(
-                 f"{d} {v / 1e9:,.1f} GFLOP/s" for d, v in res["peak_flops"].items())
+                 f"{short_name(d)} {v / 1e9:,.1f} GFLOP/s" for d, v in res["peak_flops"].items())
              + f". Memory: {m['memory_method']}." + (f" {m['dtype_note']}." if m["dtype_note"]
                                                      else ""),
              "",
@@ -44,8 +46,8 @@ def format_markdown(res: dict) -> str:
     order = lambda r: (MODES.index(r["mode"]), DTYPES.index(r["dtype"]),
                        MODELS.index(r["model"]), r["length"])
     for r in sorted(res["results"], key=order):
-        lines.append(f"| {r['mode']} | {r['dtype']} | {r['model']} | {r['batch_size']} x "
-                     f"{r['length']} | {fmt(r['tokens_per_s'])} | "
+        lines.append(f"| {r['mode']} | {short_name(r['dtype'])} | {r['model']} | "
+                     f"{r['batch_size']} x {r['length']} | {fmt(r['tokens_per_s'])} | "
                      f"{fmt(r['segment_ms_median'], '.1f')} | {fmt(r['peak_mem_mib'], '.1f')} | "
                      f"{r['model_tflops_per_s'] * 1e3:.2f} | {100 * r['mfu']:.1f}% | "
                      f"{r['cpu_share']:.0%} | {r['tokens_per_cpu_s']:,.0f} |")
@@ -60,7 +62,7 @@ def format_markdown(res: dict) -> str:
     for s in res["summary"]:
         lin = functools.partial(_ratio, s)
         mem = "-" if s["smallest"] == s["largest"] else fmt(s["peak_mem_ratio"], ".2f")
-        lines.append(f"| {s['mode']} | {s['dtype']} | {s['model']} | {s['largest']}/"
+        lines.append(f"| {s['mode']} | {short_name(s['dtype'])} | {s['model']} | {s['largest']}/"
                      f"{s['smallest']} | {lin(s['throughput_ratio'])} | "
                      f"{lin(s['cpu_throughput_ratio'])} | {mem} | "
                      f"{fmt(s['step_time_vs_slide'], '.3f')} | "

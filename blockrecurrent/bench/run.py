@@ -35,12 +35,11 @@ without AVX512-BF16/AMX runs scalar fallback kernels ~100x slower than fp32, so 
 out; measuring it anyway takes tens of minutes.
 
 Model FLOPs, the matmul peak and peak memory are measured as machine.py describes; --decode
-runs decode.py.
+runs decode.py. The command line is command.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -50,16 +49,15 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..model.config import PRESETS, BlockRecurrentConfig
+from ..model.config import BlockRecurrentConfig
+from ..model.dtypes import dtype_name, names_of
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.optim import make_optimizer
-from ..train.settings import baseline_configs, load_train_config
-from .decode import run_decode
+from ..train.settings import baseline_configs
 from .machine import (
     MIB,
     PeakMemory,
@@ -104,8 +102,8 @@ class Runner:
         """Feed tokens[:, :n] segment by segment; returns the seconds of each segment.
         tokens (b, >= n+1): the targets of training are the next tokens."""
         device = tokens.device
-        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
-               else contextlib.nullcontext())
+        amp = (torch.autocast(device.type, dtype=torch.bfloat16)
+               if dtype_name(dtype) == "bfloat16" else contextlib.nullcontext())
         mems = states = None
         times = []
         self.model.train(mode == "train")
@@ -151,16 +149,18 @@ def _median(xs):
 
 
 def _resolve_dtypes(dtypes, device: torch.device) -> tuple[tuple[str, ...], str | None]:
+    """The dtypes to time, canonical names (model.dtypes; aliases such as "fp32" accepted), and
+    a note on why bfloat16 was left out of "auto"."""
     if dtypes == "auto":
         if bf16_is_fast(device):
             return DTYPES, None
-        return ("fp32",), ("bf16 skipped: no fast bf16 matmul kernels on this device "
-                           "(pass --dtypes fp32 bf16 to measure the emulation anyway)")
-    dtypes = tuple(dtypes)
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad or not dtypes:
-        raise ValueError(f"invalid dtypes={dtypes!r}: choose from {DTYPES} or 'auto'")
-    return dtypes, None
+        return ("float32",), ("bf16 skipped: no fast bf16 matmul kernels on this device "
+                              "(pass --dtypes fp32 bf16 to measure the emulation anyway)")
+    names = tuple(dtypes) if not isinstance(dtypes, str) else (dtypes,)
+    if not names or any(d not in names_of(DTYPES) for d in names):
+        raise ValueError(f"invalid dtypes={tuple(dtypes)!r}: choose from "
+                         f"{names_of(DTYPES)} or 'auto'")
+    return tuple(dict.fromkeys(dtype_name(d) for d in names)), None
 
 
 def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
@@ -170,7 +170,8 @@ def run_benchmark(config: BlockRecurrentConfig, *, batch_size: int = 1,
                   out_md: str | os.PathLike | None = None, verbose: bool = True) -> dict:
     """Measure training and inference throughput, peak memory and MFU of the recurrent model
     (and of its Slide and XL baselines) on streams of each length in `lengths` tokens per row.
-    dtypes: a tuple of "fp32"/"bf16", or "auto" (fp32, plus bf16 where it has fast kernels).
+    dtypes: a tuple of "float32"/"bfloat16" (or "fp32"/"bf16"), or "auto" (float32, plus
+    bfloat16 where it has fast kernels); results name them "float32"/"bfloat16".
     Returns a JSON-ready dict (see format_markdown for how it reads); prints progress and the
     table if verbose, and writes out_json / out_md if given."""
     _check_run(config, lengths, modes, batch_size, repeats)
@@ -359,99 +360,3 @@ def run_reference(*, dtypes=DTYPES, modes=MODES, baselines: bool = True, repeats
     return run_benchmark(BlockRecurrentConfig(**REFERENCE_CONFIG), modes=modes, dtypes=dtypes,
                          baselines=baselines, repeats=repeats, compile=compile, device=device,
                          out_json=out_json, out_md=out_md, verbose=verbose, **REFERENCE_RUN)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The benchmark's options, for `brt bench` and `python -m blockrecurrent.bench`."""
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--preset", default="small", choices=sorted(PRESETS),
-                       help="model preset (default: small)")
-    which.add_argument("--config", type=Path,
-                       help="a model config.json (as save_pretrained writes) instead of a preset")
-    which.add_argument("--reference", action="store_true",
-                       help="the reference config: a small fixed model (dim 256, depth 4, "
-                            "4 x 64 heads, W = S = 128, segment 1024, recurrent layer 3), batch "
-                            "4, one 2048-token stream, fp32 and bf16")
-    parser.add_argument("--batch-size", type=int, help="batch rows (default 1)")
-    parser.add_argument("--lengths", type=int, nargs="+",
-                        help="stream lengths in tokens per row (default: 1024 4096 16384)")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                        help="train (forward, loss, backward, AdamW step) and/or infer")
-    parser.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES,
-                        help="default: fp32, plus bf16 where the device has fast bf16 kernels "
-                             "(with --reference: both)")
-    parser.add_argument("--no-baselines", action="store_true", help="only the recurrent model")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="passes per length; the median is reported (default 3; 5 with "
-                             "--reference)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (with --decode: also time the compiled "
-                             "decoding step)")
-    parser.add_argument("--decode", action="store_true",
-                        help="benchmark cached decoding instead of streams: tokens/s at each "
-                             "--decode-batches size for the fast and the legacy (general) step, "
-                             "against the memory-read bound measured in the same run")
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32],
-                        help="with --decode: batch sizes (default 1 8 32)")
-    parser.add_argument("--prompt-len", type=int, default=16,
-                        help="with --decode: prompt tokens before decoding")
-    parser.add_argument("--new-tokens", type=int, default=64,
-                        help="with --decode: steps per timed run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
-    parser.add_argument("--md", type=Path, help="write the tables as markdown")
-    parser.add_argument("model_overrides", nargs="*", metavar="key=value",
-                        help="model settings over the preset, values as TOML "
-                             "(e.g. depth=12 recurrent_layers=[10])")
-    return parser
-
-
-def main(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    common = dict(modes=args.modes, baselines=not args.no_baselines, compile=args.compile,
-                  device=args.device, out_json=args.json, out_md=args.md)
-    if args.model_overrides and (args.config or args.reference):
-        raise ValueError("key=value model settings apply to a --preset; edit the config file "
-                         "instead")
-    if args.decode:
-        return run_decode(args, _config(args))
-    if args.reference:
-        if args.batch_size is not None or args.lengths is not None:
-            raise ValueError("--reference fixes batch 4 and a 2048-token stream; drop "
-                             "--batch-size/--lengths or benchmark a --preset/--config instead")
-        return run_reference(dtypes=args.dtypes or DTYPES, repeats=args.repeats or 5, **common)
-    return run_benchmark(_config(args), batch_size=args.batch_size or 1,
-                         lengths=args.lengths or (1024, 4096, 16384),
-                         dtypes=args.dtypes or "auto", repeats=args.repeats or 3, **common)
-
-
-def _config(args: argparse.Namespace) -> BlockRecurrentConfig:
-    """The model of --reference, --config or --preset with key=value settings."""
-    if args.reference:
-        return BlockRecurrentConfig(**REFERENCE_CONFIG)
-    if args.config:
-        return BlockRecurrentConfig.from_json(args.config)
-    return load_train_config(preset=args.preset,
-                             overrides=[f"model.{o}" for o in args.model_overrides])[0]
-
-
-def cli(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m blockrecurrent.bench", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, TypeError) as err:  # bad settings: a message, not a traceback
-        parser.error(str(err))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

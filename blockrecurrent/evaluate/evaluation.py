@@ -28,14 +28,13 @@ import torch.nn.functional as F
 
 from ..data.corpus import TokenizedCorpus
 from ..data.lanes import DocumentLanes
+from ..model.dtypes import DTYPE_NAMES, DTYPES, torch_dtype
 from ..model.transformer import BlockRecurrentTransformer
-from ..train.settings import DTYPE_NAMES, torch_dtype
 from .report import write_eval_report
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
 RESET_STATE = ("carry", "every-segment", "other-document")
 SELECT = ("first", "longest")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # by name: settings.DTYPE_NAMES
 LN2 = math.log(2)
 
 
@@ -67,14 +66,15 @@ def _check_buckets(buckets) -> tuple[int, ...]:
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    """None, a torch.dtype or a name ('bfloat16', 'bf16', 'float16', 'fp16', 'float32')."""
+    """None, a torch.dtype or a name of model.dtypes ('bfloat16', 'bf16', 'float16', 'fp16',
+    'float32', 'fp32')."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype is not None and dtype not in {torch_dtype(d) for d in DTYPES}:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype in DTYPE_NAMES:
         return torch_dtype(dtype)
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)} or a torch.dtype")
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPE_NAMES} or a torch.dtype")
 
 
 def bucket_label(start: int, end: int | None) -> str:

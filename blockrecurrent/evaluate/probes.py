@@ -46,12 +46,10 @@ from ..train.settings import TrainConfig, valid_betas
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
-LrScale = Callable[[str], float]  # parameter name -> learning-rate multiplier
 # Adam's betas: the trainer's. With torch's default beta2 = 0.999 recall is learnt later, likely
 # because the steps stay damped by the large gradients of the first steps while the loss sits
 # on its plateau (README, Results: "Adam's betas").
 BETAS = TrainConfig.betas
-
 
 
 @dataclass(frozen=True)
@@ -171,35 +169,14 @@ def _check_betas(betas) -> tuple[float, float]:
     return float(betas[0]), float(betas[1])
 
 
-def _check_lr_scale(lr_scale) -> None:
-    if lr_scale is not None and not callable(lr_scale):
-        raise TypeError(f"lr_scale must map a parameter name to a factor, got "
-                        f"{type(lr_scale).__name__}")
-
-
-def adam_groups(model: nn.Module, lr: float, lr_scale: LrScale | None = None) -> list[dict]:
-    """Adam parameter groups: each parameter at `lr * lr_scale(name)` (all at `lr` without it)."""
-    _check_lr_scale(lr_scale)
-    groups: dict[float, list] = {}
-    for name, param in model.named_parameters():
-        factor = 1.0 if lr_scale is None else lr_scale(name)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ValueError(f"lr_scale({name!r}) must be a positive number, got {factor!r}")
-        groups.setdefault(float(factor), []).append(param)
-    return [{"params": params, "lr": lr * factor} for factor, params in groups.items()]
-
-
 def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
                  batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                 lr_scale: LrScale | None = None, betas: tuple[float, float] = BETAS,
-                 callback: Callable[[int, float], None] | None = None) -> float:
+                 betas: tuple[float, float] = BETAS) -> float:
     """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
-    trained in turn, one batch of each (mixed distances). `lr_scale(name)` multiplies the
-    learning rate of each named parameter (benchmarks/probe_ablation.py: which layers move too
-    fast). `callback(step, loss)` is called after every step (benchmarks/probe_curve.py)."""
+    trained in turn, one batch of each (mixed distances)."""
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(adam_groups(model, lr, lr_scale), lr=lr, betas=_check_betas(betas))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=_check_betas(betas))
     model.train()
     loss = torch.tensor(float("nan"))
     for i in range(steps):
@@ -209,8 +186,6 @@ def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if callback is not None:
-            callback(i + 1, loss.item())
     return loss.item()
 
 
@@ -254,30 +229,17 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
-               mixed: bool = False, lr_scale: LrScale | None = None,
-               betas: tuple[float, float] = BETAS,
+               mixed: bool = False, betas: tuple[float, float] = BETAS,
                log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). mixed=True trains one model per (model,
     K, seed) on all the distances in turn (the same `steps` in all) and evaluates it at each:
     from scratch at one long distance the signal can be too weak to find how to store several
-    keys, which the short distances teach (benchmarks/probe_curriculum.py). Returns one row per
+    keys, which the short distances teach (experiments/probe_curriculum.py). Returns one row per
     (model, K, distance, seed)."""
     base = base if base is not None else preset("probe")
-    if not isinstance(base, BlockRecurrentConfig):
-        raise TypeError(f"base must be a BlockRecurrentConfig, got {type(base).__name__}")
     models, num_keys, distances, seeds = list(models), list(num_keys), list(distances), list(seeds)
-    for name in models:
-        if name not in ("recurrent", "slide"):
-            raise ValueError(f"unknown probe model {name!r}; choose recurrent or slide")
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not isinstance(mixed, bool):
-        raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
-    _check_lr_scale(lr_scale)
+    _check_run(base, models, steps, batch_size, lr, mixed)
     betas = _check_betas(betas)
     tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
     # What each model trains on: one task, or (mixed) every distance of one K.
@@ -293,8 +255,7 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 model = factory(config)
                 t0 = time.perf_counter()
                 loss = train_recall(model, group if mixed else group[0], steps=steps,
-                                    batch_size=batch_size, lr=lr, seed=seed,
-                                    lr_scale=lr_scale, betas=betas)
+                                    batch_size=batch_size, lr=lr, seed=seed, betas=betas)
                 for task in group:
                     acc = recall_accuracy(model, task)
                     row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
@@ -311,6 +272,22 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 if save_dir is not None and hasattr(model, "save_pretrained"):
                     model.save_pretrained(Path(save_dir) / run_name(row))
     return rows
+
+
+def _check_run(base, models: list, steps, batch_size, lr, mixed) -> None:
+    """run_probes' checks of its arguments other than the tasks' (task_grid checks those)."""
+    if not isinstance(base, BlockRecurrentConfig):
+        raise TypeError(f"base must be a BlockRecurrentConfig, got {type(base).__name__}")
+    for name in models:
+        if name not in ("recurrent", "slide"):
+            raise ValueError(f"unknown probe model {name!r}; choose recurrent or slide")
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not isinstance(mixed, bool):
+        raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
 
 
 def run_name(row: dict) -> str:

@@ -1,5 +1,5 @@
 """Training settings: TrainConfig (the [train] section), config files and `key=value` overrides,
-the paper's baselines, dtype names, and the help text listing every setting with its meaning.
+the paper's baselines, and the help text listing every setting with its meaning.
 
     model_config, train_config = load_train_config("configs/small.toml",
                                                    overrides=["max_steps=200"])
@@ -22,26 +22,18 @@ try:
 except ImportError:  # Python 3.10: the tomli backport (a dependency there)
     import tomli as tomllib
 
+from ..model import dtypes
 from ..model.config import PRESETS, BlockRecurrentConfig
+from ..model.dtypes import torch_dtype as torch_dtype  # re-exported: train.optim imports it here
 
 BASELINES = ("recurrent", "slide", "xl")
 # Settings fitted to the run and the corpus when the user leaves them unset: warmup_steps to
 # max_steps (here), batch_size and eval_tokens to the documents (train.train).
 FITTED = ("warmup_steps", "batch_size", "eval_tokens")
-DTYPES = ("auto", "float32", "bfloat16")
+# TrainConfig.dtype: "auto" or a canonical name of model.dtypes, not float16 (its autocast needs
+# a gradient scaler, which the trainer does not run).
+DTYPES = ("auto", *(d for d in dtypes.DTYPES if d != "float16"))
 PARALLEL = ("ddp", "fsdp")
-# The one table of dtype names: the trainer's, evaluation's and the benchmark's short ones.
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
-
-
-def torch_dtype(name: str):
-    """The torch dtype of a name in DTYPE_NAMES ('bf16', 'bfloat16', 'fp32', ...)."""
-    import torch  # here: settings are read (and --help shown) without torch
-
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_NAMES)}")
-    return getattr(torch, DTYPE_NAMES[name])
 
 
 # ------------------------------------------------------------------------------- settings

@@ -1,0 +1,449 @@
+"""MQAR, multi-query associative recall (Arora et al. 2023, "Zoology: Measuring and Improving
+Recall in Efficient Language Models", section 3): how many key -> value pairs a model recalls.
+
+    task = MQARTask(seq_len=256, num_pairs=16)        # vocabulary 8,192, power_a 0.01
+    seq, targets = task.batch(64, torch.Generator().manual_seed(0))
+    rows = run_mqar(base, grid=[(256, 16)], models=("full", "slide", "recurrent"))
+    write_mqar_report(rows, "runs/mqar")              # mqar.json, mqar.md, mqar.png
+
+A sequence, as the study generates it: K pairs `key value key value ...` in its first 2K tokens
+(keys distinct, drawn from the lower half of the vocabulary [1, V/2); values distinct, from the
+upper half [V/2, V)); then every key asked once, key j at position 2K + 2 * gap_j, with the gaps
+drawn without replacement from [0, (n - 2K) / 2) with probability proportional to
+(gap + 1)^(power_a - 1) (power_a = 0.01: most queries come soon after the pairs, a long tail
+later). The model predicts key j's value at the query's position (the value is not shown after
+it). Every other token is filler drawn uniformly from the whole vocabulary (keys and values
+included), as the study's `random_non_queries`. Accuracy is over the K queries; chance is
+about 2 / V.
+
+Models side by side on the same data (the same seeds give the same batches):
+- "full": attention over the whole sequence (block_width >= seq_len, no recurrent layer), the
+  upper bound;
+- "slide": a sliding window of W = block_width tokens, no recurrent layer, the lower bound;
+- "recurrent": the same window and the base config's recurrent layer(s) with S state vectors.
+
+The state's size in bytes (fp32): `state_bytes` = recurrent layers x S x dim x 4, the recurrent
+state alone; `inference_bytes` = that + the attention cache a token reads (each layer's keys and
+values of the last W tokens, or of the whole sequence for "full": depth x 2 x window x heads x
+dim_head x 4), the whole state a model carries from one token to the next, which is how the
+study counts attention's state. The plot puts accuracy against `inference_bytes`.
+
+Slide's ceiling: a token reads W - 1 tokens back in each layer, so a query can only see a value
+whose distance is within `depth x (W - 1)` (and reads it directly only within W - 1);
+`reach_frac` and `direct_frac` are the fractions of queries within those on the held-out data.
+
+Training: AdamW (lr 1e-3, weight decay 0.1 as the study; betas the trainer's (0.9, 0.95)),
+linear warm-up over 5% of the steps and a cosine decay to 10%, fresh batches every step (the
+study draws 100,000 examples); the loss and the logits are computed at the query positions only
+(the output projection over 8,192 tokens at every position would dominate the step on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model.config import BlockRecurrentConfig, preset
+from ..model.transformer import BlockRecurrentTransformer
+from ..train.settings import TrainConfig
+
+IGNORE = -100  # target of positions without a query
+MODELS = ("full", "slide", "recurrent")
+BETAS = TrainConfig.betas
+# The MQAR model (`brt probe --task mqar`): 2 layers, dim 128, 4 heads of 32, window W = 32,
+# layer 2 recurrent with S = 32 state vectors, the study's 8,192-token vocabulary.
+MQAR_MODEL = dict(num_tokens=8192, dim=128, depth=2, dim_head=32, heads=4, block_width=32,
+                  max_seq_len=256, num_state_vectors=32, recurrent_layers=(2,))
+
+
+@dataclass(frozen=True)
+class MQARTask:
+    """One MQAR setting: `num_pairs` (K) pairs in sequences of `seq_len` tokens."""
+    seq_len: int = 256
+    num_pairs: int = 16
+    vocab: int = 8192
+    power_a: float = 0.01
+
+    def __post_init__(self):
+        for name in ("seq_len", "num_pairs", "vocab"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TypeError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.power_a, (int, float)) and 0 < self.power_a <= 1):
+            raise ValueError(f"power_a must be in (0, 1], got {self.power_a!r}")
+        if self.seq_len % 2:
+            raise ValueError(f"seq_len must be even, got {self.seq_len}")
+        if 4 * self.num_pairs > self.seq_len:
+            raise ValueError(f"{self.num_pairs} pairs need seq_len >= 4 x pairs = "
+                             f"{4 * self.num_pairs}, got {self.seq_len}")
+        if self.vocab // 2 - 1 < self.num_pairs or self.vocab <= self.seq_len:
+            raise ValueError(f"vocab={self.vocab} is too small for {self.num_pairs} distinct "
+                             f"keys and seq_len={self.seq_len} (the study needs vocab > seq_len)")
+
+    @property
+    def context(self) -> int:
+        """Tokens of the pairs at the start: 2K."""
+        return 2 * self.num_pairs
+
+    @property
+    def space(self) -> int:
+        """Query slots after the pairs (every other position)."""
+        return (self.seq_len - self.context) // 2
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab - self.vocab // 2)
+
+    def gap_probs(self) -> Tensor:
+        """P(gap = i) for i in [0, space): proportional to (i + 1)^(power_a - 1)."""
+        i = torch.arange(1, self.space + 1, dtype=torch.float64)
+        p = i ** (self.power_a - 1)
+        return p / p.sum()
+
+    def sample(self, size: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """seq and targets (size, seq_len), keys and values (size, K), and for every pair j its
+        query's position `query_pos` (size, K)."""
+        g, K, half = generator, self.num_pairs, self.vocab // 2
+        keys = 1 + torch.multinomial(torch.ones(size, half - 1), K, generator=g)
+        values = half + torch.multinomial(torch.ones(size, self.vocab - half), K, generator=g)
+        gaps = torch.multinomial(self.gap_probs().float().expand(size, -1), K, generator=g)
+        seq = torch.randint(0, self.vocab, (size, self.seq_len), generator=g)
+        seq[:, 0:self.context:2] = keys
+        seq[:, 1:self.context:2] = values
+        query_pos = self.context + 2 * gaps
+        rows = torch.arange(size)[:, None]
+        seq[rows, query_pos] = keys
+        targets = torch.full((size, self.seq_len), IGNORE, dtype=torch.long)
+        targets[rows, query_pos] = values
+        return dict(seq=seq, targets=targets, keys=keys, values=values, query_pos=query_pos)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(seq, targets), each (size, seq_len); targets are IGNORE except at the queries."""
+        s = self.sample(size, generator)
+        return s["seq"], s["targets"]
+
+    def value_distance(self, num_sequences: int = 1024, seed: int = 12345) -> Tensor:
+        """Tokens from each query back to its value (query position - value position) on the
+        held-out sequences `mqar_accuracy` uses, flattened."""
+        s = self.sample(num_sequences, torch.Generator().manual_seed(seed))
+        value_pos = 2 * torch.arange(self.num_pairs) + 1
+        return (s["query_pos"] - value_pos).flatten()
+
+    def reach(self, window: int, depth: int, **held_out) -> dict[str, float]:
+        """Fractions of queries whose value a sliding window of `window` tokens sees: directly
+        (within window - 1 tokens) and through `depth` layers (within depth x (window - 1))."""
+        d = self.value_distance(**held_out).float()
+        return dict(direct_frac=float((d <= window - 1).float().mean()),
+                    reach_frac=float((d <= depth * (window - 1)).float().mean()))
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def mqar_config(base: BlockRecurrentConfig, task: MQARTask, model: str
+                ) -> BlockRecurrentConfig:
+    """`base` sized for the task: "full" a window over the whole sequence and no recurrent
+    layer, "slide" base's window and no recurrent layer, "recurrent" base as it is."""
+    if model not in MODELS:
+        raise ValueError(f"unknown MQAR model {model!r}; choose one of {MODELS}")
+    W = base.block_width
+    layers = base.recurrent_layers if model == "recurrent" else ()
+    if model == "recurrent" and not layers:
+        raise ValueError("the recurrent MQAR model needs at least one recurrent layer")
+    if model == "full":
+        W = max(W, task.seq_len)
+    seg = math.ceil(task.seq_len / W) * W
+    return dataclasses.replace(base, num_tokens=max(base.num_tokens, task.vocab),
+                               block_width=W, max_seq_len=seg, recurrent_layers=layers,
+                               window="sliding", extra={})
+
+
+def state_bytes(config: BlockRecurrentConfig) -> int:
+    """The recurrent state in fp32: recurrent layers x S x dim x 4."""
+    return len(config.recurrent_layers) * config.num_state_vectors * config.dim * 4
+
+
+def cache_bytes(config: BlockRecurrentConfig, seq_len: int) -> int:
+    """The attention cache a token reads in fp32: every layer's keys and values of the last
+    min(W, seq_len) tokens."""
+    return config.depth * 2 * min(config.block_width, seq_len) * config.inner_dim * 4
+
+
+def query_logits(model: nn.Module, seq: Tensor, mask: Tensor) -> Tensor:
+    """The logits at the positions `mask` (b, n) only, (m, vocab): the model's output projection
+    is applied to those rows alone (the model's other outputs are unchanged)."""
+    head = model.to_logits
+    model.to_logits = nn.Identity()
+    try:
+        hidden = model(seq)[0]
+    finally:
+        model.to_logits = head
+    return head(hidden[mask])
+
+
+def lr_at(step: int, steps: int, warmup: float = 0.05, floor: float = 0.1) -> float:
+    """Learning-rate factor at `step` (0-based): linear warm-up, then cosine down to `floor`."""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    t = (step - w) / max(1, steps - w)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_mqar(model: nn.Module, task: MQARTask, *, steps: int = 1000, batch_size: int = 64,
+               lr: float = 1e-3, weight_decay: float = 0.1, seed: int = 0,
+               betas: tuple[float, float] = BETAS,
+               callback: Callable[[int, float], None] | None = None) -> float:
+    """AdamW on fresh batches (seeded: every model of a seed sees the same data); returns the
+    mean training loss of the last 10% of the steps. `callback(step, loss)` after every step."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
+                            weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, steps))
+    model.train()
+    tail = []
+    for i in range(steps):
+        seq, targets = task.batch(batch_size, g)
+        mask = targets != IGNORE
+        loss = F.cross_entropy(query_logits(model, seq, mask), targets[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite MQAR loss at step {i + 1}")
+        if i >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if callback is not None:
+            callback(i + 1, loss.item())
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def mqar_accuracy(model: nn.Module, task: MQARTask, *, num_sequences: int = 1024,
+                  seed: int = 12345, batch_size: int = 128) -> float:
+    """Fraction of queries whose value is the argmax, on held-out sequences (a generator seed
+    the training seeds do not use by default)."""
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    right = total = 0
+    for start in range(0, num_sequences, batch_size):
+        seq, targets = task.batch(min(batch_size, num_sequences - start), g)
+        mask = targets != IGNORE
+        pred = query_logits(model, seq, mask).argmax(-1)
+        right += int((pred == targets[mask]).sum())
+        total += int(mask.sum())
+    model.train(was_training)
+    return right / total
+
+
+def mqar_base(**overrides) -> BlockRecurrentConfig:
+    """The MQAR model (MQAR_MODEL over the probe preset), with overrides."""
+    return preset("probe", **{**MQAR_MODEL, **overrides})
+
+
+def run_mqar(base: BlockRecurrentConfig | None = None, *,
+             grid: Iterable[tuple[int, int]] = ((256, 16),),
+             models: Iterable[str] = MODELS, steps: int = 1000, batch_size: int = 64,
+             lr: float = 1e-3, weight_decay: float = 0.1, seeds: Iterable[int] = (0,),
+             vocab: int = 8192, power_a: float = 0.01, num_test: int = 1024,
+             log: Callable[[str], None] | None = print) -> list[dict]:
+    """Train and evaluate one fresh model per ((seq_len, pairs), model, seed); one row each."""
+    base = base if base is not None else mqar_base()
+    if not isinstance(base, BlockRecurrentConfig):
+        raise TypeError(f"base must be a BlockRecurrentConfig, got {type(base).__name__}")
+    models, grid, seeds = list(models), [tuple(x) for x in grid], list(seeds)
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown MQAR model {name!r}; choose from {MODELS}")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("num_test", num_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    tasks = [MQARTask(seq_len=n, num_pairs=k, vocab=vocab, power_a=power_a) for n, k in grid]
+    rows = []
+    for task in tasks:
+        reach = task.reach(base.block_width, base.depth, num_sequences=num_test)
+        for name in models:
+            config = mqar_config(base, task, name)
+            for seed in seeds:
+                torch.manual_seed(seed)
+                model = BlockRecurrentTransformer(config)
+                t0 = time.perf_counter()
+                loss = train_mqar(model, task, steps=steps, batch_size=batch_size, lr=lr,
+                                  weight_decay=weight_decay, seed=seed)
+                train_s = time.perf_counter() - t0
+                acc = mqar_accuracy(model, task, num_sequences=num_test)
+                sb = state_bytes(config)
+                row = dict(model=name, seq_len=task.seq_len, num_pairs=task.num_pairs,
+                           vocab=task.vocab, power_a=task.power_a, dim=config.dim,
+                           depth=config.depth, window=config.block_width,
+                           state_vectors=config.num_state_vectors if sb else 0,
+                           state_bytes=sb, inference_bytes=sb + cache_bytes(config,
+                                                                              task.seq_len),
+                           seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
+                           steps=steps, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, train_seconds=train_s,
+                           seconds_per_step=train_s / steps, **reach,
+                           slide_window=base.block_width)
+                rows.append(row)
+                if log:
+                    log(f"{name:9s} n={task.seq_len} K={task.num_pairs} dim={config.dim} "
+                        f"W={config.block_width} S={row['state_vectors']} seed={seed}: "
+                        f"accuracy {acc:.3f} (loss {loss:.3f}, {train_s:.0f} s, "
+                        f"{train_s / steps:.2f} s/step)")
+    return rows
+
+
+# --- reports ------------------------------------------------------------------------------
+
+
+def _key(r: dict) -> tuple:
+    return (r["seq_len"], r["num_pairs"], r["dim"], r["slide_window"])
+
+
+def _label(r: dict) -> str:
+    if r["model"] == "recurrent":
+        return f"recurrent S={r['state_vectors']}"
+    return r["model"]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """{(seq_len, pairs, dim, window): {label: (mean accuracy, min, max, seeds, row)}}."""
+    acc: dict = {}
+    for r in rows:
+        acc.setdefault(_key(r), {}).setdefault(_label(r), []).append(r)
+    return {k: {m: (sum(x["accuracy"] for x in rs) / len(rs),
+                    min(x["accuracy"] for x in rs), max(x["accuracy"] for x in rs), len(rs),
+                    rs[0])
+                for m, rs in by_m.items()}
+            for k, by_m in sorted(acc.items())}
+
+
+def _order(label: str) -> tuple:
+    return (MODELS.index(label.split()[0]), label)
+
+
+def mqar_table(rows: list[dict], markdown: bool = True) -> str:
+    """One line per (setting, model): mean accuracy over seeds (min-max), seeds, state sizes,
+    Slide's reach and the seconds per step."""
+    from .report import _table
+
+    header = ["seq_len", "pairs", "dim", "W", "model", "accuracy", "seeds", "state bytes",
+              "inference bytes", "Slide reach", "s/step"]
+    body = []
+    for (n, k, dim, _), by_m in summarise(rows).items():
+        for label in sorted(by_m, key=_order):
+            mean, lo, hi, count, r = by_m[label]
+            spread = f" ({lo:.3f}-{hi:.3f})" if count > 1 else ""
+            body.append([str(n), str(k), str(dim), str(r["window"]), label,
+                         f"{mean:.3f}{spread}", str(count), f"{r['state_bytes']:,}",
+                         f"{r['inference_bytes']:,}",
+                         f"{r['reach_frac']:.3f} / {r['direct_frac']:.3f}",
+                         f"{r['seconds_per_step']:.2f}"])
+    return _table(header, body, markdown)
+
+
+def write_mqar_report(rows: list[dict], out_dir, title: str = "MQAR") -> dict:
+    """out_dir/mqar.json (every run), mqar.md (the table) and mqar.png (accuracy against the
+    inference state's bytes, and against the sequence length)."""
+    from ..files import write_atomic, write_json
+    from .report import _figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "mqar.json", rows)
+    text = (f"# {title}\n\nAccuracy on the queries' values (mean over seeds, min-max); state "
+            f"bytes: the recurrent state (fp32); inference bytes: it plus the attention cache a "
+            f"token reads; Slide reach: the fraction of queries whose value is within "
+            f"depth x (W - 1) / within W - 1 tokens of a window of the Slide model's W.\n\n"
+            f"{mqar_table(rows)}\n")
+    write_atomic(out / "mqar.md", lambda f: f.write(text.encode()))
+    png = None
+    fig = _figure()
+    if fig is not None and rows:
+        fig.set_size_inches(11, 4.2)
+        ax_bytes, ax_len = fig.subplots(1, 2)
+        summary = summarise(rows)
+        markers = {"full": "s", "slide": "v", "recurrent": "o"}
+        for (n, k, dim, _), by_m in summary.items():
+            for label, (mean, lo, hi, _, r) in by_m.items():
+                ax_bytes.errorbar([r["inference_bytes"]], [mean],
+                                  yerr=[[mean - lo], [hi - mean]], marker=markers[r["model"]],
+                                  linestyle="none", capsize=2,
+                                  label=f"{label}, n={n} K={k} d={dim}")
+        ax_bytes.set_xscale("log")
+        ax_bytes.set_xlabel("inference state (bytes, fp32, log scale)")
+        ax_bytes.set_ylabel("MQAR accuracy")
+        ax_bytes.set_ylim(-0.02, 1.02)
+        ax_bytes.grid(alpha=0.3)
+        ax_bytes.legend(fontsize=6)
+        series: dict = {}
+        for (n, _, dim, _), by_m in summary.items():
+            for label, (mean, *_rest) in by_m.items():
+                series.setdefault((label, dim), []).append((n, mean))
+        for (label, dim), pts in sorted(series.items()):
+            pts.sort()
+            ax_len.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="--" if label == "slide" else "-",
+                        label=f"{label}, dim {dim}")
+        for (n, *_), by_m in summary.items():
+            r = next(iter(by_m.values()))[4]
+            ax_len.plot([n], [r["reach_frac"]], marker="_", color="grey", markersize=14)
+        ax_len.set_xscale("log", base=2)
+        ax_len.set_xlabel("sequence length (tokens)")
+        ax_len.set_ylim(-0.02, 1.02)
+        ax_len.grid(alpha=0.3)
+        ax_len.legend(fontsize=7, title="grey: Slide's reach", title_fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        png = out / "mqar.png"
+        fig.savefig(png, dpi=120)
+    return {"json": str(out / "mqar.json"), "md": str(out / "mqar.md"),
+            "png": str(png) if png else None}
+
+
+# --- `brt probe --task mqar` ----------------------------------------------------------------
+
+
+def parse_grid(cells: Iterable[str]) -> list[tuple[int, int]]:
+    """["256:16", "512:64"] -> [(256, 16), (512, 64)]."""
+    grid = []
+    for cell in cells:
+        try:
+            n, k = (int(x) for x in str(cell).split(":"))
+        except ValueError:
+            raise ValueError(f"an MQAR setting looks like SEQ_LEN:PAIRS (e.g. 256:16), got "
+                             f"{cell!r}") from None
+        grid.append((n, k))
+    return grid
+
+
+def probe_main(args, overrides: list[str]) -> int:
+    """`brt probe --task mqar`: the three models (or --models) on every --grid setting, model
+    settings key=value over MQAR_MODEL; writes mqar.json, mqar.md and mqar.png to --out."""
+    from ..train.settings import load_train_config
+
+    def toml(v):
+        return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)
+
+    defaults = [f"model.{k}={toml(v)}" for k, v in MQAR_MODEL.items()]
+    config = load_train_config(preset="probe", overrides=defaults + [
+        "model." + o.strip().removeprefix("model.") for o in overrides])[0]
+    models = args.models or list(MODELS)
+    rows = run_mqar(config, grid=parse_grid(args.grid), models=models, steps=args.steps,
+                    batch_size=args.batch_size, lr=args.lr, seeds=args.seeds)
+    paths = write_mqar_report(rows, args.out, title="MQAR")
+    print(mqar_table(rows, markdown=False))
+    print("wrote " + ", ".join(p for p in paths.values() if p))
+    return 0
