@@ -2,6 +2,7 @@
 refused with a message, the baselines' model configs."""
 import pytest
 
+from blockrecurrent.model.config import BlockRecurrentConfig
 from blockrecurrent.train.settings import (
     TrainConfig,
     apply_baseline,
@@ -103,3 +104,20 @@ def test_one_table_of_dtype_names():
     for bad in ("bf16", "float16"):  # stored settings keep one spelling; no fp16 grad scaler
         with pytest.raises(ValueError, match="dtype"):
             TrainConfig(dtype=bad)
+
+
+def test_every_setting_has_a_meaning():
+    """--help gives every train setting its default and meaning, from the dataclass itself (no
+    source file is read)."""
+    from dataclasses import fields
+
+    from blockrecurrent.train.settings import settings_help
+
+    help_text = settings_help()
+    for f in fields(TrainConfig):
+        meaning = f.metadata.get("help")
+        assert isinstance(meaning, str) and meaning.strip(), f"{f.name} has no meaning"
+        assert f"{f.name}={f.default!r}: {meaning}" in help_text
+    assert help_text.startswith("train settings (defaults): data='stdlib': ")
+    assert help_text.endswith(". model.* settings: " + ", ".join(
+        f.name for f in fields(BlockRecurrentConfig)) + ".")

@@ -7,10 +7,8 @@ the paper's baselines, and the help text listing every setting with its meaning.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -45,43 +43,69 @@ def valid_betas(betas) -> bool:
                     for b in betas))
 
 
+def _setting(default, meaning: str):
+    """A TrainConfig field: its default and its meaning (what --help prints beside it)."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class TrainConfig:
     """Training settings: the [train] section of a config file, or `key=value` on the command
-    line. The comment beside each field is its meaning, as --help prints it."""
+    line. Each field is _setting(default, meaning); settings_help prints the meanings."""
     # data
-    data: str = "stdlib"  # "stdlib", a .jsonl file, a directory or a glob pattern of text files
-    text_field: str = "text"  # field holding the text in .jsonl records
-    tokenizer: str = "byte"  # "byte", "bpe" (trained on the train split), or a tokenizer directory
-    bpe_vocab_size: int = 8192  # vocabulary of tokenizer "bpe"; model.num_tokens follows it
-    cache_dir: str = "data_cache"  # tokenized corpora and BPE tokenizers are cached here ("": none)
-    baseline: str = "recurrent"  # "slide": no recurrent layer; "xl": also segment = block_width
+    data: str = _setting("stdlib",
+                         '"stdlib", a .jsonl file, a directory or a glob pattern of text files')
+    text_field: str = _setting("text", "field holding the text in .jsonl records")
+    tokenizer: str = _setting("byte",
+                              '"byte", "bpe" (trained on the train split), or a tokenizer '
+                              'directory')
+    bpe_vocab_size: int = _setting(8192,
+                                   'vocabulary of tokenizer "bpe"; model.num_tokens follows it')
+    cache_dir: str = _setting("data_cache",
+                              'tokenized corpora and BPE tokenizers are cached here ("": none)')
+    baseline: str = _setting("recurrent",
+                             '"slide": no recurrent layer; "xl": also segment = block_width')
     # optimisation
-    batch_size: int = 8  # lanes per process (x world size), fewer when unset and documents are few
-    grad_accum: int = 1  # consecutive segments of every lane per optimizer step
-    max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
-    lr: float = 1e-3  # peak learning rate, reached after warmup_steps
-    min_lr: float = 1e-4  # learning rate at max_steps
-    warmup_steps: int = 100  # linear warmup from 0 (unset and over max_steps: max_steps // 10)
-    weight_decay: float = 0.1  # AdamW decay, on weight matrices only
-    betas: tuple = (0.9, 0.95)  # AdamW betas
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    max_nonfinite: int = 5  # stop after this many non-finite losses in a row (each is skipped)
+    batch_size: int = _setting(8,
+                               "lanes per process (x world size), fewer when unset and documents "
+                               "are few")
+    grad_accum: int = _setting(1, "consecutive segments of every lane per optimizer step")
+    max_steps: int = _setting(1000, "optimizer steps; the cosine schedule ends here")
+    lr: float = _setting(1e-3, "peak learning rate, reached after warmup_steps")
+    min_lr: float = _setting(1e-4, "learning rate at max_steps")
+    warmup_steps: int = _setting(100,
+                                 "linear warmup from 0 (unset and over max_steps: max_steps // 10)")
+    weight_decay: float = _setting(0.1, "AdamW decay, on weight matrices only")
+    betas: tuple = _setting((0.9, 0.95), "AdamW betas")
+    grad_clip: float = _setting(1.0, "max global gradient norm; 0 disables clipping")
+    max_nonfinite: int = _setting(5,
+                                  "stop after this many non-finite losses in a row (each is "
+                                  "skipped)")
     # hardware
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
-    dtype: str = "auto"  # "auto": bf16 autocast on CUDA with bf16 support, else float32
-    compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 sharding)
-    activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    seed: int = 0  # model init, data order and dropout
+    device: str = _setting("auto", '"auto" (cuda if available), "cpu", "cuda", "cuda:N"')
+    dtype: str = _setting("auto", '"auto": bf16 autocast on CUDA with bf16 support, else float32')
+    compile: bool = _setting(False, "torch.compile the model")
+    parallel: str = _setting("ddp",
+                             'under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 '
+                             'sharding)')
+    activation_checkpointing: bool = _setting(False,
+                                              "recompute each layer's activations in backward")
+    seed: int = _setting(0, "model init, data order and dropout")
     # evaluation, logging, checkpoints
-    out_dir: str = "runs/brt"  # metrics.jsonl, loss.png, checkpoints/, model/
-    eval_interval: int = 200  # steps between evaluations (always one at the end); 0: at the end
-    eval_tokens: int = 32768  # held-out tokens per evaluation (whole validation documents); 0: none
-    log_interval: int = 10  # steps between metrics lines
-    save_interval: int = 500  # steps between checkpoints (always one at the end); 0: at the end
-    keep_last: int = 3  # checkpoints kept; 0 keeps all
-    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+    out_dir: str = _setting("runs/brt", "metrics.jsonl, loss.png, checkpoints/, model/")
+    eval_interval: int = _setting(200,
+                                  "steps between evaluations (always one at the end); 0: at the "
+                                  "end")
+    eval_tokens: int = _setting(32768,
+                                "held-out tokens per evaluation (whole validation documents); 0: "
+                                "none")
+    log_interval: int = _setting(10, "steps between metrics lines")
+    save_interval: int = _setting(500,
+                                  "steps between checkpoints (always one at the end); 0: at the "
+                                  "end")
+    keep_last: int = _setting(3, "checkpoints kept; 0 keeps all")
+    tensorboard: bool = _setting(False,
+                                 "also log to out_dir/tensorboard (needs the tensorboard package)")
 
     # Not a setting (no annotation): which of FITTED neither a config file nor the command line
     # set, so the trainer may fit them to the run and the corpus (load_train_config fills it; a
@@ -321,25 +345,8 @@ def fit_warmup(max_steps) -> int | None:
     return max(1, max_steps // 10) if TrainConfig.warmup_steps > max_steps else None
 
 
-def _setting_meanings() -> dict[str, str]:
-    """Each TrainConfig field's trailing comment in this file: the meaning --help prints."""
-    lines, start = inspect.getsourcelines(TrainConfig)
-    meanings = {}
-    for node in ast.parse("".join(lines)).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            _, _, comment = lines[node.lineno - 1].partition("  # ")
-            meanings[node.target.id] = comment.strip()
-    return meanings
-
-
 def settings_help() -> str:
     """Every train setting with its default and meaning, then the model.* settings, for --help."""
-    try:
-        meanings = _setting_meanings()
-    except (OSError, TypeError, SyntaxError):  # no source at hand (a frozen install)
-        meanings = {}
-    train = "; ".join(f"{f.name}={f.default!r}"
-                      + (f": {meanings[f.name]}" if meanings.get(f.name) else "")
-                      for f in fields(TrainConfig))
+    train = "; ".join(f"{f.name}={f.default!r}: {f.metadata['help']}" for f in fields(TrainConfig))
     model = ", ".join(f.name for f in fields(BlockRecurrentConfig))
     return f"train settings (defaults): {train}. model.* settings: {model}."
