@@ -14,6 +14,7 @@ from blockrecurrent.evaluate.probes import (
     train_recall,
     write_probe_report,
 )
+from blockrecurrent.evaluate.reach import reach_table
 from blockrecurrent.model.config import preset
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 from blockrecurrent.train.settings import TrainConfig
@@ -99,6 +100,24 @@ def test_mixed_trains_one_model_per_k_over_all_distances(tmp_path):
     assert saved == ["recurrent-keys-K1-mixed-s0", "recurrent-keys-K2-mixed-s0"]
     with pytest.raises(TypeError, match="mixed"):
         run_probes(base, mixed="yes")
+
+
+def test_beyond_scores_each_model_at_multiples_of_its_trained_distance(tmp_path):
+    """One call trains at distances up to D and also scores at f * D (the reach table); the
+    same model at every factor (one training), whether trained at one distance or mixed."""
+    base = preset("probe", block_width=8, num_state_vectors=8)
+    rows = run_probes(base, num_keys=(1,), distances=(1, 2), lead=1, steps=3, mixed=True,
+                      beyond=(4,), log=None)
+    assert [(r["distance"], r["factor"], r["trained_distance"]) for r in rows
+            if r["model"] == "recurrent"] == [(1, 1, 2), (2, 1, 2), (8, 4, 2)]
+    assert len({r["final_loss"] for r in rows if r["model"] == "recurrent"}) == 1
+    table = reach_table(rows, markdown=True)
+    assert "| recurrent | 1 | 2 |" in table and "4D" in table and "(8)" in table
+    assert "| 8 |" not in probe_table(rows)  # the main table keeps the trained distances
+    write_probe_report(rows, tmp_path)
+    assert "## Beyond the trained distance" in (tmp_path / "probe.md").read_text()
+    with pytest.raises(ValueError, match="beyond must hold ints >= 2"):
+        run_probes(base, beyond=(1,))
 
 
 def test_the_research_hooks_are_not_the_librarys():

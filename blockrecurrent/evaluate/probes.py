@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig, valid_betas
+from .reach import check_beyond, reach_table
 
 TASKS = ("keys", "pairs")
 IGNORE = -100  # target of positions without a question
@@ -230,17 +231,19 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
                mixed: bool = False, betas: tuple[float, float] = BETAS,
-               log: Callable[[str], None] | None = print) -> list[dict]:
+               beyond: Iterable[int] = (), log: Callable[[str], None] | None = print
+               ) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). mixed=True trains one model per (model,
     K, seed) on all the distances in turn (the same `steps` in all) and evaluates it at each:
     from scratch at one long distance the signal can be too weak to find how to store several
-    keys, which the short distances teach (experiments/probe_curriculum.py). Returns one row per
-    (model, K, distance, seed)."""
+    keys, which the short distances teach (experiments/probe_curriculum.py). beyond: also score
+    each trained model with the keys f times its longest trained distance back, for each f
+    (evaluate/reach.py). Returns one row per (model, K, distance, seed)."""
     base = base if base is not None else preset("probe")
     models, num_keys, distances, seeds = list(models), list(num_keys), list(distances), list(seeds)
     _check_run(base, models, steps, batch_size, lr, mixed)
-    betas = _check_betas(betas)
+    betas, beyond = _check_betas(betas), check_beyond(beyond)
     tasks = task_grid(base.block_width, kind, num_keys, distances, queries, lead)  # all checked
     # What each model trains on: one task, or (mixed) every distance of one K.
     groups = ([[t for t in tasks if t.num_keys == k] for k in dict.fromkeys(num_keys)] if mixed
@@ -256,13 +259,18 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 t0 = time.perf_counter()
                 loss = train_recall(model, group if mixed else group[0], steps=steps,
                                     batch_size=batch_size, lr=lr, seed=seed, betas=betas)
-                for task in group:
-                    acc = recall_accuracy(model, task)
+                scored = [(1, task) for task in group] + [
+                    (f, dataclasses.replace(longest, distance=f * longest.distance))
+                    for f in beyond]
+                for factor, task in scored:
+                    # Long sequences in smaller batches: about as many tokens per forward.
+                    acc = recall_accuracy(model, task, batch_size=max(1, 2 ** 16 // task.length))
                     row = dict(model=name, kind=task.kind, num_keys=task.num_keys,
                                distance=task.distance, queries=task.queries, lead=task.lead,
                                seed=seed, accuracy=acc, chance=task.chance, final_loss=loss,
                                beyond_reach=task.beyond_reach(config.depth, config.window),
-                               steps=steps, betas=list(betas), mixed=mixed,
+                               steps=steps, betas=list(betas), mixed=mixed, factor=factor,
+                               trained_distance=longest.distance,
                                seconds=time.perf_counter() - t0)
                     rows.append(row)
                     if log:
@@ -326,6 +334,7 @@ def probe_table(rows: list[dict], markdown: bool = True) -> str:
     settings where an answer is within the windows' reach."""
     from .report import _table
 
+    rows = [r for r in rows if r.get("factor", 1) == 1]  # the multiples: reach_table
     summary = summarise(rows)
     columns = sorted(summary, key=lambda mk: (mk[1], mk[0] != "recurrent", mk[0]))
     distances = sorted({r["distance"] for r in rows})
@@ -353,12 +362,17 @@ def write_probe_report(rows: list[dict], out_dir, title: str = "recall probe") -
     text = (f"# {title}\n\nAccuracy on the answer tokens (chance {chance:.3f}); '(w)' marks "
             f"settings where an answer is within the windows' reach.\n\n"
             f"{probe_table(rows)}\n")
+    if any(r.get("factor", 1) > 1 for r in rows):
+        text += ("\n## Beyond the trained distance\n\nAccuracy with the keys D blocks back "
+                 "(the longest distance the model was trained at) and at multiples of D.\n\n"
+                 f"{reach_table(rows)}\n")
     write_atomic(out / "probe.md", lambda f: f.write(text.encode()))
     png = None
     fig = _figure()
     if fig is not None and rows:
         ax = fig.subplots()
-        for (m, k), by_d in sorted(summarise(rows).items()):
+        for (m, k), by_d in sorted(summarise([r for r in rows if r.get("factor", 1) == 1])
+                                   .items()):
             ax.plot(list(by_d), list(by_d.values()), marker="o",
                     linestyle="-" if m == "recurrent" else "--", label=f"{m}, K={k}")
         ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
