@@ -43,7 +43,7 @@ def _overrides(values: list[str]) -> list[str]:
 
 def cmd_train(args) -> int:
     overrides = _overrides(args.overrides)
-    from .train.checkpoint import load_resume_config
+    from .train.resume import load_resume_config
     from .train.settings import load_train_config
     from .train.trainer import train
 

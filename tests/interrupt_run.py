@@ -4,7 +4,8 @@ import os
 import signal
 import sys
 
-from blockrecurrent.train.trainer import Trainer, main
+from blockrecurrent.train.__main__ import main
+from blockrecurrent.train.trainer import Trainer
 
 stop_at = int(sys.argv[1])
 original = Trainer.train_step

@@ -13,12 +13,8 @@ from helpers import eval_model, mixed_length_corpus
 
 from blockrecurrent.data.corpus import Document, tokenize_corpus
 from blockrecurrent.data.tokenizer import ByteTokenizer
-from blockrecurrent.evaluate.evaluation import (
-    bucket_label,
-    cheapest_batch_size,
-    evaluate,
-    lane_plan,
-)
+from blockrecurrent.evaluate.documents import lane_plan
+from blockrecurrent.evaluate.evaluation import bucket_label, cheapest_batch_size, evaluate
 from blockrecurrent.model.config import preset
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 

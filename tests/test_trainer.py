@@ -14,8 +14,8 @@ from helpers import records, settings, step_losses, write_word_corpus
 from blockrecurrent.data.tokenizer import ByteTokenizer, load_tokenizer
 from blockrecurrent.errors import NonFiniteLossError
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
-from blockrecurrent.train.checkpoint import load_resume_config
 from blockrecurrent.train.optim import lm_loss_sum, lr_at
+from blockrecurrent.train.resume import load_resume_config
 from blockrecurrent.train.settings import load_train_config, resolve_model_config
 from blockrecurrent.train.train_data import build_data
 from blockrecurrent.train.trainer import Trainer, train

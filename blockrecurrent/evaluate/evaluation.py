@@ -3,11 +3,13 @@
     results = evaluate(model, corpus)            # every held-out document once, in full
     write_eval_report(results, "report", "eval-test")   # eval-test.json + eval-test.png
 
-Documents are streamed through `DocumentLanes` exactly as in training: each batch row reads one
+Documents are streamed through `DocumentLanes` exactly as in training, by the loop that the
+trainer's own evaluation runs (train.streaming.stream_segments): each batch row reads one
 document segment after segment, carrying the XL memories and recurrent states between segments,
 and `reset` clears them where a row starts a new document. So the loss at position 20,000 of a
 document is the loss of a model that has read the 20,000 tokens before it, which is what the
 paper's long-document claim is about (Hutchins et al. 2022, section 4: "loss at late positions").
+documents.py chooses the documents and lays them out on the lanes; heldout.py reads them.
 
 Bits per byte (sum of nats / ln 2 / UTF-8 bytes of the text) compares models with different
 tokenizers; bits per token is the paper's unit and the one the position buckets use.
@@ -15,7 +17,6 @@ tokenizers; bits per token is the paper's unit and the one the position buckets 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,11 +31,12 @@ from ..data.corpus import TokenizedCorpus
 from ..data.lanes import DocumentLanes
 from ..model.dtypes import DTYPE_NAMES, DTYPES, torch_dtype
 from ..model.transformer import BlockRecurrentTransformer
+from ..train.streaming import RESET_STATE, stream_segments
+from .documents import chosen_documents, lane_plan, select_documents
+from .heldout import load_heldout, training_data
 from .report import write_eval_report
 
 DEFAULT_BUCKETS = (0, 1024, 4096, 16384)
-RESET_STATE = ("carry", "every-segment", "other-document")
-SELECT = ("first", "longest")
 LN2 = math.log(2)
 
 
@@ -101,68 +103,17 @@ def _check_args(model, batch_size, segment_len, buckets, dtype, max_docs, max_to
     return segment_len, _check_buckets(buckets), resolve_dtype(dtype)
 
 
-def lane_plan(lengths, lanes: int) -> tuple[np.ndarray, int]:
-    """Deal documents of these lengths out to `lanes` lanes, longest first, each to the lane with
-    the least work so far (LPT scheduling) -> (order, longest lane in tokens). DocumentLanes gives
-    lane k the documents k, k+G, k+2G, ... of a corpus, so every lane gets n // G documents and
-    n % G lanes one more; the order puts document order[t * G + k] t-th on lane k. Balanced lanes
-    leave fewer rows idle as padding once the short lanes run out of documents."""
-    import heapq
-
-    lengths = np.asarray(lengths, np.int64)
-    n = len(lengths)
-    q, extra = divmod(n, lanes)
-    members: list[list[int]] = [[] for _ in range(lanes)]
-    heap = [(0, k) for k in range(lanes)]  # (tokens so far, lane)
-    for i in np.argsort(-lengths, kind="stable"):
-        while True:
-            load, k = heapq.heappop(heap)
-            if len(members[k]) < q or (len(members[k]) == q and extra > 0):
-                break  # this lane may take another document
-        extra -= len(members[k]) == q
-        members[k].append(int(i))
-        if len(members[k]) <= q:
-            heapq.heappush(heap, (load + int(lengths[i]), k))
-    members.sort(key=len, reverse=True)  # the lanes holding one more document come first
-    order = np.empty(n, np.int64)
-    for k, docs in enumerate(members):
-        order[np.arange(len(docs)) * lanes + k] = docs
-    return order, max((int(lengths[d].sum()) for d in members if d), default=0)
-
-
-def _chosen(corpus: TokenizedCorpus, max_docs, max_tokens, select: str = "first") -> np.ndarray:
-    """The indices of the documents that max_docs / max_tokens keep (see _select)."""
-    if select not in SELECT:
-        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
-    usable = np.flatnonzero(corpus.doc_lengths >= 2)  # a bos alone has nothing to predict
-    if select == "longest":
-        usable = usable[np.argsort(-corpus.doc_lengths[usable], kind="stable")]
-    if max_docs is not None:
-        usable = usable[:max_docs]
-    if max_tokens is not None:  # whole documents only; always at least one
-        cum = np.cumsum(corpus.doc_lengths[usable] - 1)
-        usable = usable[:max(1, int(np.searchsorted(cum, max_tokens, side="right")))]
-    return usable
-
-
-def _select(corpus: TokenizedCorpus, max_docs, max_tokens, lanes: int, select: str = "first"
-            ) -> tuple[TokenizedCorpus, np.ndarray]:
-    """The documents to evaluate as a corpus of their own, laid out for balanced lanes (see
-    lane_plan) -> (corpus, original index of each of its documents). The results do not depend
-    on the layout: every row is reset at a document start. select: which documents max_docs /
-    max_tokens keep, "first" in corpus order or "longest" first (fills the late positions)."""
-    usable = _chosen(corpus, max_docs, max_tokens, select)
-    if len(usable) == 0:
-        raise ValueError("the corpus has no document with text to evaluate (each needs at least "
-                         "one token after its bos)")
-    order = usable[lane_plan(corpus.doc_lengths[usable], min(lanes, len(usable)))[0]]
-    pieces = [np.asarray(corpus.doc(int(i))) for i in order]
-    offsets = np.concatenate(([0], np.cumsum([len(p) for p in pieces]))).astype(np.int64)
-    sub = TokenizedCorpus(np.concatenate(pieces), offsets,
-                          np.array([corpus.num_bytes(int(i)) for i in order], np.int64),
-                          [corpus.names[int(i)] for i in order],
-                          bos_id=corpus.bos_id, vocab_size=corpus.vocab_size)
-    return sub, order
+def _check_corpus(model, corpus, reset_state: str) -> None:
+    """evaluate's checks of the corpus against the model, and of reset_state."""
+    if not isinstance(corpus, TokenizedCorpus):
+        raise TypeError(f"corpus must be a TokenizedCorpus (see data.tokenize_corpus), "
+                        f"got {type(corpus).__name__}")
+    if reset_state not in RESET_STATE:
+        raise ValueError(f"reset_state must be one of {RESET_STATE}, got {reset_state!r}")
+    if corpus.vocab_size > model.config.num_tokens:
+        raise ValueError(f"the corpus was tokenized with a vocabulary of {corpus.vocab_size} but "
+                         f"the model has num_tokens={model.config.num_tokens}: tokenize it with "
+                         f"the model's own tokenizer (load_tokenizer(model_dir))")
 
 
 def cheapest_batch_size(corpus: TokenizedCorpus, max_batch: int = 8, max_docs=None,
@@ -172,7 +123,7 @@ def cheapest_batch_size(corpus: TokenizedCorpus, max_batch: int = 8, max_docs=No
     positions computed, as on a CPU, this is about the fastest (fewer, larger calls win ties);
     on a GPU a larger batch is nearly free: use max_batch there."""
     _check_int("max_batch", max_batch, 1)
-    sub, _ = _select(corpus, max_docs, max_tokens, 1)
+    sub, _ = select_documents(corpus, max_docs, max_tokens, 1)
     lengths = sub.doc_lengths - 1
     cost = {g: g * lane_plan(lengths, g)[1] for g in range(1, min(max_batch, len(sub)) + 1)}
     return max(g for g in cost if cost[g] <= 1.05 * min(cost.values()))
@@ -214,21 +165,13 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     The per-bucket bits per byte are approximate: the bucket's bits per token times the
     corpus-wide tokens per byte (byte counts belong to whole documents, not to positions; exact
     for the byte tokenizer). Buckets without tokens report null (None) for their losses."""
-    if not isinstance(corpus, TokenizedCorpus):
-        raise TypeError(f"corpus must be a TokenizedCorpus (see data.tokenize_corpus), "
-                        f"got {type(corpus).__name__}")
     segment_len, buckets, dtype = _check_args(model, batch_size, segment_len, buckets, dtype,
                                               max_docs, max_tokens)
-    if reset_state not in RESET_STATE:
-        raise ValueError(f"reset_state must be one of {RESET_STATE}, got {reset_state!r}")
+    _check_corpus(model, corpus, reset_state)
     cfg = model.config
-    if corpus.vocab_size > cfg.num_tokens:
-        raise ValueError(f"the corpus was tokenized with a vocabulary of {corpus.vocab_size} but "
-                         f"the model has num_tokens={cfg.num_tokens}: tokenize it with the "
-                         f"model's own tokenizer (load_tokenizer(model_dir))")
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    sub, original = _select(corpus, max_docs, max_tokens, batch_size, select)
+    sub, original = select_documents(corpus, max_docs, max_tokens, batch_size, select)
     batch_size = min(batch_size, len(sub))
     if reset_state == "other-document" and batch_size < 2:
         raise ValueError("reset_state='other-document' reads two or more documents side by side: "
@@ -248,45 +191,37 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
 
 def _stream(model, lanes: DocumentLanes, sub: TokenizedCorpus, buckets: tuple, dtype, device,
             reset_state: str, bar) -> tuple[tuple, float]:
-    """Stream every document through the model once -> ((nats and tokens per bucket, nats
-    and tokens per document), seconds)."""
+    """Stream every document through the model once (train.streaming.stream_segments, the
+    trainer's loop too) -> ((nats and tokens per bucket, nats and tokens per document),
+    seconds)."""
     nb = len(buckets)
     bounds = torch.tensor(buckets[1:], dtype=torch.long)
     bucket_nats, bucket_tokens = np.zeros(nb), np.zeros(nb, np.int64)
     doc_nats, doc_tokens = np.zeros(len(sub)), np.zeros(len(sub), np.int64)
     expected = int((sub.doc_lengths - 1).sum())  # every token after each document's bos
 
-    was_training = model.training
-    model.to(device).eval()
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
-                              enabled=dtype not in (None, torch.float32))
-    mems = states = None
+    def add(batch: dict, logits: torch.Tensor) -> None:
+        # float32 cross entropy whatever the autocast dtype: the sums run over 1e5+ tokens.
+        targets = batch["targets"].to(device)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                              reduction="none").view_as(targets).double().cpu()
+        mask = batch["loss_mask"]
+        nats = nll[mask]
+        which = torch.bucketize(batch["positions"][mask], bounds, right=True)  # bucket index
+        bucket_nats[:] += torch.bincount(which, weights=nats, minlength=nb).numpy()
+        bucket_tokens[:] += torch.bincount(which, minlength=nb).numpy()
+        rows = batch["doc_index"][:, None].expand_as(mask)[mask]
+        doc_nats[:] += torch.bincount(rows, weights=nats, minlength=len(sub)).numpy()
+        doc_tokens[:] += torch.bincount(rows, minlength=len(sub)).numpy()
+        bar.update(int(mask.sum()))
+
+    model.to(device)
     start = time.perf_counter()
     try:
-        for batch in lanes:
-            if reset_state == "every-segment":
-                states = None  # the learned initial state; the caches still carry the window
-            elif reset_state == "other-document" and states is not None:
-                states = states.roll(1, dims=1)  # (r, b, s, e): row k gets row k-1's state
-            with autocast:
-                logits, mems, states = model(batch["inputs"].to(device), xl_memories=mems,
-                                             states=states, reset=batch["reset"].to(device))
-            # float32 cross entropy whatever the autocast dtype: the sums run over 1e5+ tokens.
-            targets = batch["targets"].to(device)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                  reduction="none").view_as(targets).double().cpu()
-            mask = batch["loss_mask"]
-            nats = nll[mask]
-            which = torch.bucketize(batch["positions"][mask], bounds, right=True)  # bucket index
-            bucket_nats += torch.bincount(which, weights=nats, minlength=nb).numpy()
-            bucket_tokens += torch.bincount(which, minlength=nb).numpy()
-            rows = batch["doc_index"][:, None].expand_as(mask)[mask]
-            doc_nats += torch.bincount(rows, weights=nats, minlength=len(sub)).numpy()
-            doc_tokens += torch.bincount(rows, minlength=len(sub)).numpy()
-            bar.update(int(mask.sum()))
+        stream_segments(model, lanes, add, device=device, autocast=dtype,
+                        reset_state=reset_state)
     finally:
         bar.close()
-        model.train(was_training)
     seconds = time.perf_counter() - start
     assert int(doc_tokens.sum()) == expected and (doc_tokens == sub.doc_lengths - 1).all(), \
         "every token of every document must be predicted exactly once"
@@ -331,50 +266,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled,
                 dynamic_ncols=True, leave=False)
-
-
-def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "text",
-                 val_fraction: float = 0.05, test_fraction: float = 0.05,
-                 cache_dir: str | os.PathLike | None = "data_cache") -> TokenizedCorpus:
-    """The `split` ('val' or 'test') documents of `source` (see data.load_documents), split as
-    the trainer splits them (same fractions -> same documents, by a hash of their names),
-    tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
-    import hashlib
-
-    from ..data.corpus import load_documents, split_documents, tokenize_corpus
-
-    if split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
-    docs = split_documents(load_documents(source, text_field), val_fraction, test_fraction)[split]
-    if not docs:
-        raise ValueError(f"the {split} split of {os.fspath(source)!r} is empty (the corpus has too "
-                         f"few documents); use a larger corpus or raise {split}_fraction")
-    cache = None
-    if cache_dir is not None:
-        # One directory per (corpus, split, tokenizer): tokenize_corpus checks the contents too.
-        src = os.fspath(source)
-        src = src if src == "stdlib" else os.path.abspath(src)
-        key = f"{src}|{text_field}|{val_fraction}|{test_fraction}|{tokenizer.fingerprint}"
-        cache = Path(cache_dir) / f"eval-{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    return tokenize_corpus(docs, tokenizer, cache)
-
-
-def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:
-    """(data, text_field) of the run that wrote `model_dir`, from the trainer's trainer.json:
-    in the directory itself (a checkpoint) or in the latest checkpoint beside it (the exported
-    out_dir/model). None when there is no such record."""
-    model_dir = Path(model_dir)
-    candidates = [model_dir / "trainer.json"]
-    root = model_dir.parent / "checkpoints"
-    if (root / "latest").is_file():
-        candidates.append(root / (root / "latest").read_text().strip() / "trainer.json")
-    for path in candidates:
-        try:
-            tc = json.loads(path.read_text())["train_config"]
-            return tc["data"], tc.get("text_field", "text")
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
 
 
 def state_ablation(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *,
@@ -451,7 +342,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
 
 def _eval_size(corpus: TokenizedCorpus, split: str, data, max_docs, max_tokens) -> str:
     """One line: how much of the split will be evaluated, and the caps that make it less."""
-    chosen = _chosen(corpus, max_docs, max_tokens)
+    chosen = chosen_documents(corpus, max_docs, max_tokens)
     tokens = int((corpus.doc_lengths[chosen] - 1).sum())
     size = f"{tokens:,} tokens, {sum(corpus.num_bytes(int(i)) for i in chosen):,} bytes"
     docs = len(chosen)

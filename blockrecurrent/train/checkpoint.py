@@ -1,5 +1,6 @@
 """Checkpoints of a training run: one manager (Checkpoints) that saves, loads, finds the latest,
-keeps the last keep_last and exports the final model; RNG state; the checks before a resume.
+keeps the last keep_last and exports the final model. Which checkpoint to resume from and the
+checks before a resume are resume.py's; the per-rank RNG and lane state rank_state.py's.
 
 A checkpoint, out_dir/checkpoints/step_0000100/, is also a model directory that
 BlockRecurrentTransformer.from_pretrained and `brt generate` read directly:
@@ -26,29 +27,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
-import re
 import shutil
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from ..files import make_temp_dir, usual_mode, write_atomic, write_json
-from ..model.config import PRESETS, BlockRecurrentConfig, as_saved_now
-from ..model.memories import XLMemories
 from ..model.transformer import BlockRecurrentTransformer
 from .distributed import DistEnv, full_model
-from .settings import TrainConfig, _given_settings, _model_config, load_train_config
+from .resume import (
+    check_model_config,
+    check_resume,
+    latest_checkpoint,
+    previous_intact_hint,
+    step_dirs,
+)
 
-CHECKPOINT_FORMAT = 1
-# Settings that fix the data stream or the vocabulary: a resumed run must keep them.
-_RESUME_FIXED = ("data", "text_field", "tokenizer", "bpe_vocab_size", "batch_size", "seed",
-                 "baseline")
 # Trainer.state_dict() entries written per rank, and those that are not written to trainer.json.
 RANK_KEYS = ("lanes", "rng", "lane_tensors")
 _NOT_META = (*RANK_KEYS, "model", "optimizer", "scheduler")
@@ -57,32 +53,6 @@ _NOT_META = (*RANK_KEYS, "model", "optimizer", "scheduler")
 def _unreadable(path, err) -> ValueError:
     return ValueError(f"cannot read {path}: {err}; the checkpoint is incomplete or corrupted"
                       + previous_intact_hint(Path(path).parent))
-
-
-def previous_intact_hint(checkpoint: Path) -> str:
-    """How to resume from the newest earlier checkpoint that looks whole, after `checkpoint`
-    turned out unreadable; "" when there is none."""
-    checkpoint = Path(checkpoint)
-    if not re.fullmatch(r"step_\d+", checkpoint.name):
-        return ""
-    root, step = checkpoint.parent, int(checkpoint.name[5:])
-    for prev in reversed(_step_dirs(root)):
-        if int(prev.name[5:]) < step and _looks_whole(prev):
-            return (f". The previous checkpoint {prev} looks intact: to resume from it, move "
-                    f"{checkpoint} out of {root} and delete {root / 'latest'}")
-    return ""
-
-
-def _looks_whole(checkpoint: Path) -> bool:
-    """Its trainer.json reads and its weights, optimizer and rank 0's files are there."""
-    try:
-        meta = json.loads((checkpoint / "trainer.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    weights = ("dcp",) if (checkpoint / "dcp").is_dir() else ("model.safetensors", "optimizer.pt")
-    return isinstance(meta, dict) and isinstance(meta.get("step"), int) and all(
-        (checkpoint / name).exists()
-        for name in (*weights, "lanes_rank0.json", "lanes_rank0.safetensors", "rng_rank0.pt"))
 
 
 def _read_json(path: Path) -> dict:
@@ -97,32 +67,6 @@ def _torch_load(path: Path, device):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
         raise _unreadable(path, err) from None
-
-
-def rng_state(device: torch.device) -> dict:
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "gauss": gauss},
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def _write_rank_files(directory: Path, rank: int, part: dict) -> None:
@@ -141,106 +85,6 @@ def _single_process_dcp():
         warnings.filterwarnings(
             "ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _step_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints (temporary directories start with a dot), oldest first."""
-    found = [p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The checkpoint named by out_dir/checkpoints/latest, else the highest-numbered one."""
-    root = Path(out_dir) / "checkpoints"
-    steps = _step_dirs(root)
-    if (root / "latest").is_file():
-        name = (root / "latest").read_text("utf-8").strip()
-        if not (root / name).is_dir():
-            raise ValueError(f"{root / 'latest'} names {name!r}, which does not exist; edit it to "
-                             f"name one of {[p.name for p in steps]}")
-        return root / name
-    return steps[-1] if steps else None
-
-
-def check_model_config(saved, now: BlockRecurrentConfig) -> None:
-    now, saved = now.to_dict(), as_saved_now(saved)  # a checkpoint from before a field: its value
-    if saved != now:
-        saved = saved if isinstance(saved, dict) else {}
-        diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-                if saved.get(k) != now.get(k)}
-        raise ValueError("the model settings differ from the checkpoint's "
-                         f"({{name: (checkpoint, now)}}: {diff}); resume with the "
-                         "checkpoint's settings or start a new out_dir")
-
-
-
-def check_state_fits(state: dict, world_size: int, model_config: BlockRecurrentConfig) -> None:
-    """A trainer state (Trainer.state_dict) of this format, world size and model."""
-    meta = {k: state.get(k) for k in ("format", "world_size", "model_config")}
-    if meta["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"trainer state has format {meta['format']!r}, "
-                         f"expected {CHECKPOINT_FORMAT}")
-    if meta["world_size"] != world_size:
-        raise ValueError(f"the checkpoint was written by {meta['world_size']} processes and "
-                         f"this run has {world_size}; resume with the same number "
-                         "(its lanes are per rank)")
-    check_model_config(meta["model_config"], model_config)
-
-
-def carried_tensors(mems: XLMemories | None, states: Tensor | None) -> dict[str, Tensor]:
-    """The lanes' carried memories ("memories.*") and states ("states"), on the CPU."""
-    tensors = {} if mems is None else {f"memories.{k}": v.detach().contiguous().cpu()
-                                       for k, v in mems.state_dict().items()}
-    if states is not None:
-        tensors["states"] = states.detach().contiguous().cpu()
-    return tensors
-
-
-def carried_from_tensors(tensors: dict, device, depth: int, batch_size: int
-                         ) -> tuple[XLMemories | None, Tensor | None]:
-    """carried_tensors' inverse, checked against the model's depth and the batch size."""
-    mems = {k[len("memories."):]: v.to(device) for k, v in tensors.items()
-            if k.startswith("memories.")}
-    mems = XLMemories.from_state_dict(mems) if mems else None
-    states = tensors["states"].to(device) if "states" in tensors else None
-    if mems is not None and (len(mems.keys) != depth or mems.batch_size != batch_size):
-        raise ValueError("carried memories do not fit this model and batch_size")
-    if states is not None and states.shape[1] != batch_size:
-        raise ValueError("carried states do not fit batch_size")
-    return mems, states
-
-
-def check_resume(meta: dict, cfg: TrainConfig, path: Path) -> None:
-    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("train_config"), dict):
-        raise ValueError(f"{path / 'trainer.json'} lacks step/train_config; the checkpoint is "
-                         "corrupted" + previous_intact_hint(path))
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path / 'trainer.json'} has format {meta.get('format')!r}, expected "
-                         f"{CHECKPOINT_FORMAT}; it was not written by this trainer")
-    saved, now = meta.get("train_config") or {}, cfg.to_dict()
-    written = saved.get("parallel", "ddp")
-    if written != cfg.parallel:
-        raise ValueError(f"the checkpoint {path} was written with parallel={written!r} (its format "
-                         f"follows); resume with parallel={written!r}")
-    fixed = _RESUME_FIXED
-    if written == "fsdp":  # resharded on resume: the global batch (lanes) is what must stay
-        fixed = tuple(k for k in fixed if k != "batch_size")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        old = (meta.get("world_size"), saved.get("batch_size"))
-        if not all(isinstance(v, int) for v in old) or old[0] * old[1] != world * cfg.batch_size:
-            raise ValueError(f"the checkpoint {path} has {old[0]} processes x batch_size {old[1]} "
-                             f"lanes and this run {world} x {cfg.batch_size}; keep processes x "
-                             "batch_size to resume")
-    diff = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
-    if diff:
-        raise ValueError(f"these settings fix the data stream and differ from the checkpoint "
-                         f"{path} ({{name: (checkpoint, now)}}: {diff}); resume with the "
-                         "checkpoint's "
-                         "values or start a new out_dir")
-    if meta["step"] > cfg.max_steps:
-        raise ValueError(f"the checkpoint {path} is at step {meta['step']}, beyond max_steps="
-                         f"{cfg.max_steps}; raise max_steps to continue")
-
 
 
 class Checkpoints:
@@ -272,7 +116,7 @@ class Checkpoints:
         if checkpoint is None:
             raise ValueError(f"nothing to resume: {self.root} holds no checkpoint; drop "
                              "--resume to start a new run")
-        newer = [p.name for p in _step_dirs(self.root)
+        newer = [p.name for p in step_dirs(self.root)
                  if int(p.name[5:]) > int(checkpoint.name[5:])]
         if newer:
             raise ValueError(f"resuming from {checkpoint.name} would overwrite the newer "
@@ -326,11 +170,8 @@ class Checkpoints:
     def _point_latest(self, final: Path) -> None:
         write_atomic(self.root / "latest", lambda f: f.write(f"{final.name}\n".encode()))
         if self.keep_last:
-            for old in _step_dirs(self.root)[:-self.keep_last]:
+            for old in step_dirs(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-
-    def _any_rank(self, flag: bool) -> bool:
-        return bool(self.env.all_reduce(torch.tensor([float(flag)], device=self.env.device)).item())
 
     def _save_sharded(self, trainer, final: Path, meta: dict, part: dict) -> Path:
         """FSDP checkpoint: model and optimizer through torch.distributed.checkpoint (DCP), each
@@ -355,7 +196,7 @@ class Checkpoints:
         except Exception as err:
             error = err
         try:
-            if self._any_rank(error is not None):
+            if env.any_rank(error is not None):
                 raise error or RuntimeError(f"another rank failed to write its files into {tmp}")
             with _single_process_dcp():
                 dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"),
@@ -488,44 +329,3 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
         self.env.barrier()
         return dest
-
-
-# --- resuming with the run's own settings ------------------------------------------------
-
-
-def load_resume_config(path=None, preset: str | None = None, overrides=()
-                       ) -> tuple[BlockRecurrentConfig, TrainConfig, str | None]:
-    """The settings to resume the run in out_dir with: those saved in its latest checkpoint
-    (trainer.json), under the file's, the preset's and the overrides given (the resume then
-    checks that they fit), and a line saying so. Where out_dir holds no readable checkpoint:
-    load_train_config's settings and None (train() then says what is wrong)."""
-    name, model_values, train_values = _given_settings(path, preset, overrides)
-    out_dir = train_values.get("out_dir", TrainConfig.out_dir)
-    checkpoint = None
-    if isinstance(out_dir, (str, os.PathLike)):  # else TrainConfig's type check says what's wrong
-        out_dir = os.fspath(out_dir)
-        checkpoint = latest_checkpoint(out_dir)
-    saved = _saved_settings(checkpoint) if checkpoint is not None else None
-    if saved is None:
-        return (*load_train_config(path, preset, overrides), None)
-    saved_model, saved_train = saved
-    saved_train = {**saved_train, "out_dir": out_dir}  # where it is now, if it was moved
-    model_dict = {**saved_model, **(PRESETS[name] if name else {}), **model_values}
-    train_config = TrainConfig(**{**saved_train, **train_values})
-    now = train_config.to_dict()
-    changed = [f"{k}={now[k]!r}" for k in now if k in saved_train and saved_train[k] != now[k]]
-    note = (f"resuming {out_dir} from {checkpoint.name} with the settings saved there"
-            + (f", except {', '.join(changed)}" if changed else ""))
-    return _model_config(model_dict), train_config, note
-
-
-def _saved_settings(checkpoint) -> tuple[dict, dict] | None:
-    """(model settings, train settings) of a checkpoint's trainer.json; None if unreadable."""
-    try:
-        meta = json.loads((Path(checkpoint) / "trainer.json").read_text("utf-8"))
-        model = BlockRecurrentConfig.from_dict(meta["model_config"]).to_dict()
-        train = {f.name: meta["train_config"][f.name] for f in fields(TrainConfig)
-                 if f.name in meta["train_config"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return model, train

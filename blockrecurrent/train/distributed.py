@@ -38,6 +38,10 @@ class DistEnv:
             dist.all_reduce(t)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (an all-reduce: every rank must call it)."""
+        return bool(self.all_reduce(torch.tensor([float(flag)], device=self.device)).item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

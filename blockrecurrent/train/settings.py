@@ -163,6 +163,21 @@ class TrainConfig:
         return d
 
 
+def check_run_settings(model_config: BlockRecurrentConfig, train_config: TrainConfig) -> None:
+    """train()'s checks of its arguments' types, and of the packages that the settings need."""
+    if not isinstance(model_config, BlockRecurrentConfig):
+        raise TypeError("model_config must be a BlockRecurrentConfig, "
+                        f"got {type(model_config).__name__}")
+    if not isinstance(train_config, TrainConfig):
+        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    if train_config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("tensorboard=true needs the tensorboard package: pip install "
+                             "blockrecurrent[tensorboard], or set tensorboard=false") from None
+
+
 def apply_baseline(model_config: BlockRecurrentConfig, baseline: str) -> BlockRecurrentConfig:
     """The paper's baselines from one model config: "slide" drops the recurrent layers (same
     segment and window); "xl" also makes the segment one window long (Transformer-XL, max_seq_len

@@ -1,16 +1,20 @@
 """The run's corpora: documents split into train/val/test, the tokenizer, tokenized corpora
-cached on disk, and the fixed evaluation subset of the validation documents."""
+cached on disk, the fixed evaluation subset of the validation documents, and the settings left
+unset fitted to the corpus (fit_to_corpus)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..data import corpus as D
+from ..data.lanes import lanes_that_fit
 from .distributed import DistEnv
 from .settings import TrainConfig
 
@@ -77,3 +81,33 @@ def fixed_eval_set(val_corpus: D.TokenizedCorpus | None, eval_tokens: int
                          f"(shortest: {int(val_corpus.doc_lengths.min())} tokens); raise "
                          "eval_tokens, or set it to 0 to skip evaluation")
     return subset
+
+
+def fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
+                   val_corpus: D.TokenizedCorpus | None, env: DistEnv, resume: bool
+                   ) -> TrainConfig:
+    """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
+    where the corpus has too few training documents for batch_size, and eval_tokens holding
+    the shortest validation document where none fits; one line saying so."""
+    fitted, changes = [], {}
+    if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
+        fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
+                      f"the default {TrainConfig.warmup_steps} is longer)")
+    fits = lanes_that_fit(train_corpus.doc_lengths, env.world_size, cfg.batch_size)
+    if "batch_size" in cfg.unset and not resume and 0 < fits < cfg.batch_size:
+        docs = int((train_corpus.doc_lengths >= 2).sum())
+        fitted.append(f"batch_size={fits} (each batch row reads its own documents and the "
+                      f"training split has {docs}, too few for the default {cfg.batch_size})")
+        changes["batch_size"] = fits
+    if ("eval_tokens" in cfg.unset and not resume and val_corpus is not None and cfg.eval_tokens
+            and eval_subset(val_corpus, cfg.eval_tokens) is None):
+        changes["eval_tokens"] = shortest = int(val_corpus.doc_lengths.min())
+        fitted.append(f"eval_tokens={shortest} (the shortest validation document, whole; the "
+                      f"default {cfg.eval_tokens} holds none)")
+    if changes:
+        unset = cfg.unset
+        cfg = dataclasses.replace(cfg, **changes)
+        cfg.unset = unset
+    if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
+        print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
+    return cfg

@@ -1,4 +1,4 @@
-"""Training: a Trainer whose loop reads top to bottom and resumes exactly, train() and main().
+"""Training: a Trainer whose loop reads top to bottom and resumes exactly, and train().
 
     model_config, train_config = load_train_config("configs/small.toml",
                                                    overrides=["max_steps=200"])
@@ -20,19 +20,17 @@ matches one process with the whole batch, and only rank 0 writes files (with FSD
 writes its own shards and lanes).
 
 The other jobs live beside it: settings.py (TrainConfig, config files, baselines),
-train_data.py (corpora and tokenizer), checkpoint.py (checkpoint files, RNG state, resume
-checks; the file layout is described there), distributed.py (processes, wrapping), metrics.py
-(metrics.jsonl, TensorBoard, loss.png).
+train_data.py (corpora and tokenizer, settings fitted to them), checkpoint.py (checkpoint files;
+the file layout is described there), resume.py (which checkpoint, resume checks, the run's own
+settings), rank_state.py (RNG state, carried lane tensors), streaming.py (the evaluation loop),
+distributed.py (processes, wrapping), metrics.py (metrics.jsonl, TensorBoard, loss.png), and
+__main__.py (`python -m blockrecurrent.train`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import random
 import signal
 import sys
@@ -46,26 +44,23 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..data import corpus as D
-from ..data.lanes import DocumentLanes, lanes_that_fit
-from ..data.tokenizer import ByteTokenizer, load_tokenizer
-from ..errors import NonFiniteLossError, is_expected
-from ..model.config import PRESETS, BlockRecurrentConfig
+from ..data.lanes import DocumentLanes
+from ..data.tokenizer import ByteTokenizer
+from ..errors import NonFiniteLossError
+from ..model.config import BlockRecurrentConfig
 from ..model.memories import XLMemories
 from ..model.transformer import BlockRecurrentTransformer
-from . import checkpoint as C
-from .checkpoint import Checkpoints, load_resume_config
+from . import rank_state as S
+from . import resume as R
+from .checkpoint import Checkpoints
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
 from .metrics import MetricsLog
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
-from .settings import (
-    TrainConfig,
-    load_train_config,
-    resolve_model_config,
-    settings_help,
-)
-from .train_data import build_data, eval_subset, fixed_eval_set
+from .settings import TrainConfig, check_run_settings, resolve_model_config
+from .streaming import stream_segments
+from .train_data import build_data, fit_to_corpus, fixed_eval_set
 
-__all__ = ["Trainer", "main", "train"]
+__all__ = ["Trainer", "train"]
 
 
 # ------------------------------------------------------------------------------- the trainer
@@ -182,10 +177,10 @@ class Trainer:
         return loss, stop
 
     # --- evaluation ---------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Mean loss (nats/token) and bits per byte over the fixed validation subset, whole
-        documents streamed segment by segment with carried memories; shared out over ranks."""
+        documents streamed segment by segment with carried memories (streaming.stream_segments,
+        the loop evaluate.evaluation runs too); shared out over ranks."""
         if self.eval_corpus is None:
             return None
         env, n = self.env, len(self.eval_corpus)
@@ -195,31 +190,16 @@ class Trainer:
             self.eval_corpus, max(1, min(self.cfg.batch_size, n // eval_world)),
             self.model_config.max_seq_len,
             rank=env.rank, world_size=eval_world, shuffle=False, loop=False)
-        self.model.eval()
-        mems = states = None
-        while True:
-            more = lanes is not None and not lanes.exhausted
-            if self.fsdp:  # every forward gathers weights from all ranks: run in lockstep
-                more_any = torch.tensor([float(more)], device=env.device)
-                if not env.all_reduce(more_any).item():
-                    break
-            elif not more:
-                break
-            if more:
-                batch = {k: v.to(env.device) for k, v in lanes.next_batch().items()}
-            else:  # FSDP, this rank's documents done: a forward on padding, not counted
-                seq = torch.full((1, self.model_config.max_seq_len), self.eval_corpus.bos_id,
-                                 device=env.device)
-                batch = {"inputs": seq, "reset": None,
-                         "loss_mask": torch.zeros_like(seq, dtype=torch.bool)}
-                mems = states = None
-            with self._context():
-                logits, mems, states = self.model(batch["inputs"], xl_memories=mems, states=states,
-                                                  reset=batch["reset"])
-            if more:
-                sums[0] += lm_loss_sum(logits, batch["targets"], batch["loss_mask"]).double()
-                sums[1] += batch["loss_mask"].sum()
-        self.model.train()
+
+        def add(batch: dict, logits: Tensor) -> None:
+            mask = batch["loss_mask"].to(env.device)
+            sums[0] += lm_loss_sum(logits, batch["targets"].to(env.device), mask).double()
+            sums[1] += mask.sum()
+
+        # FSDP: every forward gathers weights from all ranks, so they run in lockstep.
+        lockstep = env.any_rank if self.fsdp else None
+        stream_segments(self.model, lanes, add, device=env.device, autocast=self.autocast,
+                        lockstep=lockstep, pad_token=self.eval_corpus.bos_id)
         nats, tokens = env.all_reduce(sums).tolist()
         self.last_eval = {"val_loss": nats / max(tokens, 1.0),
                           "val_bpb": nats / math.log(2) / self.eval_corpus.total_bytes}
@@ -233,7 +213,7 @@ class Trainer:
         save that writes them at once (Checkpoints.save, the one save path); otherwise copies,
         so later steps do not change it. weights=False leaves out model and optimizer (a sharded
         checkpoint saves them through DCP)."""
-        state = {"format": C.CHECKPOINT_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+        state = {"format": R.CHECKPOINT_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
                  "nonfinite_skips": self.nonfinite_skips,
                  "nonfinite_in_a_row": self.nonfinite_in_a_row,
                  "elapsed": self.elapsed, "log_window": list(self.log_window),
@@ -247,20 +227,20 @@ class Trainer:
                 optimizer = deepcopy(optimizer)
             state.update(model=model, optimizer=optimizer)
         state.update(scheduler={"step": self.step, "lr": lr_at(max(self.step, 1), self.cfg)},
-                     lanes=self.lanes.state_dict(), rng=C.rng_state(self.env.device),
-                     lane_tensors=C.carried_tensors(self.mems, self.states))
+                     lanes=self.lanes.state_dict(), rng=S.rng_state(self.env.device),
+                     lane_tensors=S.carried_tensors(self.mems, self.states))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore state_dict()'s snapshot. Without "model" and "optimizer" (a sharded checkpoint
         loads them itself) the rest only; "rng": None starts fresh per-rank streams."""
-        C.check_state_fits(state, self.env.world_size, self.model_config)
+        R.check_state_fits(state, self.env.world_size, self.model_config)
         try:
             if "model" in state or "optimizer" in state:
                 self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
             self.lanes.load_state_dict(state["lanes"])
-            self.mems, self.states = C.carried_from_tensors(
+            self.mems, self.states = S.carried_from_tensors(
                 state["lane_tensors"], self.env.device, self.model_config.depth,
                 self.cfg.batch_size)
             for k in ("step", "tokens_seen", "nonfinite_skips", "nonfinite_in_a_row"):
@@ -270,9 +250,9 @@ class Trainer:
             self.last_loss = state.get("last_loss")  # for the summary
             self.last_eval = state.get("last_eval")
             if state["rng"] is not None:
-                C.set_rng_state(state["rng"], self.env.device)
+                S.set_rng_state(state["rng"], self.env.device)
             else:  # a new stream per rank, from the seed and the step
-                C.seed_all(self.cfg.seed + 1 + self.env.rank + 1_000_003 * self.step)
+                S.seed_all(self.cfg.seed + 1 + self.env.rank + 1_000_003 * self.step)
         except (KeyError, TypeError, RuntimeError, IndexError) as err:
             raise ValueError(f"trainer state does not fit this run: {err!r}") from None
 
@@ -389,28 +369,18 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
     token over the steps of the last metrics line, as the progress bar shows it), val_loss, val_bpb,
     tokens_seen, paths (out_dir, checkpoint, model_dir, metrics). Everything a user can get
     wrong raises ValueError/TypeError before training starts, and before anything is written."""
-    if not isinstance(model_config, BlockRecurrentConfig):
-        raise TypeError("model_config must be a BlockRecurrentConfig, "
-                        f"got {type(model_config).__name__}")
-    if not isinstance(train_config, TrainConfig):
-        raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+    check_run_settings(model_config, train_config)
     cfg = train_config
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("tensorboard=true needs the tensorboard package: pip install "
-                             "blockrecurrent[tensorboard], or set tensorboard=false") from None
     checkpoint, meta = Checkpoints(cfg.out_dir).resume_point(resume, cfg)
     env = setup_distributed(cfg.device)
     try:
         tokenizer = None
         if resume:  # the checkpoint's tokenizer; check the model settings before reading any data
-            tokenizer = _checkpoint_tokenizer(checkpoint)
-            C.check_model_config(meta.get("model_config"),
+            tokenizer = R.checkpoint_tokenizer(checkpoint)
+            R.check_model_config(meta.get("model_config"),
                                resolve_model_config(model_config, cfg, tokenizer.vocab_size))
         tokenizer, train_corpus, val_corpus = build_data(cfg, env, tokenizer)
-        cfg = _fit_to_corpus(cfg, train_corpus, val_corpus, env, resume)
+        cfg = fit_to_corpus(cfg, train_corpus, val_corpus, env, resume)
         if model_config.num_tokens != tokenizer.vocab_size and env.is_main and not resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
@@ -429,82 +399,3 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
     finally:
         if env.owns_group:
             dist.destroy_process_group()
-
-
-def _fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
-                   val_corpus: D.TokenizedCorpus | None, env: DistEnv, resume: bool
-                   ) -> TrainConfig:
-    """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
-    where the corpus has too few training documents for batch_size, and eval_tokens holding
-    the shortest validation document where none fits; one line saying so."""
-    fitted, changes = [], {}
-    if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
-        fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
-                      f"the default {TrainConfig.warmup_steps} is longer)")
-    fits = lanes_that_fit(train_corpus.doc_lengths, env.world_size, cfg.batch_size)
-    if "batch_size" in cfg.unset and not resume and 0 < fits < cfg.batch_size:
-        docs = int((train_corpus.doc_lengths >= 2).sum())
-        fitted.append(f"batch_size={fits} (each batch row reads its own documents and the "
-                      f"training split has {docs}, too few for the default {cfg.batch_size})")
-        changes["batch_size"] = fits
-    if ("eval_tokens" in cfg.unset and not resume and val_corpus is not None and cfg.eval_tokens
-            and eval_subset(val_corpus, cfg.eval_tokens) is None):
-        changes["eval_tokens"] = shortest = int(val_corpus.doc_lengths.min())
-        fitted.append(f"eval_tokens={shortest} (the shortest validation document, whole; the "
-                      f"default {cfg.eval_tokens} holds none)")
-    if changes:
-        unset = cfg.unset
-        cfg = dataclasses.replace(cfg, **changes)
-        cfg.unset = unset
-    if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
-        print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
-    return cfg
-
-
-def _checkpoint_tokenizer(checkpoint):
-    try:
-        return load_tokenizer(checkpoint)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read the tokenizer of {checkpoint}: {err}"
-                         + C.previous_intact_hint(checkpoint)) from None
-
-
-def main(argv=None) -> int:
-    """`python -m blockrecurrent.train [--config FILE] [--preset NAME] [--resume] [key=value ...]`,
-    also under torchrun."""
-    parser = argparse.ArgumentParser(prog="python -m blockrecurrent.train",
-                                     description=__doc__.split("\n")[0], epilog=settings_help())
-    parser.add_argument("--config", help="TOML or YAML file with [model] and [train] sections")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="model preset (default: the file's, else small)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from out_dir's latest checkpoint, with its saved settings "
-                             "under those given")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="train settings, or model.key=value; values are TOML "
-                             "(e.g. betas=[0.9,0.99])")
-    args = parser.parse_intermixed_args(argv)  # --resume may follow key=value settings
-    main_rank = os.environ.get("RANK", "0") == "0"
-    try:
-        if args.resume:  # the run's own settings, from its checkpoint, and those given
-            model_config, train_config, note = load_resume_config(args.config, args.preset,
-                                                                  args.overrides)
-            if note and main_rank:
-                print(note, file=sys.stderr)
-        else:
-            model_config, train_config = load_train_config(args.config, args.preset,
-                                                           args.overrides)
-        summary = train(model_config, train_config, resume=args.resume)
-    except Exception as err:
-        if not is_expected(err):  # a bug: its traceback
-            raise
-        if main_rank:
-            print(f"error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, NonFiniteLossError) else 1
-    if main_rank:
-        print(json.dumps(summary, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The held-out documents of a corpus, split as the trainer splits them (load_heldout), and the
+corpus a saved model was trained on (training_data), for evaluating a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..data.corpus import TokenizedCorpus, load_documents, split_documents, tokenize_corpus
+
+
+def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "text",
+                 val_fraction: float = 0.05, test_fraction: float = 0.05,
+                 cache_dir: str | os.PathLike | None = "data_cache") -> TokenizedCorpus:
+    """The `split` ('val' or 'test') documents of `source` (see data.load_documents), split as
+    the trainer splits them (same fractions -> same documents, by a hash of their names),
+    tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
+    docs = split_documents(load_documents(source, text_field), val_fraction, test_fraction)[split]
+    if not docs:
+        raise ValueError(f"the {split} split of {os.fspath(source)!r} is empty (the corpus has too "
+                         f"few documents); use a larger corpus or raise {split}_fraction")
+    cache = None
+    if cache_dir is not None:
+        # One directory per (corpus, split, tokenizer): tokenize_corpus checks the contents too.
+        src = os.fspath(source)
+        src = src if src == "stdlib" else os.path.abspath(src)
+        key = f"{src}|{text_field}|{val_fraction}|{test_fraction}|{tokenizer.fingerprint}"
+        cache = Path(cache_dir) / f"eval-{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    return tokenize_corpus(docs, tokenizer, cache)
+
+
+def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(data, text_field) of the run that wrote `model_dir`, from the trainer's trainer.json:
+    in the directory itself (a checkpoint) or in the latest checkpoint beside it (the exported
+    out_dir/model). None when there is no such record."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir / "trainer.json"]
+    root = model_dir.parent / "checkpoints"
+    if (root / "latest").is_file():
+        candidates.append(root / (root / "latest").read_text().strip() / "trainer.json")
+    for path in candidates:
+        try:
+            tc = json.loads(path.read_text())["train_config"]
+            return tc["data"], tc.get("text_field", "text")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
