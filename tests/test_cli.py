@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import run, tiny_config
 
-from blockrecurrent.cli import build_parser, main
+from blockrecurrent.cli import main
+from blockrecurrent.cli.parser import build_parser
 from blockrecurrent.data.tokenizer import ByteTokenizer
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 

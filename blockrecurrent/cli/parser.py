@@ -1,156 +1,21 @@
-"""The `brt` command line: each subcommand is a thin wrapper over a plain function.
-
-    brt train    [--config FILE] [--preset NAME] [--resume] [key=value ...]  -> train.train
-    brt eval     CHECKPOINT [--data SRC] [--split val|test] ...     -> evaluate.evaluate_checkpoint
-    brt generate CHECKPOINT [--prompt TEXT | --prompt-file FILE] ...  -> text.generate_text
-    brt compare  [--config FILE] [--preset NAME] [--out DIR] [key=value ...]  -> compare.compare
-    brt bench    ...                                                          -> bench.main
-    brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes
-    brt run      [--out DIR] [--quick] [key=value ...]                     -> report.main_job
-
-Mistakes a user can make (a missing directory, an unknown option, a setting out of range) print
-`error: <message>` and exit with status 2, as does a run that diverges (non-finite loss); an
-interrupted run (checkpointed, resumable) exits with 130; `brt --traceback ...` shows the full
-traceback instead. What is expected is decided by errors.is_expected: anything else is a bug and
-keeps its traceback. Heavy modules (torch, the trainer) are imported inside the subcommands, so
-`brt --help` is quick. Warnings print as `warning: <message>` (with --traceback, as Python
-prints them).
-"""
+"""`brt`'s parser: one function per subcommand adds its options (commands.py runs them). What
+is imported here imports only the standard library, so that `brt --help` is quick."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import warnings
-from pathlib import Path
 
-from .errors import NonFiniteLossError, TrainingInterrupted, is_expected  # stdlib only
-from .model.dtypes import DTYPE_NAMES  # stdlib only
-from .report import EVAL_TOKENS, QUICK_EVAL_TOKENS, main_job  # stdlib only at import
-
-
-def _overrides(values: list[str]) -> list[str]:
-    bad = [v for v in values if "=" not in v or v.startswith("=")]
-    if bad:
-        raise ValueError(f"settings must look like key=value (a training field) or "
-                         f"model.key=value (a model field), got {bad}")
-    return values
-
-
-# --- subcommands -------------------------------------------------------------------------
-
-
-def cmd_train(args) -> int:
-    overrides = _overrides(args.overrides)
-    from .train.resume import load_resume_config
-    from .train.settings import load_train_config
-    from .train.trainer import train
-
-    if args.resume:  # the run's own settings, from its checkpoint, and those given over them
-        model_config, train_config, note = load_resume_config(args.config, args.preset, overrides)
-        if note:
-            print(note, file=sys.stderr)
-    else:
-        model_config, train_config = load_train_config(args.config, args.preset, overrides)
-    summary = train(model_config, train_config, resume=args.resume)
-    print(json.dumps(summary, indent=2, default=str))
-    if summary.get("status") == "interrupted":  # checkpointed: `--resume` continues it
-        print(f"interrupted at step {summary.get('step')}; rerun with --resume to continue",
-              file=sys.stderr)
-        return 130
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from .evaluate.evaluation import evaluate_checkpoint
-    from .evaluate.report import count_of, eval_table, human_count
-
-    out = args.out if args.out is not None else Path(args.checkpoint) / "eval"
-    res = evaluate_checkpoint(
-        args.checkpoint, data=args.data, split=args.split, text_field=args.text_field,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
-        dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
-        device=args.device, out_dir=out, reset_state=args.reset_state,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-        name=f"eval-{args.split}" + {"carry": "", "every-segment": "-state-reset",
-                                     "other-document": "-state-other-document"}[args.reset_state])
-    print(f"model: {args.checkpoint} ({human_count(res['params'])} parameters, "
-          f"{human_count(res['non_embedding_params'])} non-embedding)")
-    print(f"data: {res['data']!r}, {args.split} split: {count_of(res['documents'], 'document')}, "
-          f"{res['tokens']:,} tokens, {res['bytes']:,} bytes "
-          f"({res['seconds']:.1f} s, {res['tokens_per_s']:,.0f} tokens/s)")
-    print(eval_table(res))
-    print(f"bits per byte: {res['bits_per_byte']:.4f}   bits per token: "
-          f"{res['bits_per_token']:.4f}   (bits/byte per bucket ~ bits/token x "
-          f"{1 / res['bytes_per_token']:.3f} tokens/byte)")
-    print("wrote " + ", ".join(p for p in res["report"].values() if p))
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from .generate.text import generate_text
-
-    generate_text(args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
-                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
-    return 0
-
-
-def cmd_compare(args) -> int:
-    overrides = _overrides(args.overrides)
-    from .evaluate.compare import compare
-
-    res = compare(args.config, args.preset, overrides, args.out,
-                  extra_layer=not args.no_extra_layer, eval_batch_size=args.eval_batch_size,
-                  max_eval_tokens=args.max_eval_tokens)
-    print(res["markdown"])
-    print(f"wrote {args.out}/comparison.md, comparison.json, comparison.png")
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from .bench import command as bench
-
-    bench.main(args)
-    return 0
-
-
-def cmd_probe(args) -> int:
-    from .evaluate.probes import evaluate_saved, probe_table, run_probes, write_probe_report
-    from .train.settings import load_train_config
-
-    if args.task == "mqar":
-        from .evaluate.mqar import probe_main
-        return probe_main(args, _overrides(args.overrides))
-    if "full" in (args.models or ()):
-        raise ValueError("--models full is for --task mqar")
-    # Model settings over the probe preset, parsed as the trainer parses model.key=value.
-    config = load_train_config(preset="probe", overrides=[
-        "model." + o.strip().removeprefix("model.") for o in _overrides(args.overrides)])[0]
-    task = dict(kind=args.kind, num_keys=args.keys, distances=args.distances,
-                queries=args.queries, lead=args.lead)
-    if args.model is not None:
-        rows = evaluate_saved(args.model, **task)
-    else:
-        rows = run_probes(config, **task, models=args.models or ["recurrent", "slide"],
-                          steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          betas=tuple(args.betas), seeds=args.seeds, mixed=args.mixed,
-                          save_dir=Path(args.out) / "models" if args.save_models else None)
-    paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
-    print(probe_table(rows, markdown=False))
-    print("wrote " + ", ".join(p for p in paths.values() if p))
-    return 0
-
-
-def cmd_run(args) -> int:
-    main_job(args.out, quick=args.quick, config=args.config, overrides=_overrides(args.overrides),
-             max_eval_tokens=args.max_eval_tokens)
-    return 0
-
-
-# --- the parser --------------------------------------------------------------------------
+from ..model.dtypes import DTYPE_NAMES  # stdlib only
+from ..report import EVAL_TOKENS, QUICK_EVAL_TOKENS  # stdlib only at import
+from .commands import (
+    cmd_bench,
+    cmd_compare,
+    cmd_eval,
+    cmd_generate,
+    cmd_probe,
+    cmd_run,
+    cmd_train,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -199,7 +64,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
 
 
 def _train_options(p) -> None:
-    from .model.config import PRESETS
+    from ..model.config import PRESETS
 
     p.add_argument("--config", metavar="FILE",
                    help="config file (TOML or YAML) with [model] and [train] sections, "
@@ -215,7 +80,7 @@ def _train_command(add) -> None:
     p = add("train", cmd_train, "train a model",
             "Train a model; the final model is exported to OUT_DIR/model, checkpoints to "
             "OUT_DIR/checkpoints, metrics to OUT_DIR/metrics.jsonl.")
-    from .train.settings import settings_help  # stdlib only
+    from ..train.settings import settings_help  # stdlib only
 
     p.epilog = settings_help()
     _train_options(p)
@@ -320,7 +185,7 @@ def _bench_command(add, with_bench: bool) -> None:
             "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
     if with_bench:
         try:
-            from .bench import command as bench
+            from ..bench import command as bench
         except ImportError as err:  # keep the other commands working
             def unavailable(args, err=err):
                 raise ImportError(f"brt bench is unavailable: {err}")
@@ -330,7 +195,7 @@ def _bench_command(add, with_bench: bool) -> None:
 
 
 def _probe_command(add) -> None:
-    from .train.settings import TrainConfig  # stdlib only
+    from ..train.settings import TrainConfig  # stdlib only
 
     p = add("probe", cmd_probe, "long-range recall probes: the recurrent model against Slide",
             "Train the recurrent model and Slide (no recurrent layer) from scratch on synthetic "
@@ -398,49 +263,3 @@ def _run_command(add) -> None:
                         f"(default {EVAL_TOKENS:,}; --quick: {QUICK_EVAL_TOKENS:,})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a training field or a model field (model.key=value)")
-
-
-def _warning_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as `warning: <message>`: its source line means nothing to a user of brt."""
-    print(f"warning: {message}", file=file or sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `brt` console script -> exit status (0 ok, 2 user error)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(with_bench="bench" in argv)  # bench imports torch: only when asked
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # argparse leaves key=value settings that follow an option (`x=1 --resume y=2`)
-            settings = all("=" in e and not e.startswith("-") for e in extra)
-            if hasattr(args, "overrides") and settings:
-                args.overrides = [*args.overrides, *extra]
-            else:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exit:  # --help (0) or a bad option (2, after argparse's message)
-        return exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 2
-    try:
-        if getattr(args, "threads", None) and args.command != "bench":
-            import torch
-
-            torch.set_num_threads(args.threads)
-        with warnings.catch_warnings():  # restores showwarning for callers of main()
-            if not args.traceback:
-                warnings.showwarning = _warning_in_one_line
-            return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if args.traceback or not is_expected(err):  # a bug, or asked for: the traceback
-            raise
-        if isinstance(err, TrainingInterrupted):
-            print(f"interrupted: {err}", file=sys.stderr)
-            return 130
-        diverged = "training diverged: " if isinstance(err, NonFiniteLossError) else ""
-        print(f"error: {diverged}{err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

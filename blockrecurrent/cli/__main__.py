@@ -1,0 +1,7 @@
+"""`python -m blockrecurrent.cli`: the `brt` command line."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
