@@ -1,5 +1,6 @@
 """The main job (`brt run`, `bash scripts/main.sh`): train, evaluate, ablate the state, probe
-recall, sample, and write a report, end to end on the built-in corpus.
+recall, sample, and write a report, end to end on the built-in corpus. The report's text is the
+package's templates/report.md, filled with values that the functions at the end compute.
 
     job = main_job(quick=True)      # report-quick/README.md, results.json, plots
 """
@@ -12,9 +13,11 @@ import json
 import os
 import platform
 import shutil
+import string
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 PROBE_DISTANCES = (2, 4, 6)  # the main job's recall probe, in blocks
@@ -68,11 +71,7 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
     (where out_dir= is not given)."""
     import torch
 
-    from .evaluate.compare import check_reusable, finished_run_diff, train_or_reuse
-    from .evaluate.evaluation import state_ablation
-    from .evaluate.probes import run_probes, write_probe_report
-    from .model.config import preset
-    from .train.settings import load_train_config
+    from .evaluate.compare import train_or_reuse
 
     # The quick job has its own folder: its finished run would block the full job's in report/.
     out = Path(out_dir if out_dir is not None else "report-quick" if quick else "report")
@@ -82,13 +81,7 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
     if max_eval_tokens is None:
         max_eval_tokens = QUICK_EVAL_TOKENS if quick else EVAL_TOKENS
     sample_tokens = sample_tokens if sample_tokens is not None else (32 if quick else 256)
-    # Every check before any work: settings, an output directory holding another run.
-    model_config, tc = load_train_config(config, None, overrides)
-    if own_dir and finished_run_diff(model_config, tc):  # the job's own folder: keep, not refuse
-        aside = _move_aside(Path(tc.out_dir))
-        print(f"note: {tc.out_dir} held a finished run with other settings; moved it to {aside}",
-              file=sys.stderr)
-    reused = check_reusable(model_config, tc)
+    model_config, tc, reused = _check_settings(config, overrides, own_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     _warn_if_busy()
@@ -103,15 +96,8 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
 
     # Does the state help? The same model with its state reset at every segment (the window's
     # cache still carried), and a short recall probe of the cell against Slide.
-    print("[3/5] the state ablation: the same evaluation, state reset at every segment",
-          file=sys.stderr)
-    ablation = state_ablation(model, corpus, carry=results, batch_size=batch,
-                              max_tokens=max_eval_tokens, device=device)
-    print("[4/5] recall probe: the recurrent cell against Slide", file=sys.stderr)
-    probe_rows = run_probes(preset("probe"), num_keys=(1,),
-                            distances=PROBE_DISTANCES[:1] if quick else PROBE_DISTANCES,
-                            steps=20 if quick else 300, log=None)
-    probe_paths = write_probe_report(probe_rows, out / "probe", title="recall probe, K=1")
+    ablation = _ablation(model, corpus, results, batch, max_eval_tokens, device)
+    probe_rows, probe_paths = _probe(out, quick)
 
     print("[5/5] sampling a continuation of a held-out document", file=sys.stderr)
     prompt_doc, prompt, sample = _sample(tc, model_dir, sample_tokens, device)
@@ -128,6 +114,42 @@ def main_job(out_dir: str | os.PathLike | None = None, *, quick: bool = False,
            "wall_seconds": time.perf_counter() - started}
     _write_job(job, out, train_dir, model_dir, ablation)
     return job
+
+
+def _check_settings(config, overrides: list[str], own_dir: bool):
+    """Every check before any work: settings, an output directory holding another run ->
+    (model config, train config, whether a finished run is reused)."""
+    from .evaluate.compare import check_reusable, finished_run_diff
+    from .train.settings import load_train_config
+
+    model_config, tc = load_train_config(config, None, overrides)
+    if own_dir and finished_run_diff(model_config, tc):  # the job's own folder: keep, not refuse
+        aside = _move_aside(Path(tc.out_dir))
+        print(f"note: {tc.out_dir} held a finished run with other settings; moved it to {aside}",
+              file=sys.stderr)
+    return model_config, tc, check_reusable(model_config, tc)
+
+
+def _ablation(model, corpus, results: dict, batch: int, max_eval_tokens: int, device) -> dict:
+    """The test evaluation again with the state reset at every segment (state_ablation)."""
+    from .evaluate.evaluation import state_ablation
+
+    print("[3/5] the state ablation: the same evaluation, state reset at every segment",
+          file=sys.stderr)
+    return state_ablation(model, corpus, carry=results, batch_size=batch,
+                          max_tokens=max_eval_tokens, device=device)
+
+
+def _probe(out: Path, quick: bool) -> tuple[list, dict]:
+    """A short recall probe of the cell against Slide, its report in out/probe."""
+    from .evaluate.probes import run_probes, write_probe_report
+    from .model.config import preset
+
+    print("[4/5] recall probe: the recurrent cell against Slide", file=sys.stderr)
+    rows = run_probes(preset("probe"), num_keys=(1,),
+                      distances=PROBE_DISTANCES[:1] if quick else PROBE_DISTANCES,
+                      steps=20 if quick else 300, log=None)
+    return rows, write_probe_report(rows, out / "probe", title="recall probe, K=1")
 
 
 def _move_aside(path: Path) -> Path:
@@ -157,7 +179,8 @@ def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
     (model, corpus, device, batch size, results)."""
     from .data.tokenizer import load_tokenizer
     from .evaluate.compare import eval_device
-    from .evaluate.evaluation import auto_batch_size, evaluate, load_heldout
+    from .evaluate.evaluation import auto_batch_size, evaluate
+    from .evaluate.heldout import load_heldout
     from .evaluate.report import write_eval_report
     from .model.transformer import BlockRecurrentTransformer
 
@@ -230,19 +253,67 @@ def _rel(path: Path, start: Path) -> str:
     return os.path.relpath(path, start).replace(os.sep, "/")
 
 
-# Over 60 lines: the report's text is one f-string template, read best as the page it makes.
+# The model settings the report's table shows, in this order.
+MODEL_KEYS = ("num_tokens", "dim", "depth", "heads", "dim_head", "block_width",
+              "num_state_vectors", "max_seq_len", "recurrent_layers", "gate", "gate_write",
+              "variant", "state_self_attention", "mlp")
+
+
 def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, table: str,
                      ablation: str, probe: str) -> str:
+    """out/README.md: the package's templates/report.md filled with the job's values (the
+    tables come made: eval_table, ablation_table, probe_table)."""
+    template = (resources.files("blockrecurrent") / "templates" / "report.md").read_text("utf-8")
+    values = {**_run_values(job), **_result_values(job), **_eval_values(job, out),
+              **_probe_values(job), **_sample_values(job["sample"]), **_setting_rows(job),
+              **_file_values(out, train_dir, model_dir),
+              "eval_table": table, "ablation_table": ablation, "probe_table": probe}
+    return string.Template(template).substitute(values)
+
+
+def _show(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _rows(pairs) -> str:
+    """Markdown table rows `| key | value |` of the plain values among pairs."""
+    return "\n".join(f"| {k} | {_show(v)} |" for k, v in pairs
+                     if isinstance(v, (int, float, str, bool, list)) or v is None)
+
+
+def _run_values(job: dict) -> dict:
+    """The report's first lines: the command, when, on what, how long."""
+    quick = "**Quick mode: a smoke test of the pipeline; the numbers mean nothing.**"
+    return {"command": "brt run" + (" --quick" if job["quick"] else ""),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "commit": _git_commit() or "unknown", "python": platform.python_version(),
+            "device": job["device"], "threads": job["torch_threads"], "cpus": os.cpu_count(),
+            "wall_minutes": f"{job['wall_seconds'] / 60:.1f}",
+            "reused": " (training reused from an earlier run)" if job["reused"] else "",
+            "quick_note": quick if job["quick"] else ""}
+
+
+def _result_values(job: dict) -> dict:
+    """The table of results: test and validation bits, parameters, training."""
     from .evaluate.report import count_of, human_count
 
-    mc, tc, s, ev, sample = (job["model_config"], job["train_config"], job["train_summary"],
-                             job["eval"], job["sample"])
-    show = lambda v, d=4: "-" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
-    rows = lambda pairs: "\n".join(f"| {k} | {show(v)} |" for k, v in pairs
-                                    if isinstance(v, (int, float, str, bool, list)) or v is None)
-    model_keys = ("num_tokens", "dim", "depth", "heads", "dim_head", "block_width",
-                  "num_state_vectors", "max_seq_len", "recurrent_layers", "gate", "gate_write",
-                  "variant", "state_self_attention", "mlp")
+    ev, s = job["eval"], job["train_summary"]
+    return {"documents": count_of(ev["documents"], "document"), "tokens": f"{ev['tokens']:,}",
+            "bits_per_byte": f"{ev['bits_per_byte']:.4f}",
+            "bits_per_token": f"{ev['bits_per_token']:.4f}",
+            "evaluated_at": _show(s.get("evaluated_at")), "val_bpb": _show(s.get("val_bpb")),
+            "train_loss": _show(s.get("train_loss")), "params": human_count(job["params"]),
+            "non_embedding_params": f"{job['non_embedding_params']:,}",
+            "steps": _show(s.get("step")), "tokens_seen": f"{s.get('tokens_seen') or 0:,}",
+            "train_minutes": f"{(s.get('elapsed_s') or 0.0) / 60:.1f}",
+            "data": job["train_config"].get("data")}
+
+
+def _eval_values(job: dict, out: Path) -> dict:
+    """The evaluation by position: its speed, the trend from first to last bucket, the plots."""
+    ev = job["eval"]
     plots = [f"![training and validation loss]({name})" for name in ("loss.png",)
              if (out / name).is_file()]
     if ev["report"].get("png"):
@@ -254,104 +325,36 @@ def _report_markdown(job: dict, out: Path, train_dir: Path, model_dir: Path, tab
                  f"{buckets[0]['bits_per_token']:.3f} ({buckets[0]['label']}) to "
                  f"{buckets[-1]['bits_per_token']:.3f} ({buckets[-1]['label']}): the lower the "
                  f"late-position loss, the more the model gains from the context it has read.")
+    return {"eval_seconds": f"{ev['seconds']:.0f}",
+            "eval_tokens_per_s": f"{ev['tokens_per_s']:,.0f}", "eval_batch": ev["batch_size"],
+            "trend": trend, "plots": "\n".join(plots),
+            "segment_tokens": job["model_config"].get("max_seq_len")}
+
+
+def _probe_values(job: dict) -> dict:
+    first = job["probe"][0]
+    return {"probe_steps": first["steps"], "probe_chance": f"{first['chance']:.3f}",
+            "probe_plot": "![recall probe](probe/probe.png)" if job["probe_report"].get("png")
+            else ""}
+
+
+def _sample_values(sample: dict) -> dict:
+    """The sample: its prompt's source, and prompt and continuation in a code fence."""
     text = sample["prompt"] + sample["text"]
-    fence = "````" if "```" in text else "```"
-    train_s = s.get("elapsed_s") or 0.0
-    cmd = "brt run" + (" --quick" if job["quick"] else "")
-    reused = " (training reused from an earlier run)" if job["reused"] else ""
-    return f"""# Block-Recurrent Transformer: main job report
+    return {"prompt_chars": len(sample["prompt"]), "prompt_document": sample["prompt_document"],
+            "new_tokens": sample["new_tokens"],
+            "decode_tokens_per_s": _show(sample.get("decode_tokens_per_s"), 1),
+            "fence": "````" if "```" in text else "```", "text": text}
 
-`{cmd}`, {datetime.datetime.now().isoformat(timespec="seconds")}; commit
-{_git_commit() or "unknown"}, Python {platform.python_version()}, torch on {job["device"]}
-(threads: {job["torch_threads"]}, CPUs: {os.cpu_count()}). Wall time of the job:
-{job["wall_seconds"] / 60:.1f} min{reused}.
-{"**Quick mode: a smoke test of the pipeline; the numbers mean nothing.**" if job["quick"] else ""}
 
-| result | value |
-|---|---|
-| test bits per byte ({count_of(ev["documents"], "document")}, {ev["tokens"]:,} tokens) | \
-**{ev["bits_per_byte"]:.4f}** |
-| test bits per token | {ev["bits_per_token"]:.4f} |
-| validation bits per byte (trainer, step {show(s.get("evaluated_at"))}) | \
-{show(s.get("val_bpb"))} |
-| final training loss (nats / token) | {show(s.get("train_loss"))} |
-| parameters | {human_count(job["params"])} ({job["non_embedding_params"]:,} without embeddings) |
-| training | {show(s.get("step"))} steps, {s.get("tokens_seen") or 0:,} tokens, \
-{train_s / 60:.1f} min |
+def _setting_rows(job: dict) -> dict:
+    mc = job["model_config"]
+    return {"config_file": job["config_file"] or "none (the small preset)",
+            "model_rows": _rows((k, mc[k]) for k in MODEL_KEYS if k in mc),
+            "train_rows": _rows(job["train_config"].items()),
+            "summary_rows": _rows(job["train_summary"].items())}
 
-Corpus: `{tc.get("data")}` (the built-in default: the `.py` files of the CPython standard
-library). Whole documents go to train/val/test by a hash of their names, so no test file was
-seen in training.
 
-## Loss by position in the document (held-out test documents)
-
-Each document is read once from its start, segment by segment, with the block memories and the
-recurrent state carried across segments; evaluated in {ev["seconds"]:.0f} s
-({ev["tokens_per_s"]:,.0f} tokens/s, batch {ev["batch_size"]}). Positions count the tokens
-before the predicted one. Per-bucket bits per byte are bits per token x tokens per byte of
-the whole set (exact for the byte tokenizer); empty buckets show n/a.
-
-{table}
-
-{trend}
-
-{chr(10).join(plots)}
-
-## Does the state help?
-
-The same model and documents, evaluated once more with the recurrent state reset to its learned
-initial value at the start of every segment ({mc.get("max_seq_len")} tokens) while the block
-caches still carry the sliding window across segments. The gain (state reset minus state
-carried, in bits per token; positive: the state helps) is what the state contributes at each
-position beyond what the window sees:
-
-{ablation}
-
-A recall probe of the cell itself (`brt probe`): fresh 2-layer models (dim 64, W = S = 16)
-trained for {job["probe"][0]["steps"]} steps to recall one key placed d blocks before the
-question, after filler; "slide" has no recurrent layer ("(w)": the key is within its windows'
-reach). Chance is {job["probe"][0]["chance"]:.3f}.
-
-{probe}
-
-{"![recall probe](probe/probe.png)" if job["probe_report"].get("png") else ""}
-
-## Sample
-
-The first {len(sample["prompt"])} characters of the held-out file `{sample["prompt_document"]}`,
-then {sample["new_tokens"]} generated tokens (temperature 0.8, top-p 0.95, seed 0;
-{show(sample.get("decode_tokens_per_s"), 1)} tokens/s decoding):
-
-{fence}python
-{text}
-{fence}
-
-## Model
-
-Config file: `{job["config_file"] or "none (the small preset)"}`.
-
-| setting | value |
-|---|---|
-{rows((k, mc[k]) for k in model_keys if k in mc)}
-
-## Training
-
-| setting | value |
-|---|---|
-{rows(tc.items())}
-
-Trainer summary:
-
-| quantity | value |
-|---|---|
-{rows(s.items())}
-
-## Files
-
-- `{_rel(model_dir, out)}/`: the trained model (config.json, model.safetensors, tokenizer). Try
-  `brt generate {_rel(model_dir, Path.cwd())} --prompt "def "` or
-  `brt eval {_rel(model_dir, Path.cwd())}`.
-- `metrics.jsonl`, `loss.png`: training metrics and loss curves (from `{_rel(train_dir, out)}/`).
-- `eval-test.json`, `eval-test.png`: the evaluation above, per document included.
-- `results.json`: everything in this report, machine-readable.
-"""
+def _file_values(out: Path, train_dir: Path, model_dir: Path) -> dict:
+    return {"model_here": _rel(model_dir, out), "model_from_cwd": _rel(model_dir, Path.cwd()),
+            "train_here": _rel(train_dir, out)}

@@ -87,3 +87,26 @@ def test_main_job_moves_its_own_finished_run_of_other_settings_aside(capsys, tmp
     assert not (tmp_path / "report" / "train").exists()
     code, _, err = run(capsys, "run", f"out_dir={moved}")
     assert code == 2 and "other settings" in err and (tmp_path / moved).is_dir()
+
+
+def test_report_template_is_package_data():
+    """The report's text is templates/report.md, read with importlib.resources: pyproject.toml
+    ships it in the wheel, and every placeholder in it is one that report.py fills."""
+    import re
+    import string
+    from importlib import resources
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "templates/*.md" in data["package-data"]["blockrecurrent"]
+    text = (resources.files("blockrecurrent") / "templates" / "report.md").read_text("utf-8")
+    names = {m[1] or m[2] for m in string.Template.pattern.findall(text)}
+    source = (root / "blockrecurrent" / "report.py").read_text()
+    filled = set(re.findall(r'"(\w+)":', source))
+    assert names and names <= filled, names - filled
