@@ -1,0 +1,155 @@
+"""Passkey documents (Mohtashami & Jaggi 2023, "Landmark Attention"): a 5-digit key stated once in
+a long run of filler sentences, asked for at the end.
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.
+    I will quiz you about the important information there. The grass is green. The sky is blue.
+    ... The pass key is 71432. Remember it. 71432 is the pass key. ... The sun is yellow. Here
+    we go. There and back again. What is the pass key? The pass key is 71432.
+
+Two forms:
+- `passkey_prompt(tokenizer, length, depth, key)`: token ids of exactly `length` tokens (the
+  document-start token first) ending with "The pass key is"; the answer is `answer_ids`. The
+  evaluation (evaluate/passkey.py) streams these through a model.
+- `passkey_text(num_chars, depth, key)` / `write_passkey_documents(folder, ...)`: whole documents
+  with the answer, as text, for mixing into a training corpus (`data=FOLDER`).
+
+`depth` in [0, 1] is where the key sits: the fraction of the filler sentences before it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["PREFIX", "FILLER", "QUESTION", "key_line", "answer_text", "random_key",
+           "passkey_text", "passkey_prompt", "PasskeyPrompt", "write_passkey_documents",
+           "KEY_DIGITS"]
+
+PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+          "memorize it. I will quiz you about the important information there.")
+FILLER = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
+          " There and back again.")
+QUESTION = " What is the pass key? The pass key is"
+KEY_DIGITS = 5
+
+
+def key_line(key: str) -> str:
+    return f" The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def answer_text(key: str) -> str:
+    """What follows the question: " 71432" (the exact-match target)."""
+    return f" {key}"
+
+
+def random_key(rng: np.random.Generator) -> str:
+    """A uniformly random 5-digit key, 10000..99999 (no leading zero)."""
+    return str(int(rng.integers(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS)))
+
+
+def _check_depth(depth: float) -> float:
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0 <= depth <= 1:
+        raise ValueError(f"depth must be a number in [0, 1] (the fraction of the filler before "
+                         f"the key), got {depth!r}")
+    return float(depth)
+
+
+def _check_key(key: str) -> str:
+    if not (isinstance(key, str) and len(key) == KEY_DIGITS and key.isdigit()):
+        raise ValueError(f"key must be a string of {KEY_DIGITS} digits, got {key!r}")
+    return key
+
+
+def _filler_sentences(n: int) -> list[str]:
+    return [FILLER[i % len(FILLER)] for i in range(n)]
+
+
+def passkey_text(num_chars: int, depth: float, key: str, answer: bool = True) -> str:
+    """A passkey document of about `num_chars` characters (whole filler sentences: at most one
+    sentence short of it, never shorter than prefix + key + question), with the key after
+    `depth` of the filler; `answer` appends " 71432." and a newline."""
+    _check_depth(depth)
+    _check_key(key)
+    tail = QUESTION + (answer_text(key) + ".\n" if answer else "")
+    fixed = len(PREFIX) + len(key_line(key)) + len(tail)
+    sentences, used = [], fixed
+    while True:
+        s = FILLER[len(sentences) % len(FILLER)]
+        if used + len(s) > num_chars:
+            break
+        sentences.append(s)
+        used += len(s)
+    a = int(round(depth * len(sentences)))
+    return PREFIX + "".join(sentences[:a]) + key_line(key) + "".join(sentences[a:]) + tail
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    ids: list[int]  # exactly `length` token ids, the document-start token first
+    answer_ids: list[int]  # the answer's tokens (" 71432")
+    key: str
+    depth: float  # the depth asked for
+    key_position: int  # index in ids of the key line's first token
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:
+    """A passkey prompt of exactly `length` tokens: bos, prefix, filler, the key line after `depth`
+    of the filler, filler, question. Whole filler sentences; the few tokens left over (less than
+    one sentence) are single spaces before the question. Raises if `length` cannot hold the
+    prefix, key line and question."""
+    _check_depth(depth)
+    _check_key(key)
+    enc = tokenizer.encode
+    head = [tokenizer.bos_id] + enc(PREFIX)
+    mid = enc(key_line(key))
+    question = enc(QUESTION)
+    fixed = len(head) + len(mid) + len(question)
+    if isinstance(length, bool) or not isinstance(length, int) or length < fixed:
+        raise ValueError(f"length must be an int >= {fixed} (prefix, key line and question), "
+                         f"got {length!r}")
+    sentence_ids = [enc(s) for s in FILLER]
+    # the filler is periodic: whole periods first, then sentence by sentence
+    period = sum(len(s) for s in sentence_ids)
+    budget = length - fixed
+    n = len(FILLER) * (budget // period)
+    used = period * (budget // period)
+    while used + len(sentence_ids[n % len(FILLER)]) <= budget:
+        used += len(sentence_ids[n % len(FILLER)])
+        n += 1
+    a = int(round(depth * n))
+    before = [t for i in range(a) for t in sentence_ids[i % len(FILLER)]]
+    after = [t for i in range(a, n) for t in sentence_ids[i % len(FILLER)]]
+    pad = enc(" ") * (budget - used)
+    ids = head + before + mid + after + pad + question
+    assert len(ids) == length
+    return PasskeyPrompt(ids, enc(answer_text(key)), key, depth, len(head) + len(before))
+
+
+def write_passkey_documents(folder: str | os.PathLike, count: int, min_chars: int,
+                            max_chars: int, seed: int = 0, prefix: str = "passkey") -> list[Path]:
+    """`count` passkey documents with answers, as text files FOLDER/passkey_00000.txt ..., each
+    of a length drawn uniformly from [min_chars, max_chars] characters (byte tokens), a random
+    key and a depth uniform in [0, 1] (seeded). Mixed with other text files in the folder they
+    form a training corpus (`brt train data=FOLDER`)."""
+    if not (isinstance(count, int) and count >= 1):
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    if not (isinstance(min_chars, int) and isinstance(max_chars, int)
+            and 0 < min_chars <= max_chars):
+        raise ValueError(f"need 0 < min_chars <= max_chars, got {min_chars!r}, {max_chars!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        n = int(rng.integers(min_chars, max_chars + 1))
+        text = passkey_text(n, float(rng.random()), random_key(rng))
+        path = folder / f"{prefix}_{i:05d}.txt"
+        path.write_text(text)
+        paths.append(path)
+    return paths
