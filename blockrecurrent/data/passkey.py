@@ -68,22 +68,17 @@ def _filler_sentences(n: int) -> list[str]:
 
 
 def passkey_text(num_chars: int, depth: float, key: str, answer: bool = True) -> str:
-    """A passkey document of about `num_chars` characters (whole filler sentences: at most one
-    sentence short of it, never shorter than prefix + key + question), with the key after
-    `depth` of the filler; `answer` appends " 71432." and a newline."""
-    _check_depth(depth)
+    """A passkey document of exactly `num_chars` characters, laid out as `passkey_prompt` lays out
+    its tokens (so that training documents look like the evaluation's: whole filler sentences,
+    then the few characters left over as spaces before the question), with the key after
+    `depth` of the filler; `answer` appends " 71432." and a newline (within `num_chars`)."""
+    from .tokenizer import ByteTokenizer
+
     _check_key(key)
-    tail = QUESTION + (answer_text(key) + ".\n" if answer else "")
-    fixed = len(PREFIX) + len(key_line(key)) + len(tail)
-    sentences, used = [], fixed
-    while True:
-        s = FILLER[len(sentences) % len(FILLER)]
-        if used + len(s) > num_chars:
-            break
-        sentences.append(s)
-        used += len(s)
-    a = int(round(depth * len(sentences)))
-    return PREFIX + "".join(sentences[:a]) + key_line(key) + "".join(sentences[a:]) + tail
+    tail = answer_text(key) + ".\n" if answer else ""
+    tok = ByteTokenizer()
+    prompt = passkey_prompt(tok, num_chars - len(tail) + 1, depth, key)  # + 1: the bos
+    return tok.decode(prompt.ids[1:]) + tail
 
 
 @dataclass(frozen=True)
