@@ -100,3 +100,32 @@ def test_imports_point_down():
           if layer(b) > layer(a) and (a, b) not in UPWARD]
     assert not up, "imports of a higher layer: " + ", ".join(sorted(up))
 
+
+
+# The redesign issue's done-criterion: every module under ~400 lines, every function under ~60
+# lines or with its reason in a comment line right above it (above its decorators), starting
+# "# Over 60 lines:".
+MODULE_LINES, FUNCTION_LINES = 400, 60
+# Modules over the limit whose split is still to come (each owner's part of the issue); the
+# test holds every other module to the limit.
+PENDING_SPLITS = {"blockrecurrent/model/transformer.py", "blockrecurrent/evaluate/mqar.py"}
+
+
+def test_modules_and_functions_stay_small():
+    long_modules, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE.parent).as_posix()
+        lines = path.read_text().splitlines()
+        if len(lines) > MODULE_LINES and name not in PENDING_SPLITS:
+            long_modules.append(f"{name} ({len(lines)} lines)")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            size = node.end_lineno - node.lineno + 1
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            reason = lines[first - 2].strip() if first >= 2 else ""
+            if size > FUNCTION_LINES and not reason.startswith("# Over 60 lines:"):
+                long_functions.append(f"{name}:{node.lineno} {node.name} ({size} lines)")
+    assert not long_modules, f"modules over {MODULE_LINES} lines: {', '.join(long_modules)}"
+    assert not long_functions, ("functions over 60 lines without a '# Over 60 lines: <reason>' "
+                                "line above them: " + ", ".join(long_functions))

@@ -19,12 +19,9 @@ with parallel="fsdp"), the loss is normalised by the *global* count of real toke
 matches one process with the whole batch, and only rank 0 writes files (with FSDP every rank
 writes its own shards and lanes).
 
-The other jobs live beside it: settings.py (TrainConfig, config files, baselines),
-train_data.py (corpora and tokenizer, settings fitted to them), checkpoint.py (checkpoint files;
-the file layout is described there), resume.py (which checkpoint, resume checks, the run's own
-settings), rank_state.py (RNG state, carried lane tensors), streaming.py (the evaluation loop),
-distributed.py (processes, wrapping), metrics.py (metrics.jsonl, TensorBoard, loss.png), and
-__main__.py (`python -m blockrecurrent.train`).
+The other jobs live beside it (docs/design.md, Layout): settings.py, train_data.py,
+checkpoint.py (the file layout is described there), resume.py, rank_state.py, streaming.py (the
+evaluation loop), distributed.py, metrics.py, and __main__.py (`python -m blockrecurrent.train`).
 """
 
 from __future__ import annotations
