@@ -117,3 +117,18 @@ def test_same_documents_for_every_model():
     assert len({d.key for d in a}) == 4
     c = P.passkey_docs(TOK, 512, 4, seed=2, depths=[0.0, 1.0])
     assert [d.depth for d in c] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_mix_passkey_adds_its_share_of_characters():
+    from blockrecurrent.data.corpus import Document
+    from blockrecurrent.data.passkey import mix_passkey, passkey_documents
+
+    docs = [Document(f"z{i}", "x" * 5000) for i in range(4)]
+    assert mix_passkey(docs, 0) == docs
+    mixed = mix_passkey(docs, 0.5, 300, 500, seed=1)
+    extra = [d for d in mixed if d.name.startswith("passkey/")]
+    share = sum(len(d.text) for d in extra) / sum(len(d.text) for d in mixed)
+    assert 0.4 < share < 0.6 and [d.name for d in mixed] == sorted(d.name for d in mixed)
+    assert extra == passkey_documents(len(extra), 300, 500, seed=1)
+    with pytest.raises(ValueError, match="share"):
+        mix_passkey(docs, 1.0)

@@ -10,7 +10,8 @@ Two forms:
 - `passkey_prompt(tokenizer, length, depth, key)`: token ids of exactly `length` tokens (the
   document-start token first) ending with "The pass key is"; the answer is `answer_ids`. The
   evaluation (evaluate/passkey.py) streams these through a model.
-- `passkey_text(num_chars, depth, key)` / `write_passkey_documents(folder, ...)`: whole documents
+- `passkey_text(num_chars, depth, key)`, `passkey_documents(count, ...)`, `mix_passkey(docs,
+  share)` and `write_passkey_documents(folder, ...)`: whole documents
   with the answer, as text, for mixing into a training corpus (`data=FOLDER`).
 
 `depth` in [0, 1] is where the key sits: the fraction of the filler sentences before it.
@@ -25,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["PREFIX", "FILLER", "QUESTION", "key_line", "answer_text", "random_key",
-           "passkey_text", "passkey_prompt", "PasskeyPrompt", "write_passkey_documents",
-           "KEY_DIGITS"]
+           "passkey_text", "passkey_prompt", "PasskeyPrompt", "passkey_documents", "mix_passkey",
+           "write_passkey_documents", "KEY_DIGITS"]
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
           "memorize it. I will quiz you about the important information there.")
@@ -126,25 +127,52 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPro
     return PasskeyPrompt(ids, enc(answer_text(key)), key, depth, len(head) + len(before))
 
 
-def write_passkey_documents(folder: str | os.PathLike, count: int, min_chars: int,
-                            max_chars: int, seed: int = 0, prefix: str = "passkey") -> list[Path]:
-    """`count` passkey documents with answers, as text files FOLDER/passkey_00000.txt ..., each
-    of a length drawn uniformly from [min_chars, max_chars] characters (byte tokens), a random
-    key and a depth uniform in [0, 1] (seeded). Mixed with other text files in the folder they
-    form a training corpus (`brt train data=FOLDER`)."""
-    if not (isinstance(count, int) and count >= 1):
+def passkey_documents(count: int, min_chars: int, max_chars: int, seed: int = 0,
+                      prefix: str = "passkey") -> list:
+    """`count` passkey Documents with answers, named PREFIX/00000 ..., each of a length drawn
+    uniformly from [min_chars, max_chars] characters (byte tokens), a random key and a depth
+    uniform in [0, 1] (seeded)."""
+    from .corpus import Document
+
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive int, got {count!r}")
     if not (isinstance(min_chars, int) and isinstance(max_chars, int)
             and 0 < min_chars <= max_chars):
         raise ValueError(f"need 0 < min_chars <= max_chars, got {min_chars!r}, {max_chars!r}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    paths = []
+    out = []
     for i in range(count):
         n = int(rng.integers(min_chars, max_chars + 1))
-        text = passkey_text(n, float(rng.random()), random_key(rng))
+        out.append(Document(f"{prefix}/{i:05d}", passkey_text(n, float(rng.random()),
+                                                               random_key(rng))))
+    return out
+
+
+def mix_passkey(docs: list, share: float, min_chars: int = 300, max_chars: int = 1536,
+                seed: int = 0) -> list:
+    """`docs` with passkey documents added, as many as make `share` of all characters (0: docs
+    unchanged); sorted by name, as load_documents returns them. What a training setting
+    `passkey_share` would apply to the loaded corpus before the split."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(f"share must be a number in [0, 1), got {share!r}")
+    if share == 0:
+        return list(docs)
+    chars = sum(len(d.text) for d in docs)
+    count = max(1, int(chars * share / (1 - share) / ((min_chars + max_chars) / 2)))
+    return sorted([*docs, *passkey_documents(count, min_chars, max_chars, seed)],
+                  key=lambda d: d.name)
+
+
+def write_passkey_documents(folder: str | os.PathLike, count: int, min_chars: int,
+                            max_chars: int, seed: int = 0, prefix: str = "passkey") -> list[Path]:
+    """The documents of `passkey_documents` as text files FOLDER/passkey_00000.txt ...; mixed
+    with other text files in the folder they form a training corpus (`brt train data=FOLDER`)."""
+    folder = Path(folder)
+    docs = passkey_documents(count, min_chars, max_chars, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
         path = folder / f"{prefix}_{i:05d}.txt"
-        path.write_text(text)
+        path.write_text(doc.text)
         paths.append(path)
     return paths
