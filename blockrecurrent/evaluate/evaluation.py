@@ -103,17 +103,20 @@ def _check_args(model, batch_size, segment_len, buckets, dtype, max_docs, max_to
     return segment_len, _check_buckets(buckets), resolve_dtype(dtype)
 
 
-def _check_corpus(model, corpus, reset_state: str) -> None:
-    """evaluate's checks of the corpus against the model, and of reset_state."""
+def _check_evaluate(model, corpus, reset_state: str, *args):
+    """evaluate's checks, in this order: the corpus, the other arguments (_check_args, whose
+    result it returns), reset_state, the corpus's vocabulary against the model's."""
     if not isinstance(corpus, TokenizedCorpus):
         raise TypeError(f"corpus must be a TokenizedCorpus (see data.tokenize_corpus), "
                         f"got {type(corpus).__name__}")
+    checked = _check_args(model, *args)
     if reset_state not in RESET_STATE:
         raise ValueError(f"reset_state must be one of {RESET_STATE}, got {reset_state!r}")
     if corpus.vocab_size > model.config.num_tokens:
         raise ValueError(f"the corpus was tokenized with a vocabulary of {corpus.vocab_size} but "
                          f"the model has num_tokens={model.config.num_tokens}: tokenize it with "
                          f"the model's own tokenizer (load_tokenizer(model_dir))")
+    return checked
 
 
 def cheapest_batch_size(corpus: TokenizedCorpus, max_batch: int = 8, max_docs=None,
@@ -165,9 +168,9 @@ def evaluate(model: BlockRecurrentTransformer, corpus: TokenizedCorpus, *, batch
     The per-bucket bits per byte are approximate: the bucket's bits per token times the
     corpus-wide tokens per byte (byte counts belong to whole documents, not to positions; exact
     for the byte tokenizer). Buckets without tokens report null (None) for their losses."""
-    segment_len, buckets, dtype = _check_args(model, batch_size, segment_len, buckets, dtype,
-                                              max_docs, max_tokens)
-    _check_corpus(model, corpus, reset_state)
+    segment_len, buckets, dtype = _check_evaluate(model, corpus, reset_state, batch_size,
+                                                  segment_len, buckets, dtype, max_docs,
+                                                  max_tokens)
     cfg = model.config
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
