@@ -5,7 +5,7 @@ per-layer activation checkpointing (`activation_checkpointing = true`).
     python benchmarks/activation_memory.py --preset paper-150m --batch-size 1   # minutes on a CPU
 
 CPU memory is the peak resident set above the level before the segment
-(blockrecurrent.bench.machine.PeakMemory, large blocks mmapped so that freed tensors leave at
+(blockrecurrent.memory.PeakMemory, large blocks mmapped so that freed tensors leave at
 once); CUDA: peak allocated above the start."""
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from blockrecurrent import BlockRecurrentTransformer
-from blockrecurrent.bench.machine import PeakMemory
+from blockrecurrent.memory import PeakMemory
 from blockrecurrent.model.config import PRESETS, preset
 from blockrecurrent.train.distributed import checkpoint_layers
 

@@ -31,9 +31,9 @@ from blockrecurrent import (
     preset,
 )
 from blockrecurrent.bench.decode import decode_speed, format_decode
-from blockrecurrent.bench.machine import PeakMemory
 from blockrecurrent.bench.run import REFERENCE_CONFIG
 from blockrecurrent.generate.generation import generate
+from blockrecurrent.memory import PeakMemory
 
 
 def timed(fn):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from blockrecurrent.bench.machine import proc_status_kib
+from blockrecurrent.memory import proc_status_kib
 from blockrecurrent.train import trainer as T
 from blockrecurrent.train.settings import load_train_config
 

@@ -83,8 +83,8 @@ def test_no_import_cycle():
 
 
 # Lower layers first: a module may import its own layer and those before it, never a later one.
-LAYERS = ("files", "errors", "model", "data", "generate", "train", "evaluate", "bench", "hf",
-          "report", "cli")
+LAYERS = ("files", "errors", "memory", "model", "data", "generate", "train", "evaluate", "bench",
+          "hf", "report", "cli")
 # model.generate() is a convenience that hands over to generate/, which knows the model by its
 # config and does not import the model's module (so there is no cycle).
 UPWARD = {("blockrecurrent.model.transformer", "blockrecurrent.generate.generation")}
@@ -108,7 +108,7 @@ def test_imports_point_down():
 MODULE_LINES, FUNCTION_LINES = 400, 60
 # Modules over the limit whose split is still to come (each owner's part of the issue); the
 # test holds every other module to the limit.
-PENDING_SPLITS = {"blockrecurrent/model/transformer.py", "blockrecurrent/evaluate/mqar.py"}
+PENDING_SPLITS = {"blockrecurrent/evaluate/mqar.py"}
 
 
 def test_modules_and_functions_stay_small():

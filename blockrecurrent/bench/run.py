@@ -53,14 +53,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..memory import MIB, PeakMemory
 from ..model.config import BlockRecurrentConfig
 from ..model.dtypes import dtype_name, names_of
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.optim import make_optimizer
 from ..train.settings import baseline_configs
 from .machine import (
-    MIB,
-    PeakMemory,
     bf16_is_fast,
     cpu_name,
     cpu_seconds,

@@ -5,7 +5,7 @@ random depth (data/passkey.py makes the documents).
 Each document is streamed through the model with `generate.generation.prefill` (chunks of whole
 blocks, memories and states carried), so memory stays constant in the length; the answer is then
 decoded greedily token by token from the carried memories. Peak memory above the level before
-the first document is measured per length (bench.machine.PeakMemory: the resident set's
+the first document is measured per length (memory.PeakMemory: the resident set's
 high-water mark on CPU, max_memory_allocated on CUDA).
 
     rows = passkey_eval(model, ByteTokenizer(), lengths=(1024, 4096, 16384, 65536), num_docs=20)
@@ -83,7 +83,7 @@ def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 2
     cannot be measured), seconds, tokens_per_s, window_reach (tokens a Slide model of this
     depth and window can see back: depth * block_width) and docs (per document: depth,
     key_position, distance from the key to the question's end, key, answer, correct)."""
-    from ..bench.machine import PeakMemory
+    from ..memory import PeakMemory
 
     lengths = _check(lengths, num_docs, batch_size)
     was_training = model.training
