@@ -314,8 +314,8 @@ def _result_values(job: dict) -> dict:
 def _eval_values(job: dict, out: Path) -> dict:
     """The evaluation by position: its speed, the trend from first to last bucket, the plots."""
     ev = job["eval"]
-    plots = [f"![training and validation loss]({name})" for name in ("loss.png",)
-             if (out / name).is_file()]
+    plots = [f"![training and validation loss, and the state's gain at each evaluation]({name})"
+             for name in ("loss.png",) if (out / name).is_file()]
     if ev["report"].get("png"):
         plots.append(f"![test loss by position]({Path(ev['report']['png']).name})")
     buckets = [b for b in ev["buckets"] if b["bits_per_token"] is not None]

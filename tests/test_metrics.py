@@ -47,3 +47,23 @@ def test_plot(tmp_path):
     log.log(4, 0.0, {"event": "eval", "val_loss": 1.0})
     assert plot_metrics(log.path, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_adds_the_state_gain_below_the_loss(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = MetricsLog(tmp_path)
+    log.start_new()
+    log.log(2, 0.0, {"event": "train", "loss": 3.0})
+    log.log(2, 0.0, {"event": "eval", "val_loss": 2.0, "state_gain": 0.02,
+                     "state_gain_pct": 1.0})
+    log.log(4, 0.0, {"event": "eval", "val_loss": 1.5, "state_gain": 0.03,
+                     "state_gain_pct": 2.0})
+    assert plot_metrics(log.path, tmp_path / "with_gain.png")
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "again.png")
+    from PIL import Image  # matplotlib depends on pillow
+
+    tall = Image.open(tmp_path / "with_gain.png").size[1]
+    log.start_new()
+    log.log(1, 0.0, {"event": "train", "loss": 3.0})
+    plot_metrics(log.path, tmp_path / "plain.png")
+    assert tall > Image.open(tmp_path / "plain.png").size[1]  # a second panel

@@ -68,7 +68,8 @@ _warned_plot = False
 
 
 def plot_metrics(metrics_path, png_path) -> bool:
-    """Train and validation loss against step, from metrics.jsonl (needs matplotlib)."""
+    """Train and validation loss against step, from metrics.jsonl, and below it the state's gain
+    where the evaluations measured it (needs matplotlib)."""
     global _warned_plot
     try:
         from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
@@ -82,8 +83,10 @@ def plot_metrics(metrics_path, png_path) -> bool:
     records = [json.loads(line) for line in lines if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("event") == "eval"]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
+    gain = [(r["step"], r["state_gain_pct"]) for r in records
+            if r.get("event") == "eval" and r.get("state_gain_pct") is not None]
+    fig = Figure(figsize=(7, 6.5 if gain else 4))
+    ax, *rest = fig.subplots(2 if gain else 1, 1, sharex=True, squeeze=False)[:, 0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train")
     if val:
@@ -91,6 +94,11 @@ def plot_metrics(metrics_path, png_path) -> bool:
     ax.set(xlabel="step", ylabel="loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if gain:  # the state's worth (state_health.py): the loss it saves, in percent
+        rest[0].plot(*zip(*gain, strict=True), "o-", color="tab:green")
+        rest[0].axhline(0, color="grey", linewidth=0.8)
+        rest[0].set(xlabel="step", ylabel="state gain (% of the loss)")
+        rest[0].grid(alpha=0.3)
     png_path = Path(png_path)
     write_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     return True

@@ -99,6 +99,11 @@ class TrainConfig:
     eval_tokens: int = _setting(32768,
                                 "held-out tokens per evaluation (whole validation documents); 0: "
                                 "none")
+    state_eval_tokens: int = _setting(8192,
+                                      "held-out tokens (the first validation documents) on which "
+                                      "each evaluation of a recurrent model also measures what "
+                                      "its state is worth (state_gain: the loss with another "
+                                      "document's state, less the loss); 0: off")
     log_interval: int = _setting(10, "steps between metrics lines")
     save_interval: int = _setting(500,
                                   "steps between checkpoints (always one at the end); 0: at the "
@@ -138,7 +143,8 @@ class TrainConfig:
         need(self.baseline in BASELINES, "baseline", f"choose one of {BASELINES}")
         for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "max_nonfinite"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("seed", "eval_interval", "eval_tokens", "save_interval", "keep_last"):
+        for name in ("seed", "eval_interval", "eval_tokens", "state_eval_tokens", "save_interval",
+                     "keep_last"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number")
         need(0 <= self.min_lr <= self.lr, "min_lr", f"must lie in [0, lr={self.lr}]")

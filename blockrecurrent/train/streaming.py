@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..data.lanes import DocumentLanes
+from .optim import lm_loss_sum
 
 # What the recurrent states do from one segment to the next (see stream_segments).
 RESET_STATE = ("carry", "every-segment", "other-document")
@@ -67,3 +68,28 @@ def stream_segments(model, lanes: DocumentLanes | None,
                 on_segment(batch, logits)
     finally:
         model.train(was_training)
+
+
+def stream_loss(model, corpus, batch_size: int, env, reset_state: str = "carry", *,
+                autocast: torch.dtype | None = None, lockstep: bool = False
+                ) -> tuple[float, float]:
+    """(nats, tokens) of every document of `corpus` read whole through stream_segments, the
+    documents shared out over env's processes (at most batch_size rows each) and the sums
+    all-reduced. lockstep: FSDP (see stream_segments)."""
+    n = len(corpus)
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # nats, tokens
+    world = min(env.world_size, n)  # processes beyond the number of documents add zeros
+    lanes = None if env.rank >= world else DocumentLanes(
+        corpus, max(1, min(batch_size, n // world)), model.config.max_seq_len,
+        rank=env.rank, world_size=world, shuffle=False, loop=False)
+
+    def add(batch: dict, logits: Tensor) -> None:
+        mask = batch["loss_mask"].to(env.device)
+        sums[0] += lm_loss_sum(logits, batch["targets"].to(env.device), mask).double()
+        sums[1] += mask.sum()
+
+    stream_segments(model, lanes, add, device=env.device, autocast=autocast,
+                    reset_state=reset_state, lockstep=env.any_rank if lockstep else None,
+                    pad_token=corpus.bos_id)
+    nats, tokens = env.all_reduce(sums).tolist()
+    return nats, tokens

@@ -54,7 +54,8 @@ from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
 from .metrics import MetricsLog
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import TrainConfig, check_run_settings, resolve_model_config
-from .streaming import stream_segments
+from .state_health import StateHealth
+from .streaming import stream_loss
 from .train_data import build_data, fit_to_corpus, fixed_eval_set
 
 __all__ = ["Trainer", "train"]
@@ -102,6 +103,8 @@ class Trainer:
         self.lanes = DocumentLanes(train_corpus, cfg.batch_size, model_config.max_seq_len,
                                      seed=cfg.seed, rank=env.rank, world_size=env.world_size)
         self.eval_corpus = fixed_eval_set(val_corpus, cfg.eval_tokens)
+        self.health = StateHealth(self.eval_corpus, cfg.state_eval_tokens, env.world_size,
+                                  bool(model_config.recurrent_layers))
         self.mems: XLMemories | None = None
         self.states: Tensor | None = None
         self.step = self.tokens_seen = self.nonfinite_skips = self.nonfinite_in_a_row = 0
@@ -175,32 +178,21 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        """Mean loss (nats/token) and bits per byte over the fixed validation subset, whole
-        documents streamed segment by segment with carried memories (streaming.stream_segments,
-        the loop evaluate.evaluation runs too); shared out over ranks."""
+        """Mean loss (nats/token) and bits per byte over the fixed validation subset, and the
+        state's worth on a part of it (state_health.py); shared out over ranks."""
         if self.eval_corpus is None:
             return None
-        env, n = self.env, len(self.eval_corpus)
-        sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # nats, tokens
-        eval_world = min(env.world_size, n)  # ranks beyond the number of documents add zeros
-        lanes = None if env.rank >= eval_world else DocumentLanes(
-            self.eval_corpus, max(1, min(self.cfg.batch_size, n // eval_world)),
-            self.model_config.max_seq_len,
-            rank=env.rank, world_size=eval_world, shuffle=False, loop=False)
-
-        def add(batch: dict, logits: Tensor) -> None:
-            mask = batch["loss_mask"].to(env.device)
-            sums[0] += lm_loss_sum(logits, batch["targets"].to(env.device), mask).double()
-            sums[1] += mask.sum()
-
-        # FSDP: every forward gathers weights from all ranks, so they run in lockstep.
-        lockstep = env.any_rank if self.fsdp else None
-        stream_segments(self.model, lanes, add, device=env.device, autocast=self.autocast,
-                        lockstep=lockstep, pad_token=self.eval_corpus.bos_id)
-        nats, tokens = env.all_reduce(sums).tolist()
+        nats, tokens = self._stream_loss(self.eval_corpus, "carry")
         self.last_eval = {"val_loss": nats / max(tokens, 1.0),
                           "val_bpb": nats / math.log(2) / self.eval_corpus.total_bytes}
+        if self.health.corpus is not None:
+            self.last_eval.update(self.health.measure(self._stream_loss))
         return self.last_eval
+
+    def _stream_loss(self, corpus, reset_state: str) -> tuple[float, float]:
+        # FSDP: every forward gathers weights from all ranks, so they run in lockstep.
+        return stream_loss(self.model, corpus, self.cfg.batch_size, self.env, reset_state,
+                           autocast=self.autocast, lockstep=self.fsdp)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self, copy: bool = True, weights: bool = True) -> dict:
@@ -333,8 +325,13 @@ class Trainer:
         self.evaluated_at = self.step
         self._log({"event": "eval", **self.last_eval})
         if self.env.is_main:
+            gain = self.last_eval.get("state_gain_pct")
             bar.write(f"step {self.step}: val_loss {self.last_eval['val_loss']:.4f}, "
-                      f"val_bpb {self.last_eval['val_bpb']:.4f}")
+                      f"val_bpb {self.last_eval['val_bpb']:.4f}"
+                      + ("" if gain is None else f", state gain {gain:+.2f}%"))
+            warning = self.health.warning()
+            if warning:
+                bar.write("warning: " + warning)
 
     def _summary(self, status: str, model_dir: Path | None) -> dict:
         ckpt, last_eval = self.checkpoints.path(self.step), self.last_eval or {}
