@@ -225,12 +225,15 @@ def test_probe_command(capsys, tmp_path):
     model; bad settings exit 2 before any training."""
     out = tmp_path / "probe"
     code, stdout, err = run(capsys, "probe", "--threads", "1", "--keys", "1", "--distances", "3",
-                            "--lead", "1", "--steps", "3", "--save-models", "--out", out,
-                            "block_width=8", "num_state_vectors=8", "gate=lstm")
+                            "--lead", "1", "--steps", "3", "--beyond", "4", "--save-models",
+                            "--out", out, "block_width=8", "num_state_vectors=8", "gate=lstm")
     assert code == 0, err
     assert "recurrent K=1" in stdout and (out / "probe.md").is_file()
+    assert "beyond the trained distance D" in stdout and "0 (12)" not in stdout.split("D:")[0]
     rows = json.loads((out / "probe.json").read_text())
-    assert [r["model"] for r in rows] == ["recurrent", "slide"] and rows[0]["steps"] == 3
+    assert [(r["model"], r["distance"]) for r in rows] == [
+        ("recurrent", 3), ("recurrent", 12), ("slide", 3), ("slide", 12)]
+    assert rows[0]["steps"] == 3
     saved = out / "models" / "recurrent-keys-K1-d3-s0"
     assert json.loads((saved / "config.json").read_text())["gate"] == "lstm"
     code, stdout, err = run(capsys, "probe", "--threads", "1", "--model", saved, "--keys", "1",

@@ -99,6 +99,7 @@ def cmd_bench(args) -> int:
 
 def cmd_probe(args) -> int:
     from ..evaluate.probes import evaluate_saved, probe_table, run_probes, write_probe_report
+    from ..evaluate.reach import reach_table
     from ..train.settings import load_train_config
 
     if args.task == "mqar":
@@ -117,9 +118,12 @@ def cmd_probe(args) -> int:
         rows = run_probes(config, **task, models=args.models or ["recurrent", "slide"],
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           betas=tuple(args.betas), seeds=args.seeds, mixed=args.mixed,
+                          beyond=args.beyond,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
     paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
     print(probe_table(rows, markdown=False))
+    if any(r.get("factor", 1) > 1 for r in rows):
+        print("\nbeyond the trained distance D:\n" + reach_table(rows, markdown=False))
     print("wrote " + ", ".join(p for p in paths.values() if p))
     return 0
 

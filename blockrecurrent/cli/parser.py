@@ -233,6 +233,10 @@ def _probe_command(add) -> None:
     p.add_argument("--mixed", action="store_true",
                    help="train one model per K on all the distances in turn (the same steps) "
                         "and evaluate it at each, instead of one model per distance")
+    p.add_argument("--beyond", type=int, nargs="*", default=[4, 16, 64], metavar="F",
+                   help="also score every trained model with the keys F times its longest "
+                        "trained distance back: how far its memory reaches beyond what training "
+                        "showed it (default: 4 16 64; none: --beyond with no value)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="evaluate this saved model instead of training new ones")

@@ -299,7 +299,7 @@ def _check_run(base, models: list, steps, batch_size, lr, mixed) -> None:
 
 
 def run_name(row: dict) -> str:
-    d = "mixed" if row.get("mixed") else f"d{row['distance']}"
+    d = "mixed" if row.get("mixed") else f"d{row.get('trained_distance', row['distance'])}"
     return f"{row['model']}-{row['kind']}-K{row['num_keys']}-{d}-s{row['seed']}"
 
 
