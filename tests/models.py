@@ -22,3 +22,14 @@ def run_chunks(model, seq, chunks, **kw):
         pos += c
     assert pos == seq.shape[1]
     return torch.cat(outs, dim=1), mems, states
+
+
+def make_model(seed=0, **overrides) -> BlockRecurrentTransformer:
+    """The tiny preset with overrides, seeded, in eval mode (the decoding tests' model)."""
+    torch.manual_seed(seed)
+    return BlockRecurrentTransformer(preset("tiny", **overrides)).eval()
+
+
+def prompt(b, n, seed=1):
+    """(b, n) random byte-vocabulary token ids."""
+    return torch.randint(0, 256, (b, n), generator=torch.Generator().manual_seed(seed))

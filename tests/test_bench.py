@@ -7,6 +7,7 @@ import torch
 from blockrecurrent import preset
 from blockrecurrent.bench import command as C
 from blockrecurrent.bench import run as B
+from blockrecurrent.bench.machine import bf16_is_fast
 from blockrecurrent.train.settings import baseline_configs
 
 
@@ -83,7 +84,7 @@ def test_command_line(tmp_path, capsys):
                   "--no-baselines", "--repeats", "1", "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     # "auto" dtypes: bf16 too where this CPU has native bf16 kernels (AVX512-BF16 / AMX)
-    dtypes = ["float32", "bfloat16"] if B.bf16_is_fast(torch.device("cpu")) else ["float32"]
+    dtypes = ["float32", "bfloat16"] if bf16_is_fast(torch.device("cpu")) else ["float32"]
     assert [(r["model"], r["mode"], r["length"], r["dtype"]) for r in res["results"]] == \
         [("slide", "infer", 16, d) for d in dtypes]
     assert "| infer | fp32 | slide | 1 x 16 |" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.bench import machine as B
+from blockrecurrent.model.config import BlockRecurrentConfig
 
 
 def tiny(**kw):
@@ -21,7 +22,7 @@ def tiny(**kw):
 def test_flops_hand_count_plain_layer():
     # E=4, one head of width 2, W=2, GELU MLP 8, vocabulary 10; per token:
     # qkv 2*4*6=48, attention 4*(2W=4)*2=32, out 2*2*4=16, MLP 4*4*8=128, logits 2*4*10=80.
-    cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
+    cfg = BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
                                  block_width=2, max_seq_len=2, num_state_vectors=1,
                                  recurrent_layers=(), mlp_mult=2.0, mlp="gelu")
     assert B.flops_per_token(cfg) == 48 + 32 + 16 + 128 + 80
@@ -33,7 +34,7 @@ def test_flops_hand_count_recurrent_layer():
     # window attention 32, cross-attention to S=1 state keys 4*1*2=8, output 2*4*4=32, MLP 128.
     # State side per block: projections 64, S x S 8, S x 2W 32, output 32 = 136, over W=2 tokens
     # (the paper's cell, with state self-attention; without it 48 + 32 + 16 = 96).
-    cfg = B.BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
+    cfg = BlockRecurrentConfig(num_tokens=10, dim=4, depth=1, heads=1, dim_head=2,
                                  block_width=2, max_seq_len=2, num_state_vectors=1,
                                  recurrent_layers=(1,), mlp_mult=2.0, mlp="gelu",
                                  state_self_attention=True)

@@ -4,20 +4,11 @@ path, batched generation of prompts of different lengths, per-row continuation. 
 
 import pytest
 import torch
+from models import make_model, prompt
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.generate.generation import GenerationResult, generate
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return BlockRecurrentTransformer(preset("tiny", **overrides)).eval()
-
-
-def prompt(b, n, seed=1):
-    return torch.randint(0, 256, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
 def steps(model, seq, start, fast):

@@ -1,32 +1,19 @@
-"""Generation: cached decoding equals a full forward, chunked prefill, sampling, eos, continuing,
-streaming, input checks and the text front end. Tiny CPU models (W=16, max_seq_len=64)."""
-
-import io
-import math
+"""generate/generation.py: cached decoding equals a full forward, chunked prefill, sampling, eos,
+continuing, streaming, input checks. Tiny CPU models (W=16, max_seq_len=64). (Sampling's
+filters: test_sampling; text in and out: test_text.)"""
 
 import pytest
 import torch
+from models import make_model, prompt
 
-from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.generate.generation import GenerationResult, generate, prefill, stream
-from blockrecurrent.generate.sampling import filter_logits, sample_next
-from blockrecurrent.generate.text import generate_text
 
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return BlockRecurrentTransformer(preset("tiny", **overrides)).eval()
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_model()
-
-
-def prompt(b, n, seed=1):
-    return torch.randint(0, 256, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
 class Calls:
@@ -116,25 +103,6 @@ def test_seeded_sampling_is_reproducible(model):
     assert torch.equal(a, generate(model, p, 40, temperature=1.5, top_k=50, top_p=0.95,
                                    generator=g))
     assert not torch.equal(a, generate(model, p, 40, temperature=1.5, seed=8))
-
-
-def test_filter_logits_temperature_top_k_top_p():
-    logits = torch.tensor([[0.3, 1.2, -0.5, 2.0, 0.0]])
-    for t in (0.5, 1.0, 3.0):
-        torch.testing.assert_close(filter_logits(logits, t).softmax(-1), (logits / t).softmax(-1))
-    kept = filter_logits(logits, top_k=2).isfinite()
-    assert kept.tolist() == [[False, True, False, True, False]]
-    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
-    for top_p, n_kept in ((0.45, 1), (0.7, 2), (0.9, 3), (1.0, 4)):
-        out = filter_logits(probs.log(), top_p=top_p)
-        assert int(out.isfinite().sum()) == n_kept
-        assert out.isfinite()[0, 1]  # the most likely token always stays
-    # Frequencies follow softmax(logits / T): p(1) = 3/4 at T=1, sqrt(3)/(1+sqrt(3)) at T=2.
-    two = torch.tensor([[0.0, math.log(3)]]).expand(20000, 2)
-    g = torch.Generator().manual_seed(0)
-    for t, want in ((1.0, 0.75), (2.0, 3 ** 0.5 / (1 + 3 ** 0.5))):
-        freq = sample_next(two, temperature=t, generator=g).float().mean().item()
-        assert abs(freq - want) < 0.015
 
 
 # --- eos, continuing, streaming ------------------------------------------------------------
@@ -258,29 +226,3 @@ def test_carried_state_must_match_batch(model):
 
 
 # --- text ------------------------------------------------------------------------------------
-
-
-def test_generate_text_with_byte_tokenizer(tmp_path, model):
-    from blockrecurrent.data.tokenizer import ByteTokenizer
-
-    model.save_pretrained(tmp_path)
-    ByteTokenizer().save(tmp_path)
-    out, err = io.StringIO(), io.StringIO()
-    stats = generate_text(tmp_path, prompt="héllo wörld", max_new_tokens=30, seed=0,
-                          temperature=0.8, top_k=40, out=out, err=err)
-    assert stats["prompt_tokens"] == 1 + len("héllo wörld".encode())  # bos + bytes
-    assert 1 <= stats["new_tokens"] <= 30
-    assert out.getvalue().rstrip("\n") == stats["text"].rstrip("\n") and stats["text"]
-    assert "prefill" in err.getvalue() and "tokens/s" in err.getvalue()
-    assert stats["prefill_tokens_per_s"] > 0
-    # The same run again, from a prompt file, prints the same text.
-    (tmp_path / "prompt.txt").write_text("héllo wörld", encoding="utf-8")
-    again = generate_text(tmp_path, prompt_file=tmp_path / "prompt.txt", max_new_tokens=30,
-                          seed=0, temperature=0.8, top_k=40, out=io.StringIO(), err=io.StringIO())
-    assert again["text"] == stats["text"]
-    with pytest.raises(ValueError, match="either prompt or prompt_file"):
-        generate_text(tmp_path, prompt="a", prompt_file=tmp_path / "prompt.txt")
-    with pytest.raises(ValueError, match="does not exist"):
-        generate_text(tmp_path, prompt_file=tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="top_p"):
-        generate_text(tmp_path, prompt="a", top_p=2.0)

@@ -1,6 +1,7 @@
 """generate/sampling.py: the argument checks, greedy picks, what filter_logits keeps, and draws
-reproducible from a generator. (Frequencies against softmax(logits / T), top-k and top-p counts:
-test_generation's test_filter_logits_temperature_top_k_top_p.)"""
+reproducible from a generator, frequencies against softmax(logits / T), top-k and top-p counts."""
+
+import math
 
 import pytest
 import torch
@@ -68,3 +69,22 @@ def test_draws_are_reproducible_and_among_the_kept_tokens():
     kept = filter_logits(logits, 1.3, top_p=0.9).isfinite()
     for seed in range(20):
         assert kept[torch.arange(5), draw(seed)].all()
+
+
+def test_filter_logits_temperature_top_k_top_p():
+    logits = torch.tensor([[0.3, 1.2, -0.5, 2.0, 0.0]])
+    for t in (0.5, 1.0, 3.0):
+        torch.testing.assert_close(filter_logits(logits, t).softmax(-1), (logits / t).softmax(-1))
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, False, True, False]]
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    for top_p, n_kept in ((0.45, 1), (0.7, 2), (0.9, 3), (1.0, 4)):
+        out = filter_logits(probs.log(), top_p=top_p)
+        assert int(out.isfinite().sum()) == n_kept
+        assert out.isfinite()[0, 1]  # the most likely token always stays
+    # Frequencies follow softmax(logits / T): p(1) = 3/4 at T=1, sqrt(3)/(1+sqrt(3)) at T=2.
+    two = torch.tensor([[0.0, math.log(3)]]).expand(20000, 2)
+    g = torch.Generator().manual_seed(0)
+    for t, want in ((1.0, 0.75), (2.0, 3 ** 0.5 / (1 + 3 ** 0.5))):
+        freq = sample_next(two, temperature=t, generator=g).float().mean().item()
+        assert abs(freq - want) < 0.015
