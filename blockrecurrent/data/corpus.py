@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from ..files import make_temp_dir, write_atomic, write_json
+from .formats import DATA_SUFFIXES, is_arrow_dataset, iter_data_file, open_jsonl
 from .tokenizer import _CONFIG, ByteTokenizer, _import_tokenizers, load_tokenizer, train_bpe
 
 __all__ = ["Document", "TokenizedCorpus", "iter_jsonl", "iter_stdlib", "iter_text_files",
@@ -78,13 +79,14 @@ def iter_text_files(pattern_or_dir: str | os.PathLike) -> Iterator[Document]:
 
 
 def iter_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[Document]:
-    """One JSON object per line with the text in `text_field`; named '<file name>/<line number>'."""
+    """One JSON object per line with the text in `text_field`; named '<file name>/<line number>'.
+    A .jsonl.gz / .jsonl.zst file is decompressed as it is read."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"JSONL file {str(path)!r} does not exist")
 
     def documents():
-        with open(path, "rb") as f:
+        with open_jsonl(path) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -121,17 +123,38 @@ def iter_stdlib() -> Iterator[Document]:
     return (Document(name, _read_text(p)) for name, p in named)
 
 
+def _data_files(src: str) -> list[Path]:
+    """The files of directory `src` when every (non-hidden) one is a data file (JSONL, gzip/zstd
+    JSONL, Parquet, Arrow), e.g. a folder of Parquet shards; else []."""
+    if not os.path.isdir(src):
+        return []
+    files = sorted(p for p in Path(src).rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    return files if files and all(p.name.endswith(DATA_SUFFIXES) for p in files) else []
+
+
+def _iter_data_dir(src: str, files: list[Path], text_field: str) -> Iterator[Document]:
+    for path in files:  # each document named '<path relative to src>/<row>'
+        parent = path.parent.relative_to(src).as_posix()
+        for name, text in iter_data_file(path, text_field, iter_jsonl):
+            yield Document(name if parent == "." else f"{parent}/{name}", text)
+
+
 def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[Document]:
-    """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a `.jsonl` file,
-    a directory, or a glob pattern. Empty documents are dropped; the result is sorted by name."""
+    """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a JSONL file
+    (.jsonl, .jsonl.gz, .jsonl.zst), a Parquet or Arrow file, a `datasets` save_to_disk
+    directory, a directory of such data files, a directory of text files, or a glob pattern
+    (data/formats.py). Empty documents are dropped; the result is sorted by name."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError("source must be a path, glob pattern or 'stdlib', not "
                         f"{type(source).__name__}")
     src = os.fspath(source)
     if src == "stdlib":
         docs = iter_stdlib()
-    elif src.endswith(".jsonl") and os.path.isfile(src):
-        docs = iter_jsonl(src, text_field)
+    elif (src.endswith(DATA_SUFFIXES) and os.path.isfile(src)) or is_arrow_dataset(src):
+        docs = (Document(*d) for d in iter_data_file(src, text_field, iter_jsonl))
+    elif _data_files(src):
+        docs = _iter_data_dir(src, _data_files(src), text_field)
     else:
         docs = iter_text_files(src)
     docs = sorted((d for d in docs if d.text), key=lambda d: d.name)

@@ -9,21 +9,24 @@ import json
 import os
 from pathlib import Path
 
-from ..data.corpus import TokenizedCorpus, load_documents, split_documents, tokenize_corpus
+from ..data.corpus import TokenizedCorpus, tokenize_corpus
+from ..data.splits import load_splits
 
 
 def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "text",
                  val_fraction: float = 0.05, test_fraction: float = 0.05,
                  cache_dir: str | os.PathLike | None = "data_cache") -> TokenizedCorpus:
     """The `split` ('val' or 'test') documents of `source` (see data.load_documents), split as
-    the trainer splits them (same fractions -> same documents, by a hash of their names),
+    the trainer splits them (data.splits.load_splits: the source's own split where it has one,
+    else the same fractions -> same documents, by a hash of their names),
     tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
-    docs = split_documents(load_documents(source, text_field), val_fraction, test_fraction)[split]
+    docs = load_splits(source, text_field, val_fraction, test_fraction)[split]
     if not docs:
         raise ValueError(f"the {split} split of {os.fspath(source)!r} is empty (the corpus has too "
-                         f"few documents); use a larger corpus or raise {split}_fraction")
+                         f"few documents, or its own split has no {split} folder or file); use "
+                         f"a larger corpus or raise {split}_fraction")
     cache = None
     if cache_dir is not None:
         # One directory per (corpus, split, tokenizer): tokenize_corpus checks the contents too.

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import corpus as D
+from ..data import splits as S
 from ..data.lanes import lanes_that_fit
 from .distributed import DistEnv
 from .settings import TrainConfig
@@ -28,12 +29,15 @@ def _corpus_cache(cfg: TrainConfig, split: str, tokenizer) -> Path | None:
 
 
 def build_data(cfg: TrainConfig, env: DistEnv | None = None, tokenizer=None):
-    """(tokenizer, train corpus, val corpus or None). Documents are split by data.split_documents
-    with its default fractions, which evaluation reuses for the test split. Rank 0 fills the
-    cache first; the other ranks then read it."""
+    """(tokenizer, train corpus, val corpus or None). Documents are split by the corpus's own
+    split where it has one (data.splits.find_splits), else by data.split_documents with its
+    default fractions, which evaluation reuses for the test split (data.splits.load_splits).
+    Rank 0 fills the cache first; the other ranks then read it."""
     env = env or DistEnv()
-    docs = D.load_documents(cfg.data, cfg.text_field)
-    splits = D.split_documents(docs)
+    own = S.find_splits(cfg.data)
+    if own and env.is_main:
+        print(S.describe_splits(own), file=sys.stderr)
+    splits = S.load_splits(cfg.data, cfg.text_field)
     if env.rank != 0:
         env.barrier()
     if tokenizer is None:
