@@ -74,7 +74,8 @@ def cmd_generate(args) -> int:
 
     generate_text(args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
+                  state_in=args.state_in, state_out=args.state_out)
     return 0
 
 

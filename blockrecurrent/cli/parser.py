@@ -157,6 +157,14 @@ def _generate_command(add) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--state-in", metavar="FILE", default=None,
+                   help="continue the document saved in this session file (written by "
+                        "--state-out of an earlier call with the same model): the prompt follows "
+                        "it, no new document is started")
+    p.add_argument("--state-out", metavar="FILE", default=None,
+                   help="save the document's session (memories, states, next-token logits; its "
+                        "size is set by the block width, not the document's length) to this "
+                        "file, atomically")
 
 
 def _compare_command(add) -> None:
@@ -182,7 +190,7 @@ def _compare_command(add) -> None:
 def _bench_command(add, with_bench: bool) -> None:
     p = add("bench", cmd_bench, "benchmark throughput and memory against the baselines",
             "Throughput, memory and FLOP utilisation of the model and its Slide and XL "
-            "baselines (see blockrecurrent/bench.py).", threads=False)  # bench has --threads
+            "baselines (see blockrecurrent/bench/).", threads=False)  # bench has --threads
     if with_bench:
         try:
             from ..bench import command as bench

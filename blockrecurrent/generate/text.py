@@ -16,16 +16,21 @@ from .sampling import check_count, check_sampling
 def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, out=None, err=None,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", state_in=None, state_out=None) -> dict:
     """Load a saved model and its tokenizer from model_dir, continue `prompt` (or the text of
     `prompt_file`; neither: generate a document from its start) and print the new text to `out`
     as it is produced, then prefill and decode speeds to `err` (default: sys.stdout, sys.stderr
     at call time). The prompt is read as the start of a document (bos first); generation stops
     at max_new_tokens or when the model starts a new document (emits bos).
+    state_in: a session file (generate/session.py) whose document the prompt continues (no bos
+    is added; without a prompt, generation continues from its saved logits and, unless `seed`
+    is given, its saved random stream); state_out: write the session after the new text to
+    this file, to continue it in a later call. A document fed in pieces this way gives the same
+    text as one call.
 
-    Returns {"text", "prompt_tokens", "new_tokens", "stopped_at_eos", "prefill_seconds",
-    "prefill_tokens_per_s", "decode_seconds", "decode_tokens_per_s"}; decode counts the tokens
-    after the first, whose logits come from the prefill."""
+    Returns {"text", "prompt_tokens", "new_tokens", "new_token_ids", "stopped_at_eos",
+    "prefill_seconds", "prefill_tokens_per_s", "decode_seconds", "decode_tokens_per_s"}; decode
+    counts the tokens after the first, whose logits come from the prefill."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     prompt = _read_prompt(prompt, prompt_file)
@@ -34,21 +39,25 @@ def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
     if seed is not None:
         check_count("seed", seed, 0)
     model, tokenizer = _load(Path(model_dir), device)
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt or "")
-    req = _check(model, ids, max_new_tokens, temperature, top_k, top_p, True,
-                 eos_token_id=tokenizer.bos_id, seed=seed)
+    past = _read_state(state_in, model)  # checked before any model work
+    ids = ([] if past is not None else [tokenizer.bos_id]) + tokenizer.encode(prompt or "")
+    req = _check(model, ids or None, max_new_tokens, temperature, top_k, top_p, True,
+                 eos_token_id=tokenizer.bos_id, seed=seed, past=past)
 
     with _EvalMode(model):
         t0 = time.perf_counter()
         dec = _start(req)
         prefill_s = time.perf_counter() - t0
-        text, new = _print_tokens(dec, tokenizer, max_new_tokens, out)
+        text, new = _print_tokens(dec, tokenizer, max_new_tokens, out)  # new: the token ids
+        if state_out is not None:
+            _write_state(state_out, model, dec, tokenizer.bos_id)
 
     n, steps, decode_s = len(ids), dec.steps, dec.decode_seconds
     stats = {
         "text": text,
         "prompt_tokens": n,
-        "new_tokens": new,
+        "new_tokens": len(new),
+        "new_token_ids": new,
         "stopped_at_eos": bool(dec.finished.all()),
         "prefill_seconds": prefill_s,
         "prefill_tokens_per_s": n / prefill_s if prefill_s > 0 else None,
@@ -60,6 +69,29 @@ def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
               f"({_rate(stats['decode_tokens_per_s'])})\n")
     err.flush()
     return stats
+
+
+def _read_state(state_in, model):
+    """The GenerationResult to continue from a session file, or None."""
+    if state_in is None:
+        return None
+    from .session import load_session
+
+    session = load_session(state_in, model)
+    if session.rows != 1:
+        raise ValueError(f"{state_in} holds {session.rows} documents; brt generate continues one")
+    return None if session.xl_memories is None else session.to_result()
+
+
+def _write_state(state_out, model, dec, bos_id: int) -> None:
+    """Save the session after every returned token (a bos that ended the text is not read)."""
+    from .session import Session, save_session
+
+    if dec.pending is not None and int(dec.pending[0]) == bos_id:
+        dec.pending = None
+    dec.feed_pending()
+    gen = dec.generator.get_state() if dec.generator is not None else None
+    save_session(state_out, model, Session(dec.mems, dec.states, dec.logits, None, gen))
 
 
 def _rate(tokens_per_s: float | None) -> str:
@@ -101,14 +133,14 @@ def _load(model_dir: Path, device: str):
 
 def _print_tokens(dec, tokenizer, max_new_tokens: int, out) -> tuple[str, int]:
     """Decode up to max_new_tokens tokens, writing the text to `out` as it comes, until the
-    model starts a new document (emits bos). Returns the text and the count of new tokens."""
-    decoder, pieces, new = tokenizer.stream_decoder(), [], 0
+    model starts a new document (emits bos). Returns the text and the new token ids."""
+    decoder, pieces, new = tokenizer.stream_decoder(), [], []
     try:
         for tok in dec.tokens(max_new_tokens):
             tok = int(tok[0])
             if tok == tokenizer.bos_id:  # the model starts a new document: this one is done
                 break
-            new += 1
+            new.append(tok)
             piece = decoder.feed([tok])
             if piece:
                 out.write(piece)
