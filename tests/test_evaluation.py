@@ -13,7 +13,7 @@ from helpers import eval_model, mixed_length_corpus
 
 from blockrecurrent.data.corpus import Document, tokenize_corpus
 from blockrecurrent.data.tokenizer import ByteTokenizer
-from blockrecurrent.evaluate.documents import lane_plan
+from blockrecurrent.evaluate.documents import chosen_parts, describe_parts, lane_plan
 from blockrecurrent.evaluate.evaluation import bucket_label, cheapest_batch_size, evaluate
 from blockrecurrent.model.config import preset
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
@@ -115,6 +115,22 @@ def test_max_docs_and_max_tokens(model, corpus):
     assert [d["index"] for d in res["per_document"]] == [0, 1] and res["tokens"] == n0 + n1
     res = evaluate(model, corpus, max_tokens=5, progress=False)  # at least one document
     assert res["documents"] == 1
+
+
+def test_max_tokens_below_every_document_scores_prefixes(model, corpus):
+    """No whole document fits: the first max_tokens tokens of the first document are scored,
+    named as a prefix, with the bytes they hold (the byte tokenizer: one per token); the
+    losses are those of the full document's first positions (causal)."""
+    res = evaluate(model, corpus, max_tokens=40, buckets=BUCKETS, progress=False)
+    assert res["documents"] == 1 and res["tokens"] == 40 and res["bytes"] == 40
+    assert res["per_document"][0]["name"] == "doc0[:41]"
+    nll = full_forward_nll(model, corpus)[0][:40]
+    assert res["loss"] * 40 == pytest.approx(float(nll.sum()), rel=1e-4)
+    assert res["bits_per_byte"] == pytest.approx(float(nll.sum()) / LN2 / 40, rel=1e-4)
+    line = describe_parts(corpus, chosen_parts(corpus, None, 40))
+    assert line == ("no whole document fits in max_tokens: scoring the first 40 tokens (after "
+                    "the bos) of 1 document (prefixes, 40 bytes; bits per byte over those bytes)")
+    assert describe_parts(corpus, chosen_parts(corpus, None, int(corpus.doc_lengths[0]))) is None
 
 
 def test_bfloat16_autocast_is_close(model, corpus):

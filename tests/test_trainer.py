@@ -262,7 +262,7 @@ def test_small_corpus_fits_warmup_and_lanes_left_unset(tmp_path, capsys):
 
 def test_eval_tokens_left_unset_fit_a_long_validation_document(tmp_path, capsys):
     """Long files: the default eval_tokens holds no validation document, so the shortest is
-    evaluated whole; set explicitly, the clear error stays."""
+    evaluated whole; set explicitly, prefixes of the first documents are, said in one line."""
     (tmp_path / "long").mkdir()
     for i in range(7):
         (tmp_path / "long" / f"{i}.txt").write_text(f"line {i} of a long file\n" * (1500 + 99 * i))
@@ -272,9 +272,13 @@ def test_eval_tokens_left_unset_fit_a_long_validation_document(tmp_path, capsys)
     assert summary["val_bpb"] is not None
     fitted = [line for line in capsys.readouterr().err.splitlines() if "fitted" in line]
     assert len(fitted) == 1 and "the default 32768 holds none" in fitted[0]
-    with pytest.raises(ValueError, match="eval_tokens=32768 is smaller than every validation"):
-        train(*load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'x'}",
-                                                    "eval_tokens=32768"]))
+    summary = train(*load_train_config(None, "tiny", [*base, f"out_dir={tmp_path / 'x'}",
+                                                          "eval_tokens=20000"]))
+    assert summary["val_bpb"] is not None
+    lines = [line for line in capsys.readouterr().err.splitlines() if "prefixes" in line]
+    assert lines == ["eval_tokens=20000 holds no whole validation document: each evaluation "
+                     "scores the first 20,000 tokens (after the bos) of 1 of the 1 (prefixes; "
+                     "bits per byte over the bytes they hold)"]
 
 
 def test_one_file_corpus_trains_with_a_one_line_note(tmp_path, capsys):

@@ -18,7 +18,14 @@ import numpy as np
 
 from ..files import make_temp_dir, write_atomic, write_json
 from .formats import DATA_SUFFIXES, is_arrow_dataset, iter_data_file, open_jsonl
-from .tokenizer import _CONFIG, ByteTokenizer, _import_tokenizers, load_tokenizer, train_bpe
+from .tokenizer import (
+    _CONFIG,
+    ByteTokenizer,
+    _import_tokenizers,
+    byte_counter,
+    load_tokenizer,
+    train_bpe,
+)
 
 __all__ = ["Document", "TokenizedCorpus", "iter_jsonl", "iter_stdlib", "iter_text_files",
            "load_documents", "make_tokenizer", "split_documents", "tokenize_corpus"]
@@ -268,10 +275,12 @@ def _docs_hash(docs: Sequence[Document]) -> str:
 
 class TokenizedCorpus:
     """All documents' ids, each document starting with bos, in one flat array: document i is
-    tokens[offsets[i]:offsets[i + 1]]. num_bytes(i) is its text's UTF-8 size (for bits per byte)."""
+    tokens[offsets[i]:offsets[i + 1]]. num_bytes(i) is its text's UTF-8 size (for bits per byte).
+    byte_counter (tokenizer.byte_counter; set by tokenize_corpus): ids -> their text's bytes, so
+    that a document prefix has exact bytes too (prefix_bytes); None: whole documents only."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, num_bytes: np.ndarray,
-                 names: list[str], *, bos_id: int, vocab_size: int):
+                 names: list[str], *, bos_id: int, vocab_size: int, byte_counter=None):
         if (len(offsets) != len(names) + 1 or len(num_bytes) != len(names)
                 or offsets[-1] != len(tokens)):
             raise ValueError("inconsistent corpus arrays (truncated cache?); delete the cache "
@@ -279,6 +288,7 @@ class TokenizedCorpus:
         self.tokens, self.offsets, self._num_bytes = tokens, offsets, num_bytes
         self.names = list(names)
         self.bos_id, self.vocab_size = int(bos_id), int(vocab_size)
+        self.byte_counter = byte_counter
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> TokenizedCorpus:
@@ -298,6 +308,31 @@ class TokenizedCorpus:
 
     def num_bytes(self, i: int) -> int:
         return int(self._num_bytes[i])
+
+    def prefix_bytes(self, i: int, n: int) -> int:
+        """The UTF-8 bytes of document i's first n tokens (bos included), exactly."""
+        if n >= self.offsets[i + 1] - self.offsets[i]:
+            return self.num_bytes(i)
+        if self.byte_counter is None:
+            raise ValueError("this corpus cannot count the bytes of part of a document (its "
+                             "tokenizer's tokens have no fixed bytes); evaluate whole documents")
+        return self.byte_counter(self.doc(i)[:n])
+
+    def subset(self, picks) -> TokenizedCorpus:
+        """Documents picks = [(index, tokens or None)] in that order, as a corpus in memory: each
+        whole (None, or tokens >= its length) or its first `tokens` tokens (bos included), then
+        named '<name>[:<tokens>]' with the prefix's exact bytes (prefix_bytes)."""
+        pieces, names, nbytes = [], [], []
+        for i, n in picks:
+            i, whole = int(i), n is None or n >= len(self.doc(int(i)))
+            pieces.append(np.asarray(self.doc(i) if whole else self.doc(i)[:n]))
+            names.append(self.names[i] if whole else f"{self.names[i]}[:{n}]")
+            nbytes.append(self.num_bytes(i) if whole else self.prefix_bytes(i, n))
+        offsets = np.concatenate(([0], np.cumsum([len(p) for p in pieces]))).astype(np.int64)
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, self.tokens.dtype)
+        return TokenizedCorpus(tokens, offsets, np.array(nbytes, np.int64), names,
+                               bos_id=self.bos_id, vocab_size=self.vocab_size,
+                               byte_counter=self.byte_counter)
 
     @property
     def doc_lengths(self) -> np.ndarray:  # in tokens, each document's bos included
@@ -329,11 +364,13 @@ def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.Pat
         try:
             manifest = json.loads((d / "manifest.json").read_text("utf-8"))
             if all(manifest.get(k) == v for k, v in key.items()):
-                return TokenizedCorpus.load(d)
+                return _with_counter(TokenizedCorpus.load(d), tokenizer)
         except (OSError, ValueError, KeyError):
             pass  # unreadable or inconsistent cache: rebuild it
     encode_batch = getattr(tokenizer, "encode_batch", None) or (
         lambda texts: [tokenizer.encode(t) for t in texts])
+    if isinstance(tokenizer, ByteTokenizer):  # the same ids, at memory speed
+        encode_batch = lambda texts: [tokenizer.encode_array(t) for t in texts]  # noqa: E731
     arrays = []
     for start in range(0, len(docs), chunk):
         for ids in encode_batch([doc.text for doc in docs[start:start + chunk]]):
@@ -347,11 +384,17 @@ def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.Pat
     num_bytes = np.array([len(doc.text.encode("utf-8")) for doc in docs], np.int64)
     if d is None:
         return TokenizedCorpus(tokens, offsets, num_bytes, names, bos_id=tokenizer.bos_id,
-                               vocab_size=tokenizer.vocab_size)
+                               vocab_size=tokenizer.vocab_size,
+                               byte_counter=byte_counter(tokenizer))
     # written last, the manifest marks a complete cache
     (d / "manifest.json").unlink(missing_ok=True)
     for name, arr in (("tokens", tokens), ("offsets", offsets), ("num_bytes", num_bytes)):
         write_atomic(d / f"{name}.npy", lambda f, arr=arr: np.save(f, arr))
     write_json(d / "manifest.json", {**key, "total_tokens": len(tokens),
                                       "total_bytes": int(num_bytes.sum()), "names": names})
-    return TokenizedCorpus.load(d)
+    return _with_counter(TokenizedCorpus.load(d), tokenizer)
+
+
+def _with_counter(corpus: TokenizedCorpus, tokenizer) -> TokenizedCorpus:
+    corpus.byte_counter = byte_counter(tokenizer)
+    return corpus

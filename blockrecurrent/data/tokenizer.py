@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from ..files import write_atomic, write_json
 
 DOC_TOKEN = "<|doc|>"  # document-start token prepended to every document
@@ -107,6 +109,13 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode as a uint8 array, at memory speed (no Python loop over the bytes)."""
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+    def byte_lengths(self) -> np.ndarray:
+        return np.array([1] * 256 + [0], np.int64)
+
     def decode(self, ids) -> str:
         return bytes(i for i in _id_list(ids) if 0 <= i < 256).decode("utf-8", errors="replace")
 
@@ -118,6 +127,23 @@ class ByteTokenizer:
         write_json(Path(directory) / _CONFIG, {"kind": self.kind})
         write_json(Path(directory) / "tokenizer.json", byte_tokenizer_json())
         _hf_files(Path(directory), DOC_TOKEN, self.bos_id)
+
+
+class ByteCounter:
+    """ids -> the UTF-8 bytes of their text, exact at any cut (bits per byte of a document
+    prefix); from a tokenizer's byte_lengths table."""
+
+    def __init__(self, table: np.ndarray):
+        self.table = np.asarray(table, np.int64)
+
+    def __call__(self, ids) -> int:
+        return int(self.table[np.asarray(ids, np.int64)].sum())
+
+
+def byte_counter(tokenizer) -> ByteCounter | None:
+    """The tokenizer's ByteCounter; None where its tokens have no fixed bytes."""
+    table = getattr(tokenizer, "byte_lengths", lambda: None)()
+    return None if table is None else ByteCounter(table)
 
 
 def _import_tokenizers():
@@ -158,6 +184,22 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:  # parallel in Rust
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def byte_lengths(self) -> np.ndarray | None:
+        """UTF-8 bytes of each token id's text (special tokens: 0) where every token stands for
+        fixed bytes (a byte-level tokenizer, as ours); None otherwise."""
+        spec = json.loads(self._tok.to_str())
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            return None
+        alphabet = set(_byte_level_chars())
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        table = np.zeros(self.vocab_size, np.int64)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i not in special:
+                if not set(token) <= alphabet:
+                    return None
+                table[i] = len(token)
+        return table
 
     def decode(self, ids) -> str:
         return self._tok.decode(_id_list(ids), skip_special_tokens=True)

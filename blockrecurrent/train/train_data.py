@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..data import corpus as D
 from ..data import splits as S
 from ..data.lanes import lanes_that_fit
+from ..data.prefixes import PREFIX_TOKENS, prefix_plan
 from .distributed import DistEnv
 from .settings import TrainConfig
 
@@ -62,29 +61,44 @@ def eval_subset(corpus: D.TokenizedCorpus, max_tokens: int) -> D.TokenizedCorpus
         if 2 <= n <= max_tokens - total:
             chosen.append(i)
             total += int(n)
-    if not chosen:
-        return None
-    lengths = [len(corpus.doc(i)) for i in chosen]
-    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-    return D.TokenizedCorpus(np.concatenate([corpus.doc(i) for i in chosen]), offsets,
-                             np.array([corpus.num_bytes(i) for i in chosen], np.int64),
-                             [corpus.names[i] for i in chosen], bos_id=corpus.bos_id,
-                             vocab_size=corpus.vocab_size)
+    return corpus.subset([(i, None) for i in chosen]) if chosen else None
 
+
+def prefix_subset(corpus: D.TokenizedCorpus, max_tokens: int,
+                  min_prefix: int = PREFIX_TOKENS) -> D.TokenizedCorpus | None:
+    """The evaluation set when no whole validation document fits in max_tokens (books):
+    max_tokens predicted tokens spread over the first documents in name order (data.prefixes.
+    prefix_plan: each at least min_prefix), each read from its start and named
+    '<name>[:<tokens>]', with the exact UTF-8 bytes of the text it holds (bits per byte stays
+    exact). None if max_tokens < 1."""
+    plan = prefix_plan(corpus.doc_lengths - 1, max_tokens, min_prefix)
+    return corpus.subset([(i, n + 1) for i, n in plan]) if plan else None
+
+
+def describe_eval_set(val_corpus: D.TokenizedCorpus | None, eval_tokens: int) -> str | None:
+    """One line when the evaluation set (fixed_eval_set) reads prefixes; else None."""
+    if (val_corpus is None or eval_tokens <= 0
+            or eval_subset(val_corpus, eval_tokens) is not None):
+        return None
+    plan = prefix_plan(val_corpus.doc_lengths - 1, eval_tokens)
+    if not plan:
+        return None
+    lengths = sorted({n for _, n in plan})
+    each = f"{lengths[0]:,}" if len(lengths) == 1 else f"{lengths[0]:,} to {lengths[-1]:,}"
+    return (f"eval_tokens={eval_tokens} holds no whole validation document: each evaluation "
+            f"scores the first {each} tokens (after the bos) of {len(plan)} of the "
+            f"{len(val_corpus)} (prefixes; bits per byte over the bytes they hold)")
 
 
 def fixed_eval_set(val_corpus: D.TokenizedCorpus | None, eval_tokens: int
                    ) -> D.TokenizedCorpus | None:
-    """The trainer's evaluation set (eval_subset); None without validation documents or with
-    eval_tokens=0, a ValueError if no validation document fits in eval_tokens."""
+    """The trainer's evaluation set: whole documents (eval_subset) or, where none fits in
+    eval_tokens, document prefixes (prefix_subset); None without validation documents or with
+    eval_tokens=0."""
     if val_corpus is None or eval_tokens <= 0:
         return None
     subset = eval_subset(val_corpus, eval_tokens)
-    if subset is None:
-        raise ValueError(f"eval_tokens={eval_tokens} is smaller than every validation document "
-                         f"(shortest: {int(val_corpus.doc_lengths.min())} tokens); raise "
-                         "eval_tokens, or set it to 0 to skip evaluation")
-    return subset
+    return subset if subset is not None else prefix_subset(val_corpus, eval_tokens)
 
 
 def fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
@@ -92,7 +106,8 @@ def fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
                    ) -> TrainConfig:
     """cfg with the settings the user left unset (cfg.unset) fitted to this run: fewer lanes
     where the corpus has too few training documents for batch_size, and eval_tokens holding
-    the shortest validation document where none fits; one line saying so."""
+    the shortest validation document where none fits; one line saying so. And one line when
+    the evaluation set reads document prefixes (describe_eval_set)."""
     fitted, changes = [], {}
     if "warmup_steps" in cfg.unset and cfg.warmup_steps != TrainConfig.warmup_steps:
         fitted.append(f"warmup_steps={cfg.warmup_steps} (a tenth of max_steps={cfg.max_steps}; "
@@ -114,4 +129,7 @@ def fit_to_corpus(cfg: TrainConfig, train_corpus: D.TokenizedCorpus,
         cfg.unset = unset
     if fitted and env.is_main and fits >= cfg.batch_size:  # else the Trainer's error follows
         print("fitted to this run (set them to choose): " + "; ".join(fitted), file=sys.stderr)
+    line = describe_eval_set(val_corpus, cfg.eval_tokens)
+    if line and env.is_main:
+        print(line, file=sys.stderr)
     return cfg
