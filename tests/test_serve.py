@@ -163,3 +163,12 @@ def test_bad_requests(client, server):
     status, body = _post(url + "/sessions", b'{"id": "made"}')
     assert status == 200 and body["tokens_seen"] == [0]
     assert _post(url + "/sessions", b'{"id": "made"}')[0] == 409
+
+
+def test_brt_serve_command(capsys, tmp_path):
+    from helpers import run
+
+    code, out, _ = run(capsys, "serve", "--help")
+    assert code == 0 and "--session-dir" in out and "/v1/completions" in out
+    code, _, err = run(capsys, "serve", tmp_path / "missing", "--session-dir", tmp_path / "s")
+    assert code == 2 and "is not a saved model" in err

@@ -4,6 +4,7 @@ its options defined in parser.py; main() here runs one and turns errors into exi
     brt train    [--config FILE] [--preset NAME] [--resume] [key=value ...]  -> train.train
     brt eval     CHECKPOINT [--data SRC] [--split val|test] ...     -> evaluate.evaluate_checkpoint
     brt generate CHECKPOINT [--prompt TEXT | --prompt-file FILE] ...  -> text.generate_text
+    brt serve    CHECKPOINT [--host H] [--port P] [--session-dir DIR] ...   -> serve.server.serve
     brt compare  [--config FILE] [--preset NAME] [--out DIR] [key=value ...]  -> compare.compare
     brt bench    ...                                                          -> bench.main
     brt probe    [--kind keys|pairs] [--keys K ...] [--distances D ...] [key=value ...] -> probes

@@ -79,6 +79,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from ..serve.server import serve  # fastapi and uvicorn: imported when it starts
+    serve(args.checkpoint, host=args.host, port=args.port, session_dir=args.session_dir,
+          device=args.device, name=args.name, max_tokens=args.max_tokens,
+          max_prompt_tokens=args.max_prompt_tokens,
+          max_in_memory=args.max_sessions_in_memory, max_batch=args.max_batch)
+    return 0
+
+
 def cmd_compare(args) -> int:
     overrides = _overrides(args.overrides)
     from ..evaluate.compare import compare

@@ -14,6 +14,7 @@ from .commands import (
     cmd_generate,
     cmd_probe,
     cmd_run,
+    cmd_serve,
     cmd_train,
 )
 
@@ -56,6 +57,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     _train_command(add)  # in the order --help lists them
     _eval_command(add)
     _generate_command(add)
+    _serve_command(add)
     _compare_command(add)
     _bench_command(add, with_bench)
     _probe_command(add)
@@ -165,6 +167,34 @@ def _generate_command(add) -> None:
                    help="save the document's session (memories, states, next-token logits; its "
                         "size is set by the block width, not the document's length) to this "
                         "file, atomically")
+
+
+def _serve_command(add) -> None:
+    p = add("serve", cmd_serve, "serve a saved model over HTTP (OpenAI completions API)",
+            "Serve a saved model with OpenAI's /v1/completions (streaming too) and /v1/models; "
+            "a request naming a `session` (extra_body={'session': ID} with the openai client; "
+            "'new_session': true creates it) continues that session's document, whose state is "
+            "kept in memory and written to SESSION_DIR after every request. Concurrent requests "
+            "decode as one batch. Needs the serve extra: pip install 'blockrecurrent[serve]'.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="model directory (see brt eval)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                   "(default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--session-dir", default="sessions", metavar="DIR",
+                   help="where session files are kept (default: %(default)s)")
+    p.add_argument("--name", default=None,
+                   help="the model id clients pass as `model` (default: the directory's name)")
+    p.add_argument("--max-tokens", type=_positive_int, default=1024,
+                   help="most new tokens per request (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=65536,
+                   help="most prompt tokens per request (default: %(default)s)")
+    p.add_argument("--max-sessions-in-memory", type=_positive_int, default=64,
+                   help="sessions kept in memory; the others are read from disk when used "
+                        "(default: %(default)s)")
+    p.add_argument("--max-batch", type=_positive_int, default=64,
+                   help="most requests decoded at once (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device, e.g. cpu or cuda (default: %(default)s)")
 
 
 def _compare_command(add) -> None:
