@@ -18,6 +18,7 @@ import numpy as np
 
 from ..files import make_temp_dir, write_atomic, write_json
 from .formats import DATA_SUFFIXES, is_arrow_dataset, iter_data_file, open_jsonl
+from .store import TokenizedCorpus
 from .tokenizer import (
     _CONFIG,
     ByteTokenizer,
@@ -27,8 +28,9 @@ from .tokenizer import (
     train_bpe,
 )
 
-__all__ = ["Document", "TokenizedCorpus", "iter_jsonl", "iter_stdlib", "iter_text_files",
-           "load_documents", "make_tokenizer", "split_documents", "tokenize_corpus"]
+__all__ = ["Document", "TokenizedCorpus", "iter_documents", "iter_jsonl", "iter_stdlib",
+           "iter_text_files", "load_documents", "make_tokenizer", "split_documents",
+           "tokenize_corpus"]
 _STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                           "__pycache__"})
 
@@ -135,8 +137,9 @@ def _data_files(src: str) -> list[Path]:
     JSONL, Parquet, Arrow), e.g. a folder of Parquet shards; else []."""
     if not os.path.isdir(src):
         return []
-    files = sorted(p for p in Path(src).rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    files = sorted((p for p in Path(src).rglob("*") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(src).parts)),
+                   key=lambda p: p.relative_to(src).as_posix() + "/")  # the names' order
     return files if files and all(p.name.endswith(DATA_SUFFIXES) for p in files) else []
 
 
@@ -147,11 +150,9 @@ def _iter_data_dir(src: str, files: list[Path], text_field: str) -> Iterator[Doc
             yield Document(name if parent == "." else f"{parent}/{name}", text)
 
 
-def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[Document]:
-    """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a JSONL file
-    (.jsonl, .jsonl.gz, .jsonl.zst), a Parquet or Arrow file, a `datasets` save_to_disk
-    directory, a directory of such data files, a directory of text files, or a glob pattern
-    (data/formats.py). Empty documents are dropped; the result is sorted by name."""
+def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[Document]:
+    """load_documents' documents one at a time, read as they are needed, in name order for
+    every kind of source (load_documents sorts them all the same), the empty ones left out."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError("source must be a path, glob pattern or 'stdlib', not "
                         f"{type(source).__name__}")
@@ -164,9 +165,18 @@ def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[
         docs = _iter_data_dir(src, _data_files(src), text_field)
     else:
         docs = iter_text_files(src)
-    docs = sorted((d for d in docs if d.text), key=lambda d: d.name)
+    return (d for d in docs if d.text)
+
+
+def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[Document]:
+    """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a JSONL file
+    (.jsonl, .jsonl.gz, .jsonl.zst), a Parquet or Arrow file, a `datasets` save_to_disk
+    directory, a directory of such data files, a directory of text files, or a glob pattern
+    (data/formats.py). Empty documents are dropped; the result is sorted by name."""
+    docs = sorted(iter_documents(source, text_field), key=lambda d: d.name)
     if not docs:
-        raise ValueError(f"every document from {src!r} is empty; point at a corpus with some text")
+        raise ValueError(f"every document from {os.fspath(source)!r} is empty; point at a corpus "
+                         "with some text")
     return docs
 
 
@@ -271,80 +281,6 @@ def _docs_hash(docs: Sequence[Document]) -> str:
         h.update(hashlib.sha1(name.encode("utf-8")).digest()
                  + hashlib.sha1(text.encode("utf-8")).digest())
     return h.hexdigest()
-
-
-class TokenizedCorpus:
-    """All documents' ids, each document starting with bos, in one flat array: document i is
-    tokens[offsets[i]:offsets[i + 1]]. num_bytes(i) is its text's UTF-8 size (for bits per byte).
-    byte_counter (tokenizer.byte_counter; set by tokenize_corpus): ids -> their text's bytes, so
-    that a document prefix has exact bytes too (prefix_bytes); None: whole documents only."""
-
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, num_bytes: np.ndarray,
-                 names: list[str], *, bos_id: int, vocab_size: int, byte_counter=None):
-        if (len(offsets) != len(names) + 1 or len(num_bytes) != len(names)
-                or offsets[-1] != len(tokens)):
-            raise ValueError("inconsistent corpus arrays (truncated cache?); delete the cache "
-                             "directory to rebuild")
-        self.tokens, self.offsets, self._num_bytes = tokens, offsets, num_bytes
-        self.names = list(names)
-        self.bos_id, self.vocab_size = int(bos_id), int(vocab_size)
-        self.byte_counter = byte_counter
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> TokenizedCorpus:
-        d = Path(directory)
-        manifest = json.loads((d / "manifest.json").read_text("utf-8"))
-        return cls(np.load(d / "tokens.npy", mmap_mode="r"), np.load(d / "offsets.npy"),
-                   np.load(d / "num_bytes.npy"), manifest["names"], bos_id=manifest["bos_id"],
-                   vocab_size=manifest["vocab_size"])
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def doc(self, i: int) -> np.ndarray:
-        if not 0 <= i < len(self):
-            raise IndexError(f"document index {i} out of range for {len(self)} documents")
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def num_bytes(self, i: int) -> int:
-        return int(self._num_bytes[i])
-
-    def prefix_bytes(self, i: int, n: int) -> int:
-        """The UTF-8 bytes of document i's first n tokens (bos included), exactly."""
-        if n >= self.offsets[i + 1] - self.offsets[i]:
-            return self.num_bytes(i)
-        if self.byte_counter is None:
-            raise ValueError("this corpus cannot count the bytes of part of a document (its "
-                             "tokenizer's tokens have no fixed bytes); evaluate whole documents")
-        return self.byte_counter(self.doc(i)[:n])
-
-    def subset(self, picks) -> TokenizedCorpus:
-        """Documents picks = [(index, tokens or None)] in that order, as a corpus in memory: each
-        whole (None, or tokens >= its length) or its first `tokens` tokens (bos included), then
-        named '<name>[:<tokens>]' with the prefix's exact bytes (prefix_bytes)."""
-        pieces, names, nbytes = [], [], []
-        for i, n in picks:
-            i, whole = int(i), n is None or n >= len(self.doc(int(i)))
-            pieces.append(np.asarray(self.doc(i) if whole else self.doc(i)[:n]))
-            names.append(self.names[i] if whole else f"{self.names[i]}[:{n}]")
-            nbytes.append(self.num_bytes(i) if whole else self.prefix_bytes(i, n))
-        offsets = np.concatenate(([0], np.cumsum([len(p) for p in pieces]))).astype(np.int64)
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, self.tokens.dtype)
-        return TokenizedCorpus(tokens, offsets, np.array(nbytes, np.int64), names,
-                               bos_id=self.bos_id, vocab_size=self.vocab_size,
-                               byte_counter=self.byte_counter)
-
-    @property
-    def doc_lengths(self) -> np.ndarray:  # in tokens, each document's bos included
-        return np.diff(self.offsets)
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def total_bytes(self) -> int:
-        return int(self._num_bytes.sum())
 
 
 def tokenize_corpus(docs: Sequence[Document], tokenizer, cache_dir: str | os.PathLike | None = None,

@@ -4,12 +4,12 @@ corpus a saved model was trained on (training_data), for evaluating a checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from ..data.corpus import TokenizedCorpus, tokenize_corpus
+from ..data.ingest import ingest
 from ..data.splits import load_splits
 
 
@@ -19,22 +19,20 @@ def load_heldout(source, tokenizer, split: str = "test", *, text_field: str = "t
     """The `split` ('val' or 'test') documents of `source` (see data.load_documents), split as
     the trainer splits them (data.splits.load_splits: the source's own split where it has one,
     else the same fractions -> same documents, by a hash of their names),
-    tokenized with `tokenizer` and cached under cache_dir (None: in memory)."""
+    tokenized with `tokenizer` into the token store under cache_dir that the trainer builds
+    too (data.ingest; None: in memory)."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test' (held-out documents), got {split!r}")
-    docs = load_splits(source, text_field, val_fraction, test_fraction)[split]
+    if cache_dir is None:
+        docs = load_splits(source, text_field, val_fraction, test_fraction)[split]
+    else:  # the token store the trainer streams (data.ingest), shared with it
+        docs = ingest(source, tokenizer, cache_dir, text_field=text_field,
+                      val_fraction=val_fraction, test_fraction=test_fraction)[split]
     if not docs:
         raise ValueError(f"the {split} split of {os.fspath(source)!r} is empty (the corpus has too "
                          f"few documents, or its own split has no {split} folder or file); use "
                          f"a larger corpus or raise {split}_fraction")
-    cache = None
-    if cache_dir is not None:
-        # One directory per (corpus, split, tokenizer): tokenize_corpus checks the contents too.
-        src = os.fspath(source)
-        src = src if src == "stdlib" else os.path.abspath(src)
-        key = f"{src}|{text_field}|{val_fraction}|{test_fraction}|{tokenizer.fingerprint}"
-        cache = Path(cache_dir) / f"eval-{split}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-    return tokenize_corpus(docs, tokenizer, cache)
+    return tokenize_corpus(docs, tokenizer) if cache_dir is None else docs
 
 
 def training_data(model_dir: str | os.PathLike) -> tuple[str, str] | None:

@@ -5,49 +5,45 @@ unset fitted to the corpus (fit_to_corpus)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import sys
-from pathlib import Path
 
 from ..data import corpus as D
 from ..data import splits as S
+from ..data.ingest import ingest
 from ..data.lanes import lanes_that_fit
 from ..data.prefixes import PREFIX_TOKENS, prefix_plan
 from .distributed import DistEnv
 from .settings import TrainConfig
 
 
-def _corpus_cache(cfg: TrainConfig, split: str, tokenizer) -> Path | None:
-    if not cfg.cache_dir:
-        return None
-    source = cfg.data if cfg.data == "stdlib" else os.path.abspath(cfg.data)
-    key = json.dumps([source, cfg.text_field, split, tokenizer.fingerprint])
-    return Path(cfg.cache_dir) / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
-
-
 def build_data(cfg: TrainConfig, env: DistEnv | None = None, tokenizer=None):
     """(tokenizer, train corpus, val corpus or None). Documents are split by the corpus's own
     split where it has one (data.splits.find_splits), else by data.split_documents with its
     default fractions, which evaluation reuses for the test split (data.splits.load_splits).
-    Rank 0 fills the cache first; the other ranks then read it."""
+    With a cache_dir the corpora are token stores streamed into it (data.ingest: memory
+    bounded, found again from the files' names, sizes and times); rank 0 builds them first,
+    the other ranks then read them. Training a BPE tokenizer reads the training documents."""
     env = env or DistEnv()
     own = S.find_splits(cfg.data)
     if own and env.is_main:
         print(S.describe_splits(own), file=sys.stderr)
-    splits = S.load_splits(cfg.data, cfg.text_field)
     if env.rank != 0:
         env.barrier()
+    splits = None
     if tokenizer is None:
         bpe = cfg.tokenizer == "bpe"
+        splits = S.load_splits(cfg.data, cfg.text_field) if bpe else None
         tokenizer = D.make_tokenizer(cfg.tokenizer, train_texts=splits["train"] if bpe else None,
                                      vocab_size=cfg.bpe_vocab_size if bpe else None,
                                      cache_dir=cfg.cache_dir or None)
-    train_corpus = D.tokenize_corpus(splits["train"], tokenizer,
-                                     _corpus_cache(cfg, "train", tokenizer))
-    val_corpus = (D.tokenize_corpus(splits["val"], tokenizer, _corpus_cache(cfg, "val", tokenizer))
-                  if splits["val"] else None)
+    if cfg.cache_dir:
+        log = (lambda line: print(line, file=sys.stderr)) if env.is_main else None
+        stores = ingest(cfg.data, tokenizer, cfg.cache_dir, text_field=cfg.text_field, log=log)
+        train_corpus, val_corpus = stores["train"], stores["val"]
+    else:
+        splits = splits or S.load_splits(cfg.data, cfg.text_field)
+        train_corpus = D.tokenize_corpus(splits["train"], tokenizer)
+        val_corpus = D.tokenize_corpus(splits["val"], tokenizer) if splits["val"] else None
     if env.rank == 0:
         env.barrier()
     return tokenizer, train_corpus, val_corpus
