@@ -52,17 +52,17 @@ def test_layout_keys_values_and_labels():
 
 
 def test_power_law_gaps():
-    task = MQARTask(seq_len=256, num_pairs=1, power_a=0.01)
+    task = MQARTask(seq_len=256, num_pairs=1, vocab=512, power_a=0.01)
     p = task.gap_probs()
     assert len(p) == task.space == 127 and torch.isclose(p.sum(), torch.tensor(1.0, dtype=p.dtype))
     assert (p[1:] < p[:-1]).all()  # decreasing
     # P(gap = i) ~ (i + 1)^(a - 1): the ratio of the first two is 2^(1 - a).
     assert p[0] / p[1] == pytest.approx(2 ** 0.99)
-    s = task.sample(20000, torch.Generator().manual_seed(1))
+    s = task.sample(5000, torch.Generator().manual_seed(1))
     gaps = (s["query_pos"][:, 0] - task.context) // 2
     freq = torch.bincount(gaps, minlength=task.space).double() / len(gaps)
-    assert freq[:4].tolist() == pytest.approx(p[:4].tolist(), abs=0.01)
-    assert freq[64:].sum() == pytest.approx(p[64:].sum().item(), abs=0.01)
+    assert freq[:4].tolist() == pytest.approx(p[:4].tolist(), abs=0.02)
+    assert freq[64:].sum() == pytest.approx(p[64:].sum().item(), abs=0.02)
     # power_a = 1 is uniform.
     assert torch.allclose(MQARTask(64, 4, power_a=1.0).gap_probs(),
                           torch.full((28,), 1 / 28, dtype=torch.float64))
@@ -127,17 +127,17 @@ def test_query_logits_are_the_models_logits_at_the_queries():
 
 
 def test_training_learns_a_small_setting():
-    """Full attention on 4 pairs in 32 tokens of a 256-token vocabulary is well above chance
-    (1/128) after 250 fast steps (0.22 with this seed)."""
+    """Full attention on 2 pairs in 16 tokens of a 64-token vocabulary is well above chance
+    (1/32) after 150 small steps (0.38 with this seed)."""
     torch.manual_seed(0)
-    task = MQARTask(seq_len=32, num_pairs=4, vocab=256)
-    base = mqar_base(dim=64, heads=2, dim_head=32, block_width=8, num_state_vectors=8,
-                     num_tokens=256)
+    task = MQARTask(seq_len=16, num_pairs=2, vocab=64)
+    base = mqar_base(dim=32, heads=2, dim_head=16, block_width=8, num_state_vectors=4,
+                     num_tokens=64)
     model = BlockRecurrentTransformer(mqar_config(base, task, "full"))
     before = mqar_accuracy(model, task, num_sequences=256)
-    train_mqar(model, task, steps=250, batch_size=32, lr=3e-3, seed=0)
+    train_mqar(model, task, steps=150, batch_size=32, lr=3e-3, seed=0)
     after = mqar_accuracy(model, task, num_sequences=256)
-    assert before < 0.05 and after > 0.15, (before, after)
+    assert before < 0.1 and after > 0.2, (before, after)
 
 
 def test_run_and_report(tmp_path):
@@ -167,6 +167,7 @@ def test_brt_probe_task_mqar(capsys, tmp_path):
     rows = json.loads((out / "mqar.json").read_text())
     assert {r["model"] for r in rows} == {"full", "slide", "recurrent"}
     assert all(r["vocab"] == 8192 and r["dim"] == 32 for r in rows)
+    assert {r["window"] for r in rows} == {8, 32} and {r["state_vectors"] for r in rows} == {0, 4}
     assert (out / "mqar.md").is_file()
     code, _, err = run(capsys, "probe", "--task", "recall", "--models", "full")
     assert code == 2 and "--task mqar" in err

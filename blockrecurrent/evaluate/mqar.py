@@ -59,9 +59,10 @@ IGNORE = -100  # target of positions without a query
 MODELS = ("full", "slide", "recurrent")
 BETAS = TrainConfig.betas
 # The MQAR model (`brt probe --task mqar`): 2 layers, dim 128, 4 heads of 32, window W = 32,
-# layer 2 recurrent with S = 32 state vectors, the study's 8,192-token vocabulary.
+# layer 2 recurrent with S = 32 state vectors, the study's 8,192-token vocabulary, the input
+# embedding tied to the output projection as in the study's LanguageModel (the answer is a copy).
 MQAR_MODEL = dict(num_tokens=8192, dim=128, depth=2, dim_head=32, heads=4, block_width=32,
-                  max_seq_len=256, num_state_vectors=32, recurrent_layers=(2,))
+                  max_seq_len=256, num_state_vectors=32, recurrent_layers=(2,), tie_embeddings=True)
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,8 @@ def run_mqar(base: BlockRecurrentConfig | None = None, *,
 
 
 def _key(r: dict) -> tuple:
-    return (r["seq_len"], r["num_pairs"], r["dim"], r["slide_window"])
+    return (r["seq_len"], r["num_pairs"], r["dim"], r["slide_window"], r["steps"],
+            r["batch_size"])
 
 
 def _label(r: dict) -> str:
@@ -319,7 +321,8 @@ def _label(r: dict) -> str:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """{(seq_len, pairs, dim, window): {label: (mean accuracy, min, max, seeds, row)}}."""
+    """{(seq_len, pairs, dim, window, steps, batch): {label: (mean accuracy, min, max, seeds,
+    row)}}."""
     acc: dict = {}
     for r in rows:
         acc.setdefault(_key(r), {}).setdefault(_label(r), []).append(r)
@@ -339,15 +342,16 @@ def mqar_table(rows: list[dict], markdown: bool = True) -> str:
     Slide's reach and the seconds per step."""
     from .report import _table
 
-    header = ["seq_len", "pairs", "dim", "W", "model", "accuracy", "seeds", "state bytes",
-              "inference bytes", "Slide reach", "s/step"]
+    header = ["seq_len", "pairs", "dim", "W", "model", "steps x batch", "accuracy", "seeds",
+              "state bytes", "inference bytes", "Slide reach", "s/step"]
     body = []
-    for (n, k, dim, _), by_m in summarise(rows).items():
+    for (n, k, dim, _, steps, batch), by_m in summarise(rows).items():
         for label in sorted(by_m, key=_order):
             mean, lo, hi, count, r = by_m[label]
             spread = f" ({lo:.3f}-{hi:.3f})" if count > 1 else ""
             body.append([str(n), str(k), str(dim), str(r["window"]), label,
-                         f"{mean:.3f}{spread}", str(count), f"{r['state_bytes']:,}",
+                         f"{steps} x {batch}", f"{mean:.3f}{spread}", str(count),
+                         f"{r['state_bytes']:,}",
                          f"{r['inference_bytes']:,}",
                          f"{r['reach_frac']:.3f} / {r['direct_frac']:.3f}",
                          f"{r['seconds_per_step']:.2f}"])
@@ -376,7 +380,7 @@ def write_mqar_report(rows: list[dict], out_dir, title: str = "MQAR") -> dict:
         ax_bytes, ax_len = fig.subplots(1, 2)
         summary = summarise(rows)
         markers = {"full": "s", "slide": "v", "recurrent": "o"}
-        for (n, k, dim, _), by_m in summary.items():
+        for (n, k, dim, *_), by_m in summary.items():
             for label, (mean, lo, hi, _, r) in by_m.items():
                 ax_bytes.errorbar([r["inference_bytes"]], [mean],
                                   yerr=[[mean - lo], [hi - mean]], marker=markers[r["model"]],
@@ -389,7 +393,7 @@ def write_mqar_report(rows: list[dict], out_dir, title: str = "MQAR") -> dict:
         ax_bytes.grid(alpha=0.3)
         ax_bytes.legend(fontsize=6)
         series: dict = {}
-        for (n, _, dim, _), by_m in summary.items():
+        for (n, _, dim, *_), by_m in summary.items():
             for label, (mean, *_rest) in by_m.items():
                 series.setdefault((label, dim), []).append((n, mean))
         for (label, dim), pts in sorted(series.items()):
@@ -435,6 +439,8 @@ def probe_main(args, overrides: list[str]) -> int:
     from ..train.settings import load_train_config
 
     def toml(v):
+        if isinstance(v, bool):
+            return str(v).lower()
         return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)
 
     defaults = [f"model.{k}={toml(v)}" for k, v in MQAR_MODEL.items()]
