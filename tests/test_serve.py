@@ -91,11 +91,12 @@ def test_session_continues_the_document(client, server, saved):
                                      temperature=0, extra_body={"session": "doc",
                                                                 "new_session": True})
            .choices[0].text]
-    for text in parts[1:]:  # streamed, as server-sent events
-        chunks = client.completions.create(model="tiny", prompt=text, max_tokens=8,
-                                           temperature=0, stream=True,
-                                           extra_body={"session": "doc"})
+    for i, text in enumerate(parts[1:], 1):  # streamed, as server-sent events
+        chunks = list(client.completions.create(model="tiny", prompt=text, max_tokens=8,
+                                                temperature=0, stream=True,
+                                                extra_body={"session": "doc"}))
         got.append("".join(c.choices[0].text for c in chunks))
+        assert chunks[-1].usage.completion_tokens == len(want[i])
     assert got == [TOK.decode(w) for w in want]
     # Saved on disk after each request: a new server (as after a kill) continues it.
     from blockrecurrent.generate.session import read_header

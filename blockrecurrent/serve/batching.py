@@ -39,6 +39,7 @@ class Row:
     pending: Tensor | None = None  # (1,) the last sampled token, not yet read by the model
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length" or "stop" once done
+    batch: "_Batch | None" = field(default=None, repr=False)  # the last batched step's
 
     @property
     def cache_len(self) -> int:
@@ -60,6 +61,19 @@ class Row:
         return t
 
 
+@dataclass
+class _Batch:
+    """The memories and states of rows decoded together, so that the same rows' next step
+    reuses them instead of stacking the rows' views again (a copy of every cache)."""
+    rows: list[Row]
+    mems: XLMemories
+    states: Tensor
+
+    def holds(self, group: list[Row]) -> bool:
+        return len(self.rows) == len(group) and all(
+            a is b and b.batch is self for a, b in zip(self.rows, group, strict=True))
+
+
 @torch.inference_mode()
 def step_together(model: nn.Module, rows: list[Row]) -> int:
     """Feed each row's pending token: one model call per group of rows with the same cache
@@ -71,17 +85,23 @@ def step_together(model: nn.Module, rows: list[Row]) -> int:
     for group in groups.values():
         if len(group) == 1:  # alone: the model's own outputs carry on (in-place cache growth)
             r = group[0]
+            r.batch = None
             logits, r.mems, r.states = model(r.pending[:, None], xl_memories=r.mems,
                                              states=r.states)
             r.logits, r.pending = logits[:, -1].float(), None
             continue
         tokens = torch.cat([r.pending for r in group])[:, None]
-        mems = XLMemories.cat([r.mems for r in group])
-        states = torch.cat([r.states for r in group], dim=1)
+        last = group[0].batch
+        if last is not None and last.holds(group):  # the same rows as the last step
+            mems, states = last.mems, last.states
+        else:
+            mems = XLMemories.cat([r.mems for r in group])
+            states = torch.cat([r.states for r in group], dim=1)
         logits, mems, states = model(tokens, xl_memories=mems, states=states)
-        for i, r in enumerate(group):
+        batch = _Batch(group, mems, states)
+        for i, r in enumerate(group):  # views: a row leaving the batch takes its own rows
             r.mems, r.states = mems.select(slice(i, i + 1)), states[:, i:i + 1]
-            r.logits, r.pending = logits[i:i + 1, -1].float(), None
+            r.logits, r.pending, r.batch = logits[i:i + 1, -1].float(), None, batch
     return len(groups)
 
 

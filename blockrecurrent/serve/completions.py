@@ -165,6 +165,10 @@ def _chunk(cid: str, created: int, model: str, text: str, finish: str | None) ->
             "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
 
+def _usage(prompt: int, new: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
 async def collect(p: Prepared, tokenizer, model_name: str) -> dict:
     """The whole response of a job (after it has ended, its session saved)."""
     tokens, finish = [], None
@@ -179,8 +183,7 @@ async def collect(p: Prepared, tokenizer, model_name: str) -> dict:
             raise RuntimeError(ev["error"])
     out = _chunk("cmpl-" + uuid.uuid4().hex, int(time.time()), model_name,
                  tokenizer.decode(tokens), finish)
-    out["usage"] = {"prompt_tokens": p.prompt_tokens, "completion_tokens": len(tokens),
-                    "total_tokens": p.prompt_tokens + len(tokens)}
+    out["usage"] = _usage(p.prompt_tokens, len(tokens))
     if p.session is not None:
         out["session"] = p.session
     return out
@@ -188,7 +191,7 @@ async def collect(p: Prepared, tokenizer, model_name: str) -> dict:
 
 async def sse(p: Prepared, tokenizer, model_name: str):
     """Server-sent events as OpenAI streams them: a `data: {chunk}` per piece of text, the last
-    with its finish_reason, then `data: [DONE]`."""
+    with its finish_reason (and the usage), then `data: [DONE]`."""
     cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     decoder = tokenizer.stream_decoder()
     while True:
@@ -199,6 +202,7 @@ async def sse(p: Prepared, tokenizer, model_name: str):
                 yield f"data: {json.dumps(_chunk(cid, created, model_name, piece, None))}\n\n"
         elif "done" in ev:
             last = _chunk(cid, created, model_name, decoder.flush(), ev["done"])
+            last["usage"] = _usage(p.prompt_tokens, ev["tokens"])
             yield f"data: {json.dumps(last)}\n\n"
             break
         else:

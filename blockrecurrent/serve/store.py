@@ -111,8 +111,9 @@ class SessionStore:
             self.path(name).unlink(missing_ok=True)
 
     def _write(self, name: str, session: Session) -> dict:
-        if session.xl_memories is not None:  # without the decoding step's growth buffers
-            session.xl_memories = session.xl_memories.detach()
+        if session.xl_memories is not None:  # its own copy: not a view of a batch's tensors
+            session.xl_memories = session.xl_memories.to(copy=True)
+            session.states = session.states.clone()
         header = save_session(self.path(name), self.model, session, self.fingerprint)
         with self.lock:
             self.memory[name] = session
