@@ -142,7 +142,7 @@ class StoreWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        self._tokens.write(self._buf[:self._fill].tobytes())
+        self._tokens.write(memoryview(self._buf[:self._fill]))  # no copy
         self._fill = 0
 
     def finish(self, extra: dict | None = None) -> dict:
