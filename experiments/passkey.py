@@ -64,7 +64,8 @@ def build_corpus(folder: Path, stdlib_share: float, passkey_share: float, min_ch
 
 
 def model_config(args, recurrent: bool):
-    return preset("small", max_seq_len=args.segment, block_width=64, num_state_vectors=64,
+    return preset("small", dim=args.dim, dim_head=args.dim // 4, max_seq_len=args.segment,
+                  block_width=64, num_state_vectors=64,
                   recurrent_layers=(3,) if recurrent else ())
 
 
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/passkey"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lanes", type=int, default=8)
+    p.add_argument("--dim", type=int, default=256, help="model width (4 heads of dim / 4)")
     p.add_argument("--segment", type=int, default=512, help="training segment (tokens)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20)
@@ -105,38 +107,44 @@ def main(argv=None) -> None:
     p.add_argument("--max-chars", type=int, default=1536)
     p.add_argument("--models", nargs="+", default=["recurrent", "slide"])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
-    p.add_argument("--docs", type=int, nargs="+", default=[20, 20, 10, 5],
+    p.add_argument("--docs", type=int, nargs="+", default=[20, 20, 8, 4],
                    help="documents per length (one value, or one per length)")
+    p.add_argument("--eval-batch", type=int, default=4,
+                   help="documents read at once (the same at every length: comparable memory)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
-    log = {"args": {k: str(v) for k, v in vars(args).items()}}
+    previous = args.out / "experiment.json"  # an --eval-only run keeps the training records
+    log = json.loads(previous.read_text()) if previous.exists() else {}
+    log["args" if not args.eval_only else "eval_args"] = {k: str(v) for k, v in vars(args).items()}
     if not args.eval_only:
         log["corpus"] = build_corpus(data, args.stdlib_share, args.passkey_share,
                                      args.min_chars, args.max_chars, args.seed)
         print(json.dumps(log["corpus"]), flush=True)
-        for name in args.models:
+    docs = args.docs if len(args.docs) > 1 else args.docs * len(args.lengths)
+    saved = args.out / "passkey.json"  # rows of the models not run this time are kept
+    rows = [r for r in (json.loads(saved.read_text()) if saved.exists() else [])
+            if r.get("model") not in args.models]
+    for name in args.models:  # train, then evaluate, one model at a time
+        if not args.eval_only:
             s = train_one(args, name, name == "recurrent", data)
             log[name] = s
             print(name, json.dumps({k: s[k] for k in ("step", "train_loss", "val_bpb",
                                                       "wall_s")}), flush=True)
-    docs = args.docs if len(args.docs) > 1 else args.docs * len(args.lengths)
-    rows = []
-    for name in args.models:
         model = BlockRecurrentTransformer.from_pretrained(args.out / name / "model")
         for length, n in zip(args.lengths, docs, strict=True):
             rows += passkey_eval(model, ByteTokenizer(), (length,), n, seed=args.seed,
-                                 batch_size=min(n, 10), name=name,
+                                 batch_size=args.eval_batch, name=name,
                                  progress=lambda r: print(
                                      f"{r['model']} {r['length']}: {r['accuracy']:.2f} "
                                      f"({r['correct']}/{r['num_docs']}), peak "
                                      f"{(r['peak_memory_bytes'] or 0) / 2**20:.1f} MiB, "
                                      f"{r['seconds']:.0f} s", flush=True))
-        write_passkey_report(rows, args.out, title="passkey retrieval")
-    (args.out / "experiment.json").write_text(json.dumps(log, indent=2, default=str))
+            write_passkey_report(rows, args.out, title="passkey retrieval")
+        (args.out / "experiment.json").write_text(json.dumps(log, indent=2, default=str))
     print((args.out / "passkey.md").read_text())
 
 

@@ -91,7 +91,7 @@ def test_eval_rows_scoring_and_report(tmp_path, monkeypatch):
     for r in rows:
         assert r["num_docs"] == 4 and len(r["docs"]) == 4 and 0 <= r["accuracy"] <= 1
         assert r["model"] == "slide" and r["recurrent"] is False and r["window_reach"] == 32
-        assert r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["input_bytes"] == 4 * r["length"] * 8
     assert model.training is False
     # a model that answers right scores 1
     monkeypatch.setattr(P, "_answer", lambda model, ids, steps, chunk: torch.tensor(

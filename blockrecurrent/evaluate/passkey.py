@@ -79,9 +79,10 @@ def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 2
     rows by prefill (chunks of `chunk_size` tokens, rounded to whole blocks; memory constant in
     the length), then the answer's tokens are decoded greedily; a document counts when the
     decoded answer equals " 71432" (all 5 digits). Returns one row per length: length, accuracy,
-    correct, num_docs, peak_memory_bytes (above the level before the length; None where it
-    cannot be measured), seconds, tokens_per_s, window_reach (tokens a Slide model of this
-    depth and window can see back: depth * block_width) and docs (per document: depth,
+    correct, num_docs, peak_memory_bytes (above the level before the length, the documents'
+    token ids already built: those are input_bytes; None where it cannot be measured), seconds,
+    tokens_per_s, window_reach (tokens a Slide model of this depth and window can see back:
+    depth * block_width) and docs (per document: depth,
     key_position, distance from the key to the question's end, key, answer, correct)."""
     from ..memory import PeakMemory
 
@@ -98,13 +99,17 @@ def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 2
         with meter.exact():
             for length in lengths:
                 prompts = passkey_docs(tokenizer, length, num_docs, seed, depths)
+                # the documents' token ids exist before the measurement: peak memory is what
+                # reading them costs (their own 8 bytes a token are `input_bytes`)
+                batches = [torch.tensor([p.ids for p in prompts[a:a + batch_size]],
+                                        dtype=torch.long, device=device)
+                           for a in range(0, num_docs, batch_size)]
                 docs = []
                 meter.start()
                 t0 = time.perf_counter()
-                for a in range(0, num_docs, batch_size):
+                for a, ids in zip(range(0, num_docs, batch_size), batches, strict=True):
                     group = prompts[a:a + batch_size]
                     steps = max(len(p.answer_ids) for p in group)
-                    ids = torch.tensor([p.ids for p in group], dtype=torch.long, device=device)
                     got = _answer(model, ids, steps, chunk_size).tolist()
                     for p, g in zip(group, got, strict=True):
                         text = tokenizer.decode(g[:len(p.answer_ids)])
@@ -116,7 +121,9 @@ def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 2
                 correct = sum(d["correct"] for d in docs)
                 row = {"model": name, "length": length, "accuracy": correct / num_docs,
                        "correct": correct, "num_docs": num_docs, "peak_memory_bytes":
-                       meter.peak(), "memory_method": meter.method, "seconds": seconds,
+                       meter.peak(), "memory_method": meter.method,
+                       "input_bytes": sum(b.numel() * b.element_size() for b in batches),
+                       "seconds": seconds,
                        "tokens_per_s": length * num_docs / seconds, "batch_size": batch_size,
                        "chunk_size": chunk_size, "seed": seed,
                        "window_reach": cfg.depth * cfg.block_width,
