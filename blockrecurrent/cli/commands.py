@@ -27,6 +27,8 @@ def cmd_train(args) -> int:
     from ..train.settings import load_train_config
     from ..train.trainer import train
 
+    if args.tune_state is not None:
+        return _tune_state(args, overrides)
     if args.resume:  # the run's own settings, from its checkpoint, and those given over them
         model_config, train_config, note = load_resume_config(args.config, args.preset, overrides)
         if note:
@@ -42,6 +44,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _tune_state(args, overrides: list[str]) -> int:
+    if args.resume:
+        raise ValueError("--tune-state starts a new tuning run; it takes no --resume")
+    from ..train.settings import load_train_config
+    from ..train.state_tuning import tune_state
+
+    train_config = load_train_config(args.config, args.preset, overrides)[1]
+    summary = tune_state(args.tune_state, train_config, with_ids=args.tune_state_ids)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from ..evaluate.evaluation import evaluate_checkpoint
     from ..evaluate.report import count_of, eval_table, human_count
@@ -53,6 +67,7 @@ def cmd_eval(args) -> int:
         cache_dir=args.cache_dir, batch_size=args.batch_size, segment_len=args.segment_len,
         dtype=args.dtype, max_docs=args.max_docs, max_tokens=args.max_tokens,
         device=args.device, out_dir=out, reset_state=args.reset_state,
+        state_tune=args.state_tune,
         log=lambda line: print(line, file=sys.stderr, flush=True),
         name=f"eval-{args.split}" + {"carry": "", "every-segment": "-state-reset",
                                      "other-document": "-state-other-document"}[args.reset_state])
@@ -75,7 +90,8 @@ def cmd_generate(args) -> int:
     generate_text(args.checkpoint, prompt=args.prompt, prompt_file=args.prompt_file,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
-                  state_in=args.state_in, state_out=args.state_out)
+                  state_in=args.state_in, state_out=args.state_out,
+                  state_tune=args.state_tune)
     return 0
 
 

@@ -89,6 +89,13 @@ def _train_command(add) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir, with the settings saved "
                         "there; those given (key=value, --config, --preset) apply over them")
+    p.add_argument("--tune-state", metavar="MODEL_DIR", default=None,
+                   help="state tuning: freeze every weight of this saved model and train only "
+                        "each recurrent layer's initial state on the data (batch_size, max_steps, "
+                        "lr, warmup_steps, eval_tokens, out_dir apply); writes "
+                        "OUT_DIR/state_tune.safetensors for brt generate --state-tune")
+    p.add_argument("--tune-state-ids", action="store_true",
+                   help="with --tune-state: train the state slots' ids too")
 
 
 def _eval_command(add) -> None:
@@ -125,6 +132,8 @@ def _eval_command(add) -> None:
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--cache-dir", default="data_cache",
                    help="directory for the tokenized held-out documents (default: %(default)s)")
+    p.add_argument("--state-tune", metavar="FILE", default=None,
+                   help="apply a state tuning file (brt train --tune-state) to the model first")
     p.add_argument("--reset-state", choices=("carry", "every-segment", "other-document"),
                    default="carry",
                    help="carry the recurrent state across segments (default), reset it to the "
@@ -159,6 +168,8 @@ def _generate_command(add) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--state-tune", metavar="FILE", default=None,
+                   help="apply a state tuning file (brt train --tune-state) to the model first")
     p.add_argument("--state-in", metavar="FILE", default=None,
                    help="continue the document saved in this session file (written by "
                         "--state-out of an earlier call with the same model): the prompt follows "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from ..data.corpus import TokenizedCorpus
 from ..data.lanes import DocumentLanes
 from ..model.dtypes import DTYPE_NAMES, DTYPES, torch_dtype
+from ..model.state_tune import apply_state_tune
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.streaming import RESET_STATE, stream_segments
 from .documents import chosen_documents, lane_plan, select_documents
@@ -303,13 +304,15 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
                         buckets: Sequence[int] = DEFAULT_BUCKETS, dtype=None,
                         max_docs: int | None = None, max_tokens: int | None = None,
                         device: str = "cpu", out_dir=None, name: str | None = None,
-                        progress: bool = True, reset_state: str = "carry", log=None) -> dict:
+                        progress: bool = True, reset_state: str = "carry", log=None,
+                        state_tune=None) -> dict:
     """Load a saved model directory (config.json, model.safetensors, tokenizer files), evaluate
     it on the held-out `split` of `data` (the other arguments as in `evaluate`) and, with
     out_dir, write <name>.json and <name>.png there (name default 'eval-<split>').
     data/text_field None: those of the training run (training_data), else "stdlib"/"text".
     log: called with a line before reading the documents and one with their size before the
-    (long) evaluation, e.g. print to stderr; None: silent.
+    (long) evaluation, e.g. print to stderr; None: silent. state_tune: a state tuning file
+    (model/state_tune.py) applied to the model first.
     Returns evaluate's results plus "model_dir", "data", "split" and "report" (the paths)."""
     from ..data.tokenizer import load_tokenizer
 
@@ -323,6 +326,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
     data = recorded[0] if data is None else data
     text_field = recorded[1] if text_field is None else text_field
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+    if state_tune is not None:
+        apply_state_tune(model, state_tune)
     _check_args(model, batch_size, segment_len, buckets, dtype, max_docs, max_tokens)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.num_tokens:

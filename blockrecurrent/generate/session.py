@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..files import write_atomic
 from ..model.memories import XLMemories
+from ..model.state_tune import weights_fingerprint
 from .generation import GenerationResult
 
 __all__ = ["SESSION_FORMAT", "Session", "load_session", "model_fingerprint", "read_header",
@@ -89,14 +90,7 @@ class Session:
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the config and of every weight's name, shape, dtype and a strided sample of up
     to 256 of its values (cheap at any size; the same on every device)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            flat = t.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 256)][:256]
-            h.update(sample.float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return weights_fingerprint(model)
 
 
 def _tensors(session: Session) -> dict[str, Tensor]:

@@ -16,7 +16,8 @@ from .sampling import check_count, check_sampling
 def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
                   max_new_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, out=None, err=None,
-                  device: str = "cpu", state_in=None, state_out=None) -> dict:
+                  device: str = "cpu", state_in=None, state_out=None,
+                  state_tune=None) -> dict:
     """Load a saved model and its tokenizer from model_dir, continue `prompt` (or the text of
     `prompt_file`; neither: generate a document from its start) and print the new text to `out`
     as it is produced, then prefill and decode speeds to `err` (default: sys.stdout, sys.stderr
@@ -26,7 +27,7 @@ def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
     is added; without a prompt, generation continues from its saved logits and, unless `seed`
     is given, its saved random stream); state_out: write the session after the new text to
     this file, to continue it in a later call. A document fed in pieces this way gives the same
-    text as one call.
+    text as one call. state_tune: a state tuning file (model/state_tune.py) applied first.
 
     Returns {"text", "prompt_tokens", "new_tokens", "new_token_ids", "stopped_at_eos",
     "prefill_seconds", "prefill_tokens_per_s", "decode_seconds", "decode_tokens_per_s"}; decode
@@ -38,7 +39,7 @@ def generate_text(model_dir, prompt: str | None = None, prompt_file=None,
     check_sampling(temperature, top_k, top_p, True)
     if seed is not None:
         check_count("seed", seed, 0)
-    model, tokenizer = _load(Path(model_dir), device)
+    model, tokenizer = _load(Path(model_dir), device, state_tune)
     past = _read_state(state_in, model)  # checked before any model work
     ids = ([] if past is not None else [tokenizer.bos_id]) + tokenizer.encode(prompt or "")
     req = _check(model, ids or None, max_new_tokens, temperature, top_k, top_p, True,
@@ -118,11 +119,16 @@ def _read_prompt(prompt: str | None, prompt_file) -> str | None:
     return prompt
 
 
-def _load(model_dir: Path, device: str):
-    """The saved model and its tokenizer, checked to belong together."""
+def _load(model_dir: Path, device: str, state_tune=None):
+    """The saved model (with a state tuning file applied) and its tokenizer, checked to belong
+    together."""
     from ..data.tokenizer import load_tokenizer
 
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device)
+    if state_tune is not None:  # a tuned document-start state
+        from ..model.state_tune import apply_state_tune
+
+        apply_state_tune(model, state_tune)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.vocab_size > model.config.num_tokens:
         raise ValueError(f"the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "

@@ -1,0 +1,92 @@
+"""State tuning: train/state_tuning.py trains only the recurrent layers' initial state (and
+optionally the state ids) of a saved model, model/state_tune.py saves and applies the small
+file; `brt train --tune-state` and `brt generate --state-tune`."""
+
+import io
+import json
+
+import pytest
+import torch
+from helpers import run
+
+from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.generate.text import generate_text
+from blockrecurrent.model.state_tune import (
+    STATE_TUNE_FILE,
+    apply_state_tune,
+    base_fingerprint,
+    save_state_tune,
+)
+from blockrecurrent.train.settings import load_train_config
+from blockrecurrent.train.state_tuning import tune_state
+
+
+def _settings(corpus, out, *extra):
+    return load_train_config(None, "tiny", [
+        f"data={corpus}", f"out_dir={out}", f"cache_dir={corpus.parent / 'cache'}",
+        "batch_size=4", "max_steps=12", "warmup_steps=1", "lr=3e-2", "eval_tokens=2000",
+        "log_interval=100", "device=cpu", *extra])[1]
+
+
+@pytest.fixture(scope="module")
+def tuned(saved, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned")
+    summary = tune_state(saved[0], _settings(corpus, out), with_ids=True, log=lambda s: None)
+    return out / STATE_TUNE_FILE, summary
+
+
+def test_only_the_state_changes_and_helps(saved, tuned):
+    path, summary = tuned
+    d, base = saved
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["tuned"] == ["layers.0.attn.initial_state", "layers.0.attn.state_ids"]
+    assert path.stat().st_size < 20_000  # 2 x 16 x 64 floats and a header
+    model = BlockRecurrentTransformer.from_pretrained(d)
+    apply_state_tune(model, path)
+    changed = {n for n, p in model.state_dict().items()
+               if not torch.equal(p, base.state_dict()[n])}
+    assert changed == set(summary["tuned"])
+    assert base_fingerprint(model) == base_fingerprint(base)
+
+
+def test_refuses_another_base_model_and_other_files(tuned, tmp_path):
+    torch.manual_seed(1)
+    other = BlockRecurrentTransformer(preset("tiny"))
+    before = {n: p.clone() for n, p in other.state_dict().items()}
+    with pytest.raises(ValueError, match="another base model"):
+        apply_state_tune(other, tuned[0])
+    assert all(torch.equal(p, before[n]) for n, p in other.state_dict().items())
+    (tmp_path / "bad").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable state tuning file"):
+        apply_state_tune(other, tmp_path / "bad")
+    with pytest.raises(ValueError, match="does not exist"):
+        apply_state_tune(other, tmp_path / "missing")
+    slide = BlockRecurrentTransformer(preset("tiny", recurrent_layers=()))
+    with pytest.raises(ValueError, match="no recurrent layer"):
+        save_state_tune(tmp_path / "s", slide)
+
+
+def test_cli(capsys, saved, corpus, tmp_path, tuned):
+    d = saved[0]
+    code, out, _ = run(capsys, "train", "--tune-state", d, f"data={corpus}",
+                       f"out_dir={tmp_path}", f"cache_dir={corpus.parent / 'cache'}",
+                       "batch_size=2", "max_steps=2", "eval_tokens=0", "device=cpu")
+    assert code == 0 and (tmp_path / STATE_TUNE_FILE).is_file() and '"completed"' in out
+    code, out, _ = run(capsys, "generate", d, "--prompt", "the cat", "--max-new-tokens", "8",
+                       "--seed", "0", "--state-tune", tuned[0])
+    want = generate_text(d, prompt="the cat", max_new_tokens=8, seed=0, out=io.StringIO(),
+                         err=io.StringIO(), state_tune=tuned[0])["text"]
+    assert code == 0 and out.rstrip("\n") == want.rstrip("\n")
+    code, _, err = run(capsys, "train", "--tune-state", d, "--resume")
+    assert code == 2 and "no --resume" in err
+
+
+def test_eval_with_state_tune(capsys, saved, corpus, tmp_path, tuned):
+    argv = ["eval", saved[0], "--data", corpus, "--split", "val", "--batch-size", "2",
+            "--val-fraction", "0.2", "--cache-dir", tmp_path / "cache", "--out", tmp_path]
+    code, _, err = run(capsys, *argv)
+    plain = (tmp_path / "eval-val.json").read_text()
+    code2, _, err2 = run(capsys, *argv, "--state-tune", tuned[0])
+    a, b = json.loads(plain), json.loads((tmp_path / "eval-val.json").read_text())
+    assert code == code2 == 0, err + err2
+    assert b["loss"] < a["loss"]  # the tuned start state helps on held-out documents
