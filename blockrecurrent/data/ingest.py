@@ -8,6 +8,7 @@ finished one.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import json
@@ -31,8 +32,9 @@ from .store import SHARD_TOKENS, StoreWriter, TokenizedCorpus
 from .tokenizer import ByteTokenizer, byte_counter
 
 VERIFY = ("stat", "content")
-BATCH_BYTES = 8 << 20  # text tokenized at a time (the byte tokenizer: one document at a time)
+BATCH_BYTES = 8 << 20  # text tokenized at a time (the byte tokenizer: a document at a time)
 SPLITS = ("train", "val", "test")
+TRIM_BYTES = 32 << 20  # text between two _trim_heap calls
 
 
 def source_files(source) -> list[Path]:
@@ -115,11 +117,29 @@ def _batches(docs: Iterable[Document], batch_bytes: int) -> Iterator[list[Docume
         yield batch
 
 
+def _trim_heap() -> None:
+    """Hand glibc's free heap pages back to the system: without it, documents of varied sizes
+    leave a heap that creeps up with their number (a persistent mallopt would change the
+    allocator for the whole process)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _write(docs: Iterable[Document], route: Callable[[str], str], writers: dict, tokenizer,
            batch_bytes: int) -> None:
+    if isinstance(tokenizer, ByteTokenizer):
+        batch_bytes = 1  # nothing to gain from batches: a document at a time
+    since_trim = 0
     for batch in _batches(docs, batch_bytes):
         for d, ids, nbytes in _encoded(batch, tokenizer):
             writers[route(d.name)].add(d.name, ids, nbytes)
+            since_trim += nbytes
+        del batch, d, ids
+        if since_trim >= TRIM_BYTES:
+            _trim_heap()
+            since_trim = 0
 
 
 def _prefixed(path: Path, text_field: str) -> Iterator[Document]:
