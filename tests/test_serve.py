@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -173,3 +174,27 @@ def test_brt_serve_command(capsys, tmp_path):
     assert code == 0 and "--session-dir" in out and "/v1/completions" in out
     code, _, err = run(capsys, "serve", tmp_path / "missing", "--session-dir", tmp_path / "s")
     assert code == 2 and "is not a saved model" in err
+
+
+def test_store_bound_busy_and_disk(saved, tmp_path):
+    from blockrecurrent.generate.session import Session
+    from blockrecurrent.serve.store import SessionBusy, SessionNotFound, SessionStore
+
+    _, model = saved
+    store = SessionStore(tmp_path, model, max_in_memory=1)
+    for name in ("a", "b"):
+        store.create(name)
+    assert list(store.memory) == ["b"] and store.names() == ["a", "b"]  # "a" on disk only
+    s = store.acquire("a")
+    with pytest.raises(SessionBusy):
+        store.acquire("a")
+    logits, mems, states = prefill(model, [[1, 2, 3]])
+    store.release("a", Session(mems, states, logits))
+    assert store.info("a")["tokens_seen"] == [3] and s.xl_memories is None
+    fresh = SessionStore(tmp_path, model)  # as after a restart: read from disk
+    back = fresh.acquire("a")
+    assert torch.equal(back.logits, logits) and back.tokens_seen == [3]
+    fresh.release("a")
+    fresh.delete("a")
+    with pytest.raises(SessionNotFound):
+        fresh.acquire("a")

@@ -130,6 +130,16 @@ def prepare(req: CompletionRequest, *, model, tokenizer, store, name: str,
                             f"{limits.max_prompt_tokens - 1} per request (send a long document "
                             f"in pieces to a session)", "prompt")
     session = _open_session(store, req) if req.session is not None else None
+    try:
+        return _prepared(req, ids, session, max_tokens, model, tokenizer, store)
+    except BaseException:
+        if req.session is not None:
+            store.release(req.session)  # reserved above, never submitted
+        raise
+
+
+def _prepared(req: CompletionRequest, ids: list[int], session: Session | None, max_tokens: int,
+              model, tokenizer, store) -> Prepared:
     if session is None or session.xl_memories is None:
         ids = [tokenizer.bos_id] + ids  # a new document
         session = session or Session(None, None, None)
