@@ -55,15 +55,16 @@ def test_prefix_plan_spreads_the_budget():
 def test_long_documents_are_evaluated_by_prefix():
     corpus = byte_corpus([5000, 9000, 7000])
     assert eval_subset(corpus, 4000) is None  # no whole document fits
-    sub = fixed_eval_set(corpus, 4000)  # the first 4,000 bytes of the first book
-    assert sub.names == ["book0[:4001]"] and sub.total_tokens == 4001
-    assert np.array_equal(sub.doc(0), corpus.doc(0)[:4001])
-    assert sub.num_bytes(0) == 4000  # exact: the bytes the prefix holds
+    sub = fixed_eval_set(corpus, 4000)  # bos + the first 3,999 bytes of the first book
+    assert sub.names == ["book0[:4000]"] and sub.total_tokens == 4000
+    assert np.array_equal(sub.doc(0), corpus.doc(0)[:4000])
+    assert sub.num_bytes(0) == 3999  # exact: the bytes the prefix holds
     sub = prefix_subset(corpus, 9000, min_prefix=3000)
-    assert sub.names == ["book0[:3001]", "book1[:3001]", "book2[:3001]"]
+    assert sub.names == ["book0[:3000]", "book1[:3000]", "book2[:3000]"]
+    assert eval_subset(sub, 6000).names == sub.names[:2]  # the state ablation's share fits
     line = describe_eval_set(corpus, 4000)
     assert line.startswith("eval_tokens=4000 holds no whole validation document: each "
-                           "evaluation scores the first 4,000 tokens (after the bos) of 1 of "
+                           "evaluation scores the first 4,000 tokens (bos included) of 1 of "
                            "the 3 (prefixes")
     whole = int(corpus.doc_lengths[0])
     assert describe_eval_set(corpus, whole) is None and describe_eval_set(None, 10) is None

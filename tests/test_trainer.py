@@ -277,7 +277,7 @@ def test_eval_tokens_left_unset_fit_a_long_validation_document(tmp_path, capsys)
     assert summary["val_bpb"] is not None
     lines = [line for line in capsys.readouterr().err.splitlines() if "prefixes" in line]
     assert lines == ["eval_tokens=20000 holds no whole validation document: each evaluation "
-                     "scores the first 20,000 tokens (after the bos) of 1 of the 1 (prefixes; "
+                     "scores the first 20,000 tokens (bos included) of 1 of the 1 (prefixes; "
                      "bits per byte over the bytes they hold)"]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import numpy as np
+
 from ..data import corpus as D
 from ..data import splits as S
 from ..data.ingest import ingest
@@ -60,15 +62,23 @@ def eval_subset(corpus: D.TokenizedCorpus, max_tokens: int) -> D.TokenizedCorpus
     return corpus.subset([(i, None) for i in chosen]) if chosen else None
 
 
+def _prefix_plan(corpus: D.TokenizedCorpus, max_tokens: int, min_prefix: int = PREFIX_TOKENS
+                 ) -> list[tuple[int, int]]:
+    """prefix_plan over the documents' tokens, bos included (as eval_subset counts them), of
+    the documents with text; each prefix holds its bos and at least one token after it."""
+    lengths = np.where(corpus.doc_lengths >= 2, corpus.doc_lengths, 0)
+    return [(i, n) for i, n in prefix_plan(lengths, max_tokens, min_prefix) if n >= 2]
+
+
 def prefix_subset(corpus: D.TokenizedCorpus, max_tokens: int,
                   min_prefix: int = PREFIX_TOKENS) -> D.TokenizedCorpus | None:
     """The evaluation set when no whole validation document fits in max_tokens (books):
-    max_tokens predicted tokens spread over the first documents in name order (data.prefixes.
-    prefix_plan: each at least min_prefix), each read from its start and named
+    max_tokens tokens (bos included) spread over the first documents in name order
+    (data.prefixes.prefix_plan: each at least min_prefix), each read from its start and named
     '<name>[:<tokens>]', with the exact UTF-8 bytes of the text it holds (bits per byte stays
-    exact). None if max_tokens < 1."""
-    plan = prefix_plan(corpus.doc_lengths - 1, max_tokens, min_prefix)
-    return corpus.subset([(i, n + 1) for i, n in plan]) if plan else None
+    exact). None if max_tokens < 2."""
+    plan = _prefix_plan(corpus, max_tokens, min_prefix)
+    return corpus.subset(plan) if plan else None
 
 
 def describe_eval_set(val_corpus: D.TokenizedCorpus | None, eval_tokens: int) -> str | None:
@@ -76,13 +86,13 @@ def describe_eval_set(val_corpus: D.TokenizedCorpus | None, eval_tokens: int) ->
     if (val_corpus is None or eval_tokens <= 0
             or eval_subset(val_corpus, eval_tokens) is not None):
         return None
-    plan = prefix_plan(val_corpus.doc_lengths - 1, eval_tokens)
+    plan = _prefix_plan(val_corpus, eval_tokens)
     if not plan:
         return None
     lengths = sorted({n for _, n in plan})
     each = f"{lengths[0]:,}" if len(lengths) == 1 else f"{lengths[0]:,} to {lengths[-1]:,}"
     return (f"eval_tokens={eval_tokens} holds no whole validation document: each evaluation "
-            f"scores the first {each} tokens (after the bos) of {len(plan)} of the "
+            f"scores the first {each} tokens (bos included) of {len(plan)} of the "
             f"{len(val_corpus)} (prefixes; bits per byte over the bytes they hold)")
 
 
