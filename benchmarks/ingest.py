@@ -8,7 +8,8 @@ are deleted afterwards unless --keep.
     .venv/bin/python benchmarks/ingest.py --sizes 100 1000 --root /tmp/brt-ingest
 
 Reports per size: ingest MB/s (corpus bytes / wall seconds; the files were just written, so
-they are read from the page cache), peak resident memory of the ingest process (ru_maxrss) and
+they are read from the page cache) and MB per CPU-second (user + system: steadier than the wall
+time on a shared machine), peak resident memory of the ingest process (ru_maxrss) and
 its resident memory after the imports, the store's size on disk, the time to find a built store
 again (stat check + memory map), and the time from `brt train` to its first step.
 """
@@ -67,10 +68,11 @@ def child_ingest(source: str, cache: str) -> None:
     from blockrecurrent.data.tokenizer import ByteTokenizer
 
     base = _rss_kib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     stores = ingest(source, ByteTokenizer(), cache)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "base_rss_mib": base / 1024,
+    seconds, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "base_rss_mib": base / 1024,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "bytes": sum(s.total_bytes for s in stores.values() if s is not None),
                       "tokens": sum(s.total_tokens for s in stores.values() if s is not None)}))
@@ -132,6 +134,9 @@ def bench(size: int, root: Path, keep: bool, cache_root: Path | None = None) -> 
         return {"size_mb": size, "corpus_bytes": nbytes, "docs_made_s": round(made, 1),
                 "ingest_s": round(built["seconds"], 2),
                 "ingest_mb_s": round(nbytes / 1e6 / built["seconds"], 1),
+                "ingest_cpu_s": round(built["cpu_s"], 2),
+                "ingest_mb_per_cpu_s": round(nbytes / 1e6 / built["cpu_s"], 1),
+                "load_average": round(os.getloadavg()[0], 1),
                 "base_rss_mib": round(built["base_rss_mib"], 1),
                 "peak_rss_mib": round(built["peak_rss_mib"], 1),
                 "store_mib": round(du_mib(cache), 1), "tokens": built["tokens"],
@@ -163,13 +168,14 @@ def main(argv=None) -> None:
         r = bench(size, args.root, args.keep, args.cache_root)
         results["results"].append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
-    print("| corpus | ingest s | ingest MB/s | RSS after imports MiB | peak RSS MiB | store MiB "
-          "| reopen s | brt train to first step s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| corpus | ingest s | ingest MB/s | MB per CPU-s | RSS after imports MiB | peak RSS "
+          "MiB | store MiB | reopen s | brt train to first step s | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["results"]:
         print(f"| {r['size_mb']} MB | {r['ingest_s']} | {r['ingest_mb_s']} | "
-              f"{r['base_rss_mib']} | {r['peak_rss_mib']} | {r['store_mib']} | {r['reopen_s']} "
-              f"| {r['first_step_s']} |")
+              f"{r['ingest_mb_per_cpu_s']} | {r['base_rss_mib']} | {r['peak_rss_mib']} | "
+              f"{r['store_mib']} | {r['reopen_s']} | {r['first_step_s']} | "
+              f"{r['load_average']} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
