@@ -71,20 +71,21 @@ def iter_text_files(pattern_or_dir: str | os.PathLike) -> Iterator[Document]:
     src = os.fspath(pattern_or_dir)
     if os.path.isdir(src):
         base = src
-        paths = [p for p in Path(src).rglob("*")
+        paths = (p for p in Path(src).rglob("*")
                  if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(src).parts)]
-        if not paths:
-            raise ValueError(f"directory {src!r} holds no (non-hidden) files; point at a directory "
-                             "of text files")
+                 and not any(part.startswith(".") for part in p.relative_to(src).parts))
     else:
         base = _glob_base(src)
-        paths = [Path(p) for p in glob.glob(src, recursive=True) if os.path.isfile(p)]
-        if not paths:
-            raise ValueError(f"no file matches {src!r}: give an existing directory, file or glob "
-                             "pattern (e.g. 'data/**/*.txt')")
-    named = sorted((os.path.relpath(p, base).replace(os.sep, "/"), p) for p in paths)
-    return (Document(name, _read_text(p)) for name, p in named)
+        paths = (p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
+    # strings, not Path objects: a corpus of many files keeps a small list
+    named = sorted((os.path.relpath(p, base).replace(os.sep, "/"), os.fspath(p)) for p in paths)
+    if not named and os.path.isdir(src):
+        raise ValueError(f"directory {src!r} holds no (non-hidden) files; point at a directory "
+                         "of text files")
+    if not named:
+        raise ValueError(f"no file matches {src!r}: give an existing directory, file or glob "
+                         "pattern (e.g. 'data/**/*.txt')")
+    return (Document(name, _read_text(Path(p))) for name, p in named)
 
 
 def iter_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[Document]:

@@ -37,7 +37,7 @@ SPLITS = ("train", "val", "test")
 TRIM_BYTES = 32 << 20  # text between two _trim_heap calls
 
 
-def source_files(source) -> list[Path]:
+def source_files(source) -> list[str]:
     """The files a source is read from, sorted: the standard library's .py files for 'stdlib',
     the file itself, every non-hidden file under a directory, or a glob pattern's matches."""
     src = os.fspath(source)
@@ -46,13 +46,13 @@ def source_files(source) -> list[Path]:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP]
             found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
-        return sorted(found)
+        return sorted(map(str, found))
     if os.path.isfile(src):
-        return [Path(src)]
-    if os.path.isdir(src):
-        return sorted(p for p in Path(src).rglob("*") if p.is_file() and not any(
+        return [src]
+    if os.path.isdir(src):  # strings, not Path objects: a small list for many files
+        return sorted(str(p) for p in Path(src).rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(src).parts))
-    return sorted(Path(p) for p in glob.glob(src, recursive=True) if os.path.isfile(p))
+    return sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
 
 
 def source_fingerprint(source, verify: str = "stat") -> str:
@@ -64,7 +64,7 @@ def source_fingerprint(source, verify: str = "stat") -> str:
     for path in source_files(source):
         h.update(os.fsencode(path) + b"\0")
         if verify == "stat":
-            st = path.stat()
+            st = os.stat(path)
             h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
             continue
         with open(path, "rb") as f:
@@ -159,6 +159,7 @@ def _stream_build(source, tokenizer, writers, text_field, val_fraction, test_fra
             if not len(writers[split]):
                 raise ValueError(f"every document from {str(path)!r} is empty; point at a "
                                  "corpus with some text")
+            writers[split].finish()  # its buffer freed: one split's buffer in memory at a time
         return True
 
     def route(name: str) -> str:

@@ -115,6 +115,7 @@ class StoreWriter:
         self._tokens = open(self.dir / "tokens.bin", "wb")
         self._names = open(self.dir / "names.txt", "w", encoding="utf-8", newline="\n")
         self.offsets, self.num_bytes = array("q", [0]), array("q")
+        self.manifest: dict | None = None
 
     def __len__(self) -> int:
         return len(self.num_bytes)
@@ -146,8 +147,11 @@ class StoreWriter:
         self._fill = 0
 
     def finish(self, extra: dict | None = None) -> dict:
-        """Write everything; returns the manifest."""
+        """Write everything and free the buffer; returns the manifest (again, once finished)."""
+        if self.manifest is not None:
+            return self.manifest
         self._flush()
+        self._buf = None
         for f in (self._tokens, self._names):
             f.flush()
             os.fsync(f.fileno())
@@ -159,4 +163,5 @@ class StoreWriter:
                     "bos_id": self.bos_id, "vocab_size": self.vocab_size, "num_docs": len(self),
                     "total_tokens": int(self.offsets[-1]), "total_bytes": int(sum(self.num_bytes))}
         write_json(self.dir / "manifest.json", manifest)
+        self.manifest = manifest
         return manifest
