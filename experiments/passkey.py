@@ -89,6 +89,26 @@ def train_one(args, name: str, recurrent: bool, data: Path) -> dict:
     return summary
 
 
+@torch.no_grad()
+def digit_losses(model, key: str = "71432", num_chars: int = 400, depth: float = 0.9) -> dict:
+    """Loss (nats) on each digit of a training-style document's three keys: the first statement
+    (nothing predicts it), its repetition in "Remember it. 71432 is the pass key." (a copy ~24
+    tokens back) and the answer. ln 10 = 2.30 everywhere: the model does not copy."""
+    from blockrecurrent.data.passkey import passkey_text
+
+    tok = ByteTokenizer()
+    text = passkey_text(num_chars, depth, key)
+    ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
+    logits = model.eval()(ids)[0][0, :-1].float()
+    nll = -torch.log_softmax(logits, -1)[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+    out, start = {}, 0
+    for name in ("stated", "repeated", "answer"):
+        i = text.index(key, start)
+        start = i + 1
+        out[name] = [round(float(nll[i + k]), 2) for k in range(len(key))]  # char i = token i+1
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/passkey"))
@@ -135,6 +155,8 @@ def main(argv=None) -> None:
             print(name, json.dumps({k: s[k] for k in ("step", "train_loss", "val_bpb",
                                                       "wall_s")}), flush=True)
         model = BlockRecurrentTransformer.from_pretrained(args.out / name / "model")
+        log.setdefault("digit_losses", {})[name] = digit_losses(model)
+        print(name, "digit losses (nats):", log["digit_losses"][name], flush=True)
         for length, n in zip(args.lengths, docs, strict=True):
             rows += passkey_eval(model, ByteTokenizer(), (length,), n, seed=args.seed,
                                  batch_size=args.eval_batch, name=name,
