@@ -16,13 +16,12 @@ from blockrecurrent.evaluate.mqar import (
     mqar_accuracy,
     mqar_base,
     mqar_config,
-    parse_grid,
     query_logits,
     run_mqar,
     state_bytes,
     train_mqar,
-    write_mqar_report,
 )
+from blockrecurrent.evaluate.mqar_report import parse_grid, write_mqar_report
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 

@@ -129,7 +129,7 @@ def cmd_probe(args) -> int:
     from ..train.settings import load_train_config
 
     if args.task == "mqar":
-        from ..evaluate.mqar import probe_main
+        from ..evaluate.mqar_report import probe_main
         return probe_main(args, _overrides(args.overrides))
     if "full" in (args.models or ()):
         raise ValueError("--models full is for --task mqar")
