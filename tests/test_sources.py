@@ -155,3 +155,30 @@ def test_build_data_uses_the_own_split(tmp_path, capsys):
     _, train, val = build_data(TrainConfig(data=str(tmp_path / "c"), cache_dir=str(tmp_path)))
     assert train.names == [f"train/{n}.txt" for n in "abcd"] and val.names == ["dev/e.txt"]
     assert "own split: train = train/, val = dev/, test = test/" in capsys.readouterr().err
+
+
+def test_hub_shards_are_the_splits(tmp_path):
+    """The Hugging Face Hub's layout: data/<split>-NNNNN-of-NNNNN.parquet shards."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, shards in (("train", 2), ("validation", 1), ("test", 1)):
+        for k in range(shards):
+            pq.write_table(pa.table({"text": [f"{split} {k} {i}" for i in range(3)]}),
+                           tmp_path / "hub" / "data" / f"{split}-{k:05d}-of-{shards:05d}.parquet")
+    write(tmp_path / "hub" / "README.md", "a dataset card")
+    found = find_splits(tmp_path / "hub")
+    assert describe_splits(found) == ("the corpus's own split: train = train-*.parquet, "
+                                      "val = validation-*.parquet, test = test-*.parquet")
+    splits = load_splits(tmp_path / "hub")
+    assert [d.name for d in splits["train"]][:4] == [
+        "train-00000-of-00002.parquet/000000001", "train-00000-of-00002.parquet/000000002",
+        "train-00000-of-00002.parquet/000000003", "train-00001-of-00002.parquet/000000001"]
+    assert [d.text for d in splits["val"]] == ["validation 0 0", "validation 0 1",
+                                               "validation 0 2"]
+    # A glob pattern of data files is a source too.
+    docs = load_documents(str(tmp_path / "hub" / "data" / "train-*.parquet"))
+    assert docs == splits["train"]
+    from blockrecurrent.data.ingest import ingest
+    stores = ingest(tmp_path / "hub", ByteTokenizer(), tmp_path / "cache")
+    assert stores["train"].names == [d.name for d in splits["train"]]

@@ -133,20 +133,26 @@ def iter_stdlib() -> Iterator[Document]:
     return (Document(name, _read_text(p)) for name, p in named)
 
 
-def _data_files(src: str) -> list[Path]:
-    """The files of directory `src` when every (non-hidden) one is a data file (JSONL, gzip/zstd
-    JSONL, Parquet, Arrow), e.g. a folder of Parquet shards; else []."""
-    if not os.path.isdir(src):
-        return []
-    files = sorted((p for p in Path(src).rglob("*") if p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(src).parts)),
-                   key=lambda p: p.relative_to(src).as_posix() + "/")  # the names' order
-    return files if files and all(p.name.endswith(DATA_SUFFIXES) for p in files) else []
+def _data_files(src: str) -> tuple[str, list[Path]]:
+    """(base, files) when every (non-hidden) file of directory `src`, or every match of glob
+    pattern `src` (e.g. 'data/train-*.parquet'), is a data file (JSONL, gzip/zstd JSONL,
+    Parquet, Arrow): a folder or set of shards; else (base, [])."""
+    if os.path.isdir(src):
+        base = src
+        found = (p for p in Path(src).rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    elif any(c in src for c in "*?["):
+        base = _glob_base(src)
+        found = (Path(p) for p in glob.glob(src, recursive=True) if os.path.isfile(p))
+    else:
+        return src, []
+    files = sorted(found, key=lambda p: p.relative_to(base).as_posix() + "/")  # names' order
+    return base, files if files and all(p.name.endswith(DATA_SUFFIXES) for p in files) else []
 
 
-def _iter_data_dir(src: str, files: list[Path], text_field: str) -> Iterator[Document]:
-    for path in files:  # each document named '<path relative to src>/<row>'
-        parent = path.parent.relative_to(src).as_posix()
+def _iter_data_dir(base: str, files: list[Path], text_field: str) -> Iterator[Document]:
+    for path in files:  # each document named '<path relative to base>/<row>'
+        parent = path.parent.relative_to(base).as_posix()
         for name, text in iter_data_file(path, text_field, iter_jsonl):
             yield Document(name if parent == "." else f"{parent}/{name}", text)
 
@@ -162,8 +168,8 @@ def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Itera
         docs = iter_stdlib()
     elif (src.endswith(DATA_SUFFIXES) and os.path.isfile(src)) or is_arrow_dataset(src):
         docs = (Document(*d) for d in iter_data_file(src, text_field, iter_jsonl))
-    elif _data_files(src):
-        docs = _iter_data_dir(src, _data_files(src), text_field)
+    elif _data_files(src)[1]:
+        docs = _iter_data_dir(*_data_files(src), text_field)
     else:
         docs = iter_text_files(src)
     return (d for d in docs if d.text)
@@ -172,8 +178,9 @@ def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Itera
 def load_documents(source: str | os.PathLike, text_field: str = "text") -> list[Document]:
     """'stdlib' (built-in corpus; write './stdlib' for a directory of that name), a JSONL file
     (.jsonl, .jsonl.gz, .jsonl.zst), a Parquet or Arrow file, a `datasets` save_to_disk
-    directory, a directory of such data files, a directory of text files, or a glob pattern
-    (data/formats.py). Empty documents are dropped; the result is sorted by name."""
+    directory, a directory or glob pattern of such data files, a directory of text files, or a
+    glob pattern of text files (data/formats.py). Empty documents are dropped; the result is
+    sorted by name."""
     docs = sorted(iter_documents(source, text_field), key=lambda d: d.name)
     if not docs:
         raise ValueError(f"every document from {os.fspath(source)!r} is empty; point at a corpus "

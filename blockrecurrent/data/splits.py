@@ -1,7 +1,7 @@
 """A corpus's train/val/test documents: its own split where the source has one (train/,
-validation/ (or val/, dev/, valid/) and test/ folders, or split files such as train.jsonl,
-validation.parquet, test.jsonl.gz, or a `datasets` DatasetDict saved to disk), else the hash
-split of data/corpus.py's split_documents.
+validation/ (or val/, dev/, valid/) and test/ folders, split files such as train.jsonl,
+validation.parquet, test.jsonl.gz, shards such as data/train-00000-of-00004.parquet, or a
+`datasets` DatasetDict saved to disk), else the hash split of data/corpus.py's split_documents.
 """
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "dev", "valid")
 
 
 def _candidates(src: Path, name: str) -> list[Path]:
-    """The folder `name`, or files name.<data suffix> (e.g. train.jsonl, train.parquet)."""
+    """The folder `name`, files name.<data suffix> (e.g. train.jsonl, train.parquet), or shards
+    name-*.<data suffix> in src or src/data (the Hugging Face Hub's layout, e.g.
+    data/train-00000-of-00004.parquet), as one glob pattern per suffix."""
     found = [src / name] if (src / name).is_dir() else []
-    return found + [src / f"{name}{s}" for s in DATA_SUFFIXES if (src / f"{name}{s}").is_file()]
+    found += [src / f"{name}{s}" for s in DATA_SUFFIXES if (src / f"{name}{s}").is_file()]
+    for folder in (src, src / "data"):
+        found += [folder / f"{name}-*{s}" for s in DATA_SUFFIXES
+                  if any(p.is_file() for p in folder.glob(f"{name}-*{s}"))]
+    return found
 
 
 def find_splits(source) -> dict[str, Path] | None:
