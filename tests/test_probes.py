@@ -120,6 +120,25 @@ def test_beyond_scores_each_model_at_multiples_of_its_trained_distance(tmp_path)
         run_probes(base, beyond=(1,))
 
 
+def test_train_leads_train_each_task_at_every_lead_and_score_at_lead(monkeypatch):
+    """train_leads: the model trains on its task at each lead in turn; it is scored at `lead`."""
+    import blockrecurrent.evaluate.probes as P
+
+    seen = []
+    real = P.train_recall
+
+    def spy(model, task, **kw):
+        seen.append([(t.distance, t.lead) for t in (task if isinstance(task, list) else [task])])
+        return real(model, task, **kw)
+
+    monkeypatch.setattr(P, "train_recall", spy)
+    base = preset("probe", block_width=8, num_state_vectors=8)
+    rows = run_probes(base, num_keys=(1,), distances=(2,), lead=1, steps=2, models=("recurrent",),
+                      train_leads=(0, 3), log=None)
+    assert seen == [[(2, 0), (2, 3)]]
+    assert [(r["distance"], r["lead"]) for r in rows] == [(2, 1)]
+
+
 def test_the_research_hooks_are_not_the_librarys():
     """Per-parameter learning rates and per-step callbacks live in experiments/ (their own
     training loop), not in train_recall / run_probes."""

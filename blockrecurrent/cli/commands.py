@@ -144,7 +144,7 @@ def cmd_probe(args) -> int:
         rows = run_probes(config, **task, models=args.models or ["recurrent", "slide"],
                           steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           betas=tuple(args.betas), seeds=args.seeds, mixed=args.mixed,
-                          beyond=args.beyond,
+                          beyond=args.beyond, train_leads=args.train_leads,
                           save_dir=Path(args.out) / "models" if args.save_models else None)
     paths = write_probe_report(rows, args.out, title=f"recall probe ({args.kind})")
     print(probe_table(rows, markdown=False))

@@ -286,6 +286,10 @@ def _probe_command(add) -> None:
                    help="also score every trained model with the keys F times its longest "
                         "trained distance back: how far its memory reaches beyond what training "
                         "showed it (default: 4 16 64; none: --beyond with no value)")
+    p.add_argument("--train-leads", type=int, nargs="+", default=[], metavar="L",
+                   help="train with L filler blocks before the keys, each in turn (scored at "
+                        "--lead): the key's place in the document varies, which lets the memory "
+                        "hold further than the trained distance (e.g. 0 8 16 ... 64)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--model", default=None, metavar="DIR",
                    help="evaluate this saved model instead of training new ones")

@@ -16,15 +16,12 @@ sequence (a key there is far easier to store).
 - "pairs": K key -> value pairs (distinct keys, adjacent tokens); the last block ends with a
   marker and `queries` questions `key value`; the model predicts each value from its key.
 
-Accuracy is over the answer tokens; chance is 1 / alphabet. A model whose sliding windows reach
-back `depth * (W - 1)` tokens (every layer adds W - 1; a block window reaches back to the start
-of the block before, so `depth` block windows see `depth` whole blocks back) can see a key
-directly when it is within that reach; `beyond_reach` marks the settings where no answer is in
-reach, so that anything above chance there is carried by the state.
+Accuracy is over the answer tokens; chance is 1 / alphabet. `depth` sliding windows reach back
+`depth * (W - 1)` tokens (`depth` block windows, `depth` whole blocks): `beyond_reach` marks the
+settings where no answer is within that reach, so anything above chance there is the state's.
 
-The models train from scratch on fresh batches (Adam, lr 2e-3, batch 32, 300 steps by default,
-the probe of the project's state issue; betas (0.9, 0.95), the trainer's) and are evaluated on
-1,024 held-out sequences.
+The models train from scratch on fresh batches (Adam, lr 2e-3, betas (0.9, 0.95) as the
+trainer's, batch 32, 300 steps) and are evaluated on 1,024 held-out sequences.
 """
 
 from __future__ import annotations
@@ -231,15 +228,17 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                seeds: Iterable[int] = (0,),
                factory: ModelFactory = BlockRecurrentTransformer, save_dir=None,
                mixed: bool = False, betas: tuple[float, float] = BETAS,
-               beyond: Iterable[int] = (), log: Callable[[str], None] | None = print
-               ) -> list[dict]:
+               beyond: Iterable[int] = (), train_leads: Iterable[int] = (),
+               log: Callable[[str], None] | None = print) -> list[dict]:
     """Train and evaluate one fresh model per (model, K, distance, seed). `factory` builds a model
     from a config (the port comparison passes its own). mixed=True trains one model per (model,
     K, seed) on all the distances in turn (the same `steps` in all) and evaluates it at each:
     from scratch at one long distance the signal can be too weak to find how to store several
     keys, which the short distances teach (experiments/probe_curriculum.py). beyond: also score
     each trained model with the keys f times its longest trained distance back, for each f
-    (evaluate/reach.py). Returns one row per (model, K, distance, seed)."""
+    (evaluate/reach.py). train_leads: train with these numbers of filler blocks before the keys
+    in turn (scored at `lead`), so that the state is not taught one position in the document
+    (experiments/length_generalisation.md). Returns one row per (model, K, distance, seed)."""
     base = base if base is not None else preset("probe")
     models, num_keys, distances, seeds = list(models), list(num_keys), list(distances), list(seeds)
     _check_run(base, models, steps, batch_size, lr, mixed)
@@ -257,8 +256,9 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 torch.manual_seed(seed)
                 model = factory(config)
                 t0 = time.perf_counter()
-                loss = train_recall(model, group if mixed else group[0], steps=steps,
-                                    batch_size=batch_size, lr=lr, seed=seed, betas=betas)
+                loss = train_recall(model, _training_tasks(group, mixed, train_leads),
+                                    steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                    betas=betas)
                 scored = [(1, task) for task in group] + [
                     (f, dataclasses.replace(longest, distance=f * longest.distance))
                     for f in beyond]
@@ -280,6 +280,17 @@ def run_probes(base: BlockRecurrentConfig | None = None, *, kind: str = "keys",
                 if save_dir is not None and hasattr(model, "save_pretrained"):
                     model.save_pretrained(Path(save_dir) / run_name(row))
     return rows
+
+
+def _training_tasks(group: list[RecallTask], mixed: bool, train_leads: Iterable[int]
+                    ) -> RecallTask | list[RecallTask]:
+    """What one model trains on: its task, or (mixed) every distance in turn; with train_leads,
+    each of those at every lead in turn."""
+    tasks = group if mixed else group[:1]
+    leads = list(train_leads)
+    if leads:
+        tasks = [dataclasses.replace(t, lead=lead) for t in tasks for lead in leads]
+    return tasks if len(tasks) > 1 else tasks[0]
 
 
 def _check_run(base, models: list, steps, batch_size, lr, mixed) -> None:

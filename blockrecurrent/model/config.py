@@ -172,8 +172,8 @@ PRESETS: dict[str, dict] = {
                  block_width=16, num_state_vectors=16, recurrent_layers=(1,)),
     "small": dict(num_tokens=257, dim=256, depth=4, dim_head=64, heads=4, max_seq_len=512,
                   block_width=128, num_state_vectors=128, recurrent_layers=(3,)),
-    # The recall probe's model (evaluate/probes.py, `brt probe`): 2 layers, dim 64, W = S = 16, layer 2
-    # recurrent, a 64-token vocabulary.
+    # The recall probe's model (evaluate/probes.py, `brt probe`): 2 layers, dim 64, W = S = 16,
+    # layer 2 recurrent, a 64-token vocabulary.
     "probe": dict(num_tokens=64, dim=64, depth=2, dim_head=16, heads=4, max_seq_len=64,
                   block_width=16, num_state_vectors=16, recurrent_layers=(2,)),
     "paper-150m": dict(num_tokens=32000, dim=1024, depth=12, dim_head=128, heads=8,
