@@ -199,10 +199,10 @@ def _evaluate_test(model_dir: Path, tc, out: Path, max_eval_tokens: int):
 
 def _sample(tc, model_dir: Path, sample_tokens: int, device) -> tuple[str, str, dict]:
     """A continuation of the start of a held-out document -> (document, prompt, sample)."""
-    from .data.corpus import load_documents, split_documents
+    from .data.splits import load_splits
     from .generate.text import generate_text
 
-    test_docs = split_documents(load_documents(tc.data, tc.text_field))["test"]
+    test_docs = load_splits(tc.data, tc.text_field)["test"]  # the corpus's own split if any
     prompt_doc, prompt = _sample_prompt(test_docs)
     sample = generate_text(model_dir, prompt=prompt, max_new_tokens=sample_tokens,
                            temperature=0.8, top_p=0.95, seed=0, out=io.StringIO(),

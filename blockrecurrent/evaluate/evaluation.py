@@ -33,7 +33,7 @@ from ..model.dtypes import DTYPE_NAMES, DTYPES, torch_dtype
 from ..model.state_tune import apply_state_tune
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.streaming import RESET_STATE, stream_segments
-from .documents import chosen_documents, lane_plan, select_documents
+from .documents import chosen_parts, describe_parts, lane_plan, select_documents
 from .heldout import load_heldout, training_data
 from .report import write_eval_report
 
@@ -350,10 +350,14 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, *, data=None, split: str =
 
 def _eval_size(corpus: TokenizedCorpus, split: str, data, max_docs, max_tokens) -> str:
     """One line: how much of the split will be evaluated, and the caps that make it less."""
-    chosen = chosen_documents(corpus, max_docs, max_tokens)
-    tokens = int((corpus.doc_lengths[chosen] - 1).sum())
-    size = f"{tokens:,} tokens, {sum(corpus.num_bytes(int(i)) for i in chosen):,} bytes"
-    docs = len(chosen)
+    parts = chosen_parts(corpus, max_docs, max_tokens)
+    tokens = sum(int(corpus.doc_lengths[i] if n is None else n) - 1 for i, n in parts)
+    nbytes = sum(corpus.num_bytes(i) if n is None else corpus.prefix_bytes(i, n)
+                 for i, n in parts)
+    size = f"{tokens:,} tokens, {nbytes:,} bytes"
+    if describe_parts(corpus, parts):
+        size += " (prefixes: no whole document fits in --max-tokens)"
+    docs = len(parts)
     if docs < len(corpus):
         caps = " and ".join(f"{name} {v}" for name, v in (("--max-docs", max_docs),
                                                           ("--max-tokens", max_tokens)) if v)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.corpus import load_documents, split_documents
+from ..data.splits import load_splits
 from .evaluation import training_data
 
 __all__ = ["write_choice_task", "write_heldout_task", "write_rolling_task"]
@@ -76,7 +76,7 @@ def write_heldout_task(model_dir, directory, split: str = "test", data=None,
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     source, field = training_data(model_dir) or ("stdlib", "text")
-    docs = split_documents(load_documents(data or source, field))[split]
+    docs = load_splits(data or source, field)[split]  # the corpus's own split where it has one
     if not docs:
         raise ValueError(f"the {split} split of {data or source!r} is empty")
     return write_rolling_task(directory, docs, name)
