@@ -69,6 +69,22 @@ def _check(lengths, num_docs, batch_size) -> tuple[int, ...]:
     return lengths
 
 
+def _read_and_answer(model, tokenizer, prompts, batches, batch_size: int, length: int,
+                     chunk_size) -> list[dict]:
+    """Every document read and answered greedily, batch by batch -> one dict per document."""
+    docs = []
+    for a, ids in zip(range(0, len(prompts), batch_size), batches, strict=True):
+        group = prompts[a:a + batch_size]
+        steps = max(len(p.answer_ids) for p in group)
+        got = _answer(model, ids, steps, chunk_size).tolist()
+        for p, g in zip(group, got, strict=True):
+            text = tokenizer.decode(g[:len(p.answer_ids)])
+            docs.append({"depth": p.depth, "key_position": p.key_position,
+                         "distance": length - p.key_position, "key": p.key, "answer": text,
+                         "correct": g[:len(p.answer_ids)] == p.answer_ids})
+    return docs
+
+
 def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 20, *,
                  seed: int = 0, depths=None, batch_size: int = 20, chunk_size: int | None = 1024,
                  name: str | None = None, progress=None) -> list[dict]:
@@ -104,19 +120,10 @@ def passkey_eval(model: nn.Module, tokenizer, lengths=LENGTHS, num_docs: int = 2
                 batches = [torch.tensor([p.ids for p in prompts[a:a + batch_size]],
                                         dtype=torch.long, device=device)
                            for a in range(0, num_docs, batch_size)]
-                docs = []
                 meter.start()
                 t0 = time.perf_counter()
-                for a, ids in zip(range(0, num_docs, batch_size), batches, strict=True):
-                    group = prompts[a:a + batch_size]
-                    steps = max(len(p.answer_ids) for p in group)
-                    got = _answer(model, ids, steps, chunk_size).tolist()
-                    for p, g in zip(group, got, strict=True):
-                        text = tokenizer.decode(g[:len(p.answer_ids)])
-                        docs.append({"depth": p.depth, "key_position": p.key_position,
-                                     "distance": length - p.key_position, "key": p.key,
-                                     "answer": text, "correct": g[:len(p.answer_ids)] ==
-                                     p.answer_ids})
+                docs = _read_and_answer(model, tokenizer, prompts, batches, batch_size, length,
+                                        chunk_size)
                 seconds = time.perf_counter() - t0
                 correct = sum(d["correct"] for d in docs)
                 row = {"model": name, "length": length, "accuracy": correct / num_docs,
