@@ -14,7 +14,7 @@ _EXPORTS = {"BlockRecurrentConfig": "model.config", "PRESETS": "model.config",
             "BlockRecurrentTransformer": "model.transformer", "XLMemories": "model.memories"}
 
 __all__ = ["BlockRecurrentConfig", "BlockRecurrentTransformer", "XLMemories", "PRESETS", "preset"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from .model.config import PRESETS, BlockRecurrentConfig, preset
