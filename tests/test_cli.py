@@ -15,7 +15,7 @@ from blockrecurrent.cli.parser import build_parser
 from blockrecurrent.data.tokenizer import ByteTokenizer
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
-COMMANDS = ("train", "eval", "generate", "compare", "bench", "probe", "run")
+COMMANDS = ("train", "eval", "generate", "serve", "compare", "bench", "probe", "passkey", "run")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

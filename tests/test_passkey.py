@@ -132,3 +132,17 @@ def test_mix_passkey_adds_its_share_of_characters():
     assert extra == passkey_documents(len(extra), 300, 500, seed=1)
     with pytest.raises(ValueError, match="share"):
         mix_passkey(docs, 1.0)
+
+
+def test_brt_passkey_command(capsys, model_dir, tmp_path):
+    """`brt passkey MODEL`: accuracy by length printed and written, in one command."""
+    from helpers import run
+
+    code, out, err = run(capsys, "passkey", model_dir, "--lengths", "256", "320", "--docs", "2",
+                         "--batch-size", "2", "--threads", "1", "--out", tmp_path / "pk")
+    assert code == 0, err
+    assert "256 tokens: " in err and (tmp_path / "pk" / "passkey.json").is_file()
+    rows = json.loads((tmp_path / "pk" / "passkey.json").read_text())
+    assert [r["length"] for r in rows] == [256, 320] and all(r["num_docs"] == 2 for r in rows)
+    code, _, err = run(capsys, "passkey", model_dir, "--lengths", "0")
+    assert code == 2

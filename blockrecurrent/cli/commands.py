@@ -158,3 +158,25 @@ def cmd_run(args) -> int:
     main_job(args.out, quick=args.quick, config=args.config, overrides=_overrides(args.overrides),
              max_eval_tokens=args.max_eval_tokens)
     return 0
+
+
+def cmd_passkey(args) -> int:
+    from ..data.tokenizer import load_tokenizer
+    from ..evaluate.passkey import passkey_eval, passkey_table, write_passkey_report
+    from ..model.transformer import BlockRecurrentTransformer
+
+    model = BlockRecurrentTransformer.from_pretrained(args.checkpoint, map_location=args.device)
+    tokenizer = load_tokenizer(args.checkpoint)
+    name = Path(args.checkpoint).resolve().name
+
+    def progress(row: dict) -> None:
+        print(f"{row['length']:,} tokens: {row['correct']} of {row['num_docs']} keys "
+              f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+    rows = passkey_eval(model, tokenizer, lengths=args.lengths, num_docs=args.docs,
+                        seed=args.seed, batch_size=args.batch_size, name=name,
+                        progress=progress)
+    paths = write_passkey_report(rows, args.out or Path(args.checkpoint) / "passkey")
+    print(passkey_table(rows, markdown=False))
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p))
+    return 0

@@ -12,6 +12,7 @@ from .commands import (
     cmd_compare,
     cmd_eval,
     cmd_generate,
+    cmd_passkey,
     cmd_probe,
     cmd_run,
     cmd_serve,
@@ -61,6 +62,7 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     _compare_command(add)
     _bench_command(add, with_bench)
     _probe_command(add)
+    _passkey_command(add)
     _run_command(add)
     return parser
 
@@ -320,3 +322,22 @@ def _run_command(add) -> None:
                         f"(default {EVAL_TOKENS:,}; --quick: {QUICK_EVAL_TOKENS:,})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a training field or a model field (model.key=value)")
+
+
+def _passkey_command(add) -> None:
+    p = add("passkey", cmd_passkey, "passkey retrieval of a saved model by document length",
+            "A 5-digit key stated once in a long document of filler text and asked for at its "
+            "end (Mohtashami & Jaggi 2023): exact-match accuracy by length, each document read "
+            "in constant memory; writes passkey.json and passkey.md.")
+    p.add_argument("checkpoint", metavar="MODEL_DIR",
+                   help="model directory with its tokenizer (e.g. runs/small/model)")
+    p.add_argument("--lengths", type=_positive_int, nargs="+", default=[1024, 4096, 16384, 65536],
+                   metavar="N", help="document lengths in tokens (default: 1024 4096 16384 65536)")
+    p.add_argument("--docs", type=_positive_int, default=20,
+                   help="documents per length (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="keys and depths (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="documents read side by side (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: MODEL_DIR/passkey)")
