@@ -110,3 +110,14 @@ def test_blocks_run(page, tmp_path, data_cache):
                                  timeout=600)
             assert out.returncode == 0, f"{where} failed:\n{code}\n{out.stdout[-2000:]}" \
                                         f"\n{out.stderr[-3000:]}"
+
+
+def test_model_page_lists_every_config_field():
+    """docs/model.md's table has a row for every BlockRecurrentConfig field."""
+    import dataclasses
+
+    from blockrecurrent.model.config import BlockRecurrentConfig
+
+    rows = set(re.findall(r"^\| `(\w+)` \|", (ROOT / "docs" / "model.md").read_text(), re.M))
+    missing = [f.name for f in dataclasses.fields(BlockRecurrentConfig) if f.name not in rows]
+    assert not missing, f"docs/model.md: add a row for {missing}"
