@@ -87,3 +87,21 @@ def test_settings_saved_before_the_mlp_field_compare_equal_to_gelu(tmp_path):
     named = r"other settings .*'model_config.mlp': \('gelu', 'geglu'\)"  # says which
     with pytest.raises(ValueError, match=named):
         check_reusable(geglu, dataclasses.replace(tc))
+
+
+def test_gate_max_blocks_sets_the_fixed_gates_longest_timescale():
+    """The chrono init spreads sigmoid(b) over 2..gate_max_blocks blocks: 1 / (1 - g) <= max."""
+    import torch
+
+    from blockrecurrent.model.cell import FixedGate
+
+    for longest in (64.0, 1024.0):
+        torch.manual_seed(0)
+        model = BlockRecurrentTransformer(preset("tiny", gate_max_blocks=longest))
+        gates = [m for m in model.modules() if isinstance(m, FixedGate)]
+        timescales = 1 / (1 - torch.sigmoid(torch.cat([g.bias for g in gates])))
+        assert timescales.min() >= 2 - 1e-4 and timescales.max() <= longest + 1e-3
+        assert timescales.max() > longest / 2  # the range is used
+    with pytest.raises(ValueError, match="gate_max_blocks"):
+        preset("tiny", gate_max_blocks=2.0)
+    assert BlockRecurrentConfig.from_dict({}).gate_max_blocks == 64.0  # older files: the default

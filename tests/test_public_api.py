@@ -30,9 +30,11 @@ def doc_imports() -> set[tuple[str, str | None]]:
     found = set()
     for path in DOCS:
         text = path.read_text()
-        for mod, names in re.findall(r"from (blockrecurrent[\w.]*) import \(?([\w, \n]+)\)?", text):
-            found.update((mod, n.strip()) for n in names.replace("\n", ",").split(",")
-                         if n.strip())
+        imports = re.findall(r"from (blockrecurrent[\w.]*) import (?:\(([\w, \n]+)\)|([\w, ]+))",
+                             text)
+        for mod, wrapped, names in imports:
+            names = (wrapped or names).replace("\n", ",").split(",")
+            found.update((mod, n.split(" as ")[0].strip()) for n in names if n.strip())
         found.update((mod, None) for mod in re.findall(r"^\s*import (blockrecurrent[\w.]*)", text,
                                                        re.M))
     return found

@@ -61,6 +61,11 @@ class BlockRecurrentConfig:
     # channels still hold what is written, or "convex" s*g + z*(1-g) (the paper). Fixed gate
     # only: the lstm gate's input gate sets its own (docs/design.md, "The fixed gate's write").
     gate_write: str = "normalized"
+    # The fixed gate's channels start with retention timescales spread from 2 to this many
+    # blocks (chrono init: cell.retention_bias). Longer timescales let the recall probe's memory
+    # reach further beyond its trained distance (experiments/length_generalisation.md); their
+    # effect on language modelling is not measured yet, so the default stays 64.
+    gate_max_blocks: float = 64.0
     # The state's update also attends among the state vectors (the paper's cell). Off (default),
     # the candidate reads only the tokens and slots do not mix, which stores several keys apart
     # (docs/design.md, "Several keys").
@@ -97,6 +102,7 @@ class BlockRecurrentConfig:
         check(self.window in WINDOWS, "window", f"choose one of {WINDOWS}")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(self.mlp_mult > 0, "mlp_mult", "must be positive")
+        check(self.gate_max_blocks > 2, "gate_max_blocks", "must be more than 2 blocks")
         check(self.mlp in MLPS, "mlp", f"choose one of {MLPS}")
         check(self.rotary_base > 1, "rotary_base", "must be greater than 1")
         if self.use_compressed_mem:

@@ -111,7 +111,7 @@ class BlockRecurrentTransformer(nn.Module):
                 fan_in = module.state_out.weight.shape[1]
                 nn.init.normal_(module.state_out.weight, std=CANDIDATE_GAIN * fan_in ** -0.5)
             elif isinstance(module, FixedGate):
-                module.bias.copy_(retention_bias(module.bias.shape))
+                module.bias.copy_(retention_bias(module.bias.shape, cfg.gate_max_blocks))
             elif isinstance(module, LSTMGate):
                 # The official code's gate kernels: variance scaling 0.1, bias N(0, 0.1), so the
                 # gates start near their +1 (forget) and -1 (input) offsets.
