@@ -357,16 +357,16 @@ def test_task_writers_check_input(tmp_path):
 
 
 def readme_blocks(lang):
-    """The fenced `lang` blocks of the README's Hugging Face section."""
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    section = text.split("## Hugging Face transformers and lm-evaluation-harness", 1)[1]
-    section = section.split("\n## ", 1)[0]
+    """The fenced `lang` blocks of docs/huggingface.md from its AutoModel section on (the
+    README's quickstart points there); they name the model directory runs/mine/model."""
+    text = (Path(__file__).parents[1] / "docs" / "huggingface.md").read_text()
+    section = text.split("## AutoModel, generate, pipeline", 1)[1]
     return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
 
 
 def test_readme_python_snippet(trained, capsys):
     (code,) = readme_blocks("python")
-    exec(code.replace("runs/brt/model", str(trained["bpe"])), {})
+    exec(code.replace("runs/mine/model", str(trained["bpe"])), {})
     assert capsys.readouterr().out.strip()
 
 
@@ -376,8 +376,8 @@ def test_lm_eval_rolling_loglikelihood_equals_brt_eval(trained, corpus, tmp_path
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     d = trained["byte"]
-    (script,) = readme_blocks("bash")
-    script = (script.replace("runs/brt/model", str(d)).rstrip()
+    script = "\n".join(readme_blocks("bash"))  # the task writers, then lm_eval
+    script = (script.replace("runs/mine/model", str(d)).rstrip()
               + f" --output_path {tmp_path / 'out'}")
     bin_dir = os.path.dirname(sys.executable)  # the environment's python and lm_eval
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
