@@ -76,13 +76,13 @@ from torch import nn
 from blockrecurrent import BlockRecurrentTransformer, preset
 from blockrecurrent.evaluate.probes import (
     BETAS,
-    IGNORE,
     RecallTask,
     probe_config,
     probe_table,
     recall_accuracy,
     task_grid,
 )
+from blockrecurrent.evaluate.synthetic import IGNORE
 from blockrecurrent.model.cell import STATE_READ, FixedGate
 from blockrecurrent.model.transformer import CANDIDATE_GAIN, STATE_READ_GAIN
 

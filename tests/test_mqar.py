@@ -9,7 +9,6 @@ import torch
 from helpers import run
 
 from blockrecurrent.evaluate.mqar import (
-    IGNORE,
     MQARTask,
     cache_bytes,
     lr_at,
@@ -22,6 +21,7 @@ from blockrecurrent.evaluate.mqar import (
     train_mqar,
 )
 from blockrecurrent.evaluate.mqar_report import parse_grid, write_mqar_report
+from blockrecurrent.evaluate.synthetic import IGNORE
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 
 

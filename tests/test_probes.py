@@ -7,7 +7,6 @@ import torch
 
 from blockrecurrent.evaluate.probes import (
     BETAS,
-    IGNORE,
     RecallTask,
     probe_table,
     run_probes,
@@ -15,6 +14,7 @@ from blockrecurrent.evaluate.probes import (
     write_probe_report,
 )
 from blockrecurrent.evaluate.reach import reach_table
+from blockrecurrent.evaluate.synthetic import IGNORE
 from blockrecurrent.model.config import preset
 from blockrecurrent.model.transformer import BlockRecurrentTransformer
 from blockrecurrent.train.settings import TrainConfig

@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig
+from .synthetic import IGNORE, held_out_accuracy
 
-IGNORE = -100  # target of positions without a query
 MODELS = ("full", "slide", "recurrent")
 BETAS = TrainConfig.betas
 # The MQAR model (`brt probe --task mqar`): 2 layers, dim 128, 4 heads of 32, window W = 32,
@@ -227,23 +227,12 @@ def train_mqar(model: nn.Module, task: MQARTask, *, steps: int = 1000, batch_siz
     return sum(tail) / len(tail)
 
 
-@torch.no_grad()
 def mqar_accuracy(model: nn.Module, task: MQARTask, *, num_sequences: int = 1024,
                   seed: int = 12345, batch_size: int = 128) -> float:
     """Fraction of queries whose value is the argmax, on held-out sequences (a generator seed
     the training seeds do not use by default)."""
-    g = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    right = total = 0
-    for start in range(0, num_sequences, batch_size):
-        seq, targets = task.batch(min(batch_size, num_sequences - start), g)
-        mask = targets != IGNORE
-        pred = query_logits(model, seq, mask).argmax(-1)
-        right += int((pred == targets[mask]).sum())
-        total += int(mask.sum())
-    model.train(was_training)
-    return right / total
+    return held_out_accuracy(model, task, query_logits, num_sequences=num_sequences, seed=seed,
+                             batch_size=batch_size)
 
 
 def mqar_base(**overrides) -> BlockRecurrentConfig:

@@ -41,9 +41,9 @@ from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig, valid_betas
 from .reach import check_beyond, reach_table
+from .synthetic import IGNORE, held_out_accuracy
 
 TASKS = ("keys", "pairs")
-IGNORE = -100  # target of positions without a question
 # Adam's betas: the trainer's. With torch's default beta2 = 0.999 recall is learnt later, likely
 # because the steps stay damped by the large gradients of the first steps while the loss sits
 # on its plateau (README, Results: "Adam's betas").
@@ -187,22 +187,11 @@ def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps
     return loss.item()
 
 
-@torch.no_grad()
 def recall_accuracy(model: nn.Module, task: RecallTask, *, num_sequences: int = 1024,
                     seed: int = 12345, batch_size: int = 256) -> float:
     """Fraction of answer tokens predicted (argmax) correctly on held-out sequences."""
-    g = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    right = total = 0
-    for start in range(0, num_sequences, batch_size):
-        seq, targets = task.batch(min(batch_size, num_sequences - start), g)
-        pred = _logits(model, seq).argmax(-1)
-        mask = targets != IGNORE
-        right += int((pred[mask] == targets[mask]).sum())
-        total += int(mask.sum())
-    model.train(was_training)
-    return right / total
+    return held_out_accuracy(model, task, lambda m, seq, mask: _logits(m, seq)[mask],
+                             num_sequences=num_sequences, seed=seed, batch_size=batch_size)
 
 
 def probe_config(base: BlockRecurrentConfig, task: RecallTask, recurrent: bool
