@@ -30,9 +30,11 @@ def single(corpus, tmp_path_factory):
 
 
 def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"), timeout=240,
-             run=True, program=("-m", "blockrecurrent.train")):
+             run=True, program=("-m", "blockrecurrent.train"), log=None):
     """`python -m torch.distributed.run LAUNCH PROGRAM` with the tests' settings. The default
-    launch, one node, leaves the ports to torchrun (--standalone: rendezvous at localhost:0)."""
+    launch, one node, leaves the ports to torchrun (--standalone: rendezvous at localhost:0).
+    run=False starts it and returns the process, its output going to the file `log` (not a
+    pipe: a launcher blocked on a full pipe nobody reads would stall the other node)."""
     args = [f"{k}={v}" for k, v in (("data", corpus), ("out_dir", out),
                                     ("cache_dir", corpus.parent / "cache"))]
     args += ["batch_size=2", "warmup_steps=2", "lr=3e-3", "log_interval=1", "eval_tokens=2000",
@@ -41,8 +43,8 @@ def torchrun(corpus, out, *extra, launch=("--standalone", "--nproc_per_node=2"),
            *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     if not run:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        with open(log, "w") as f:  # the child keeps its own handle
+            return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -143,11 +145,15 @@ def test_two_nodes_over_loopback_match_one_node(corpus, single, tmp_path):
     launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
               f"--rdzv_endpoint=127.0.0.1:{store.port}", "--rdzv_conf=is_host=false",
               "--rdzv_id=brt-test"]
-    procs = [torchrun(corpus, out, "parallel=fsdp", launch=launch, run=False) for _ in range(2)]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = [torchrun(corpus, out, "parallel=fsdp", launch=launch, run=False, log=log)
+             for log in logs]
     try:
-        errs = [p.communicate(timeout=300)[1] for p in procs]
+        for p in procs:
+            p.wait(timeout=300)
         # Both nodes' logs: when one node's worker fails, the other only sees the store close.
-        assert [p.returncode for p in procs] == [0, 0], "\n\n".join(e[-3000:] for e in errs)
+        assert [p.returncode for p in procs] == [0, 0], "\n\n".join(
+            log.read_text()[-3000:] for log in logs)
     finally:
         for p in procs:
             if p.poll() is None:
