@@ -23,6 +23,7 @@ except ImportError:  # Python 3.10: the tomli backport (a dependency there)
 from ..model import dtypes
 from ..model.config import PRESETS, BlockRecurrentConfig
 from ..model.dtypes import torch_dtype as torch_dtype  # re-exported: train.optim imports it here
+from .init_from import init_model_settings
 
 BASELINES = ("recurrent", "slide", "xl")
 # Settings fitted to the run and the corpus when the user leaves them unset: warmup_steps to
@@ -65,6 +66,9 @@ class TrainConfig:
                               'tokenized corpora and BPE tokenizers are cached here ("": none)')
     baseline: str = _setting("recurrent",
                              '"slide": no recurrent layer; "xl": also segment = block_width')
+    init_from: str = _setting("",
+                              "a saved model directory to start from (fine-tuning): its weights, "
+                              "model settings and tokenizer; \"\": new weights")
     # optimisation
     batch_size: int = _setting(8,
                                "lanes per process (x world size), fewer when unset and documents "
@@ -293,7 +297,10 @@ def load_train_config(path=None, preset: str | None = None, overrides=()
     `train()` then applies the baseline and sets num_tokens from the tokenizer
     (resolve_model_config)."""
     name, model_values, train_values = _given_settings(path, preset, overrides)
-    model_dict = {**PRESETS[name or "small"], **model_values}
+    if train_values.get("init_from"):
+        model_dict = init_model_settings(name, model_values, train_values)
+    else:
+        model_dict = {**PRESETS[name or "small"], **model_values}
     warmup = fit_warmup(train_values.get("max_steps"))
     train_dict = dict(train_values)
     if "warmup_steps" not in train_values and warmup is not None:

@@ -19,9 +19,8 @@ with parallel="fsdp"), the loss is normalised by the *global* count of real toke
 matches one process with the whole batch, and only rank 0 writes files (with FSDP every rank
 writes its own shards and lanes).
 
-The other jobs live beside it (docs/design.md, Layout): settings.py, train_data.py,
-checkpoint.py (the file layout is described there), resume.py, rank_state.py, streaming.py (the
-evaluation loop), distributed.py, metrics.py, and __main__.py (`python -m blockrecurrent.train`).
+Beside it (docs/design.md, Layout): settings.py, init_from.py, train_data.py, checkpoint.py,
+resume.py, rank_state.py, streaming.py, distributed.py, metrics.py, __main__.py.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from . import rank_state as S
 from . import resume as R
 from .checkpoint import Checkpoints
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
+from .init_from import initial_weights
 from .metrics import MetricsLog
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import TrainConfig, check_run_settings, resolve_model_config
@@ -70,7 +70,7 @@ class Trainer:
 
     def __init__(self, model_config: BlockRecurrentConfig, cfg: TrainConfig,
                  train_corpus: D.TokenizedCorpus, val_corpus: D.TokenizedCorpus | None = None,
-                 tokenizer=None, env: DistEnv | None = None):
+                 tokenizer=None, env: DistEnv | None = None, init_from: str | None = None):
         self.env = env = env or DistEnv()
         self.cfg, self.model_config = cfg, model_config
         self.tokenizer = tokenizer or ByteTokenizer()
@@ -83,6 +83,10 @@ class Trainer:
         # per rank for dropout.
         torch.manual_seed(cfg.seed)
         self.model = BlockRecurrentTransformer(model_config).to(dev)
+        if init_from:  # before wrapping: FSDP shards what is loaded here
+            self.model.load_state_dict(initial_weights(init_from, model_config))
+            if env.is_main:
+                print(f"note: starting from the weights of {init_from}", file=sys.stderr)
         torch.manual_seed(cfg.seed + 1 + env.rank)
         np.random.seed(cfg.seed + env.rank)
         random.seed(cfg.seed + env.rank)
@@ -382,7 +386,8 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
         if val_corpus is None and cfg.eval_tokens and env.is_main:  # one line, not a warning
             print("note: the corpus has too few documents for a validation split (3 or more "
                   "are needed): training without evaluation", file=sys.stderr)
-        trainer = Trainer(model_config, cfg, train_corpus, val_corpus, tokenizer, env)
+        init_from = None if resume else cfg.init_from or None  # a resume has its own weights
+        trainer = Trainer(model_config, cfg, train_corpus, val_corpus, tokenizer, env, init_from)
         if resume:
             trainer.checkpoints.load(trainer, checkpoint)
             trainer.metrics.truncate(trainer.step)  # drop what was logged after the checkpoint

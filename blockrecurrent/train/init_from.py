@@ -1,0 +1,57 @@
+"""Runs that start from a saved model (the `init_from` setting: fine-tuning): which of its model
+settings a run may change, the settings it takes from the saved directory, and its weights.
+
+    brt train init_from=runs/brt/model data=my_texts/ max_steps=300 lr=3e-4 out_dir=runs/tuned
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..model.config import BlockRecurrentConfig
+
+__all__ = ["FINE_TUNABLE", "init_model_settings", "initial_weights"]
+
+# What a run started from a saved model (init_from) may change of it: no weight depends on them.
+FINE_TUNABLE = ("max_seq_len", "dropout", "use_flash_attn")
+
+
+def init_model_settings(preset: str | None, model_values: dict, train_values: dict) -> dict:
+    """The model settings of a run with init_from: the saved model's, with those of FINE_TUNABLE
+    given; its tokenizer becomes the run's (train_values["tokenizer"])."""
+    directory = str(train_values["init_from"])
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"init_from={directory!r} is not a saved model directory (no "
+                         "config.json); name one written by brt train, e.g. runs/brt/model")
+    fixed = sorted(k for k in model_values if k not in FINE_TUNABLE)
+    if preset or fixed:
+        given = ([f"preset {preset}"] if preset else []) + [f"model.{k}" for k in fixed]
+        raise ValueError(f"init_from={directory!r} trains the saved model as it is: drop "
+                         f"{', '.join(given)} (a run from a saved model may only change "
+                         f"{', '.join('model.' + k for k in FINE_TUNABLE)})")
+    for key, own in (("tokenizer", directory), ("baseline", "recurrent")):
+        if train_values.get(key, own) != own:
+            raise ValueError(f"init_from={directory!r} uses the saved model's {key}; drop "
+                             f"{key}={train_values[key]!r}")
+    train_values["tokenizer"] = directory
+    try:
+        saved = BlockRecurrentConfig.from_dict(json.loads(config.read_text("utf-8")))
+    except (UnicodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config} is not a model configuration: {err}") from None
+    return {**saved.to_dict(), **model_values}
+
+
+def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:
+    """The saved model's weights, for a model of model_config (the saved config, with at most
+    the FINE_TUNABLE settings changed)."""
+    # Here, not at the top: settings.py imports this module, and `brt --help` must not load torch.
+    from ..model.transformer import BlockRecurrentTransformer
+
+    saved = BlockRecurrentTransformer.from_pretrained(directory)
+    for key, value in model_config.to_dict().items():
+        if key not in FINE_TUNABLE and saved.config.to_dict()[key] != value:
+            raise ValueError(f"init_from={directory!r}: the run's model.{key}={value!r} is not "
+                             f"the saved model's ({saved.config.to_dict()[key]!r})")
+    return saved.state_dict()
