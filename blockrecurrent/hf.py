@@ -67,6 +67,7 @@ from blockrecurrent.model.config import (
     BlockRecurrentConfig,
 )
 from blockrecurrent.model.memories import XLMemories
+from blockrecurrent.model.state_tune import apply_state_tune
 from blockrecurrent.model.transformer import BlockRecurrentTransformer, ModelOutput
 
 _FIELDS = dataclasses.fields(BlockRecurrentConfig)
@@ -233,6 +234,11 @@ class BlockRecurrentForCausalLM(PreTrainedModel, GenerationMixin):
         if bad:
             raise ValueError(f"the weights do not match the config: {bad}")
         return (model, info) if want_info else model
+
+    def apply_state_tune(self, path) -> dict:
+        """Apply a state-tuning file (`brt train --tune-state`) tuned on this model, in place ->
+        its header; ValueError, the model unchanged, for a file of another base model."""
+        return apply_state_tune(self.brt, path)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
         """Our save_pretrained (one directory format) plus generation_config.json. Sharding and

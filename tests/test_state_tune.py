@@ -90,3 +90,24 @@ def test_eval_with_state_tune(capsys, saved, corpus, tmp_path, tuned):
     a, b = json.loads(plain), json.loads((tmp_path / "eval-val.json").read_text())
     assert code == code2 == 0, err + err2
     assert b["loss"] < a["loss"]  # the tuned start state helps on held-out documents
+
+
+def test_the_hugging_face_model_applies_it(saved, tuned):
+    pytest.importorskip("transformers")
+    import blockrecurrent.hf  # noqa: F401  (registers the model type)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(saved[0]).eval()
+    ours = BlockRecurrentTransformer.from_pretrained(saved[0]).eval()
+    x = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        plain = hf(x).logits
+        assert hf.apply_state_tune(tuned[0])["base_fingerprint"] == base_fingerprint(ours)
+        apply_state_tune(ours, tuned[0])
+        assert torch.equal(hf(x).logits, ours(x)[0])
+        assert not torch.equal(hf(x).logits, plain)
+    torch.manual_seed(1)
+    other = blockrecurrent.hf.BlockRecurrentForCausalLM.from_brt(
+        BlockRecurrentTransformer(preset("tiny")))
+    with pytest.raises(ValueError, match="another base model"):
+        other.apply_state_tune(tuned[0])
