@@ -33,7 +33,7 @@ def _write_task(directory, name: str, records: list[dict], spec: dict) -> Path:
 def write_rolling_task(directory, documents, name: str = "brt_heldout") -> Path:
     """A loglikelihood_rolling task over `documents` (str or (name, text) pairs): perplexity
     and bits per byte, as `brt eval` reports them. Returns the .yaml path; run it with
-    `lm_eval --include_path DIRECTORY --tasks NAME ...` (see the README)."""
+    `lm_eval --include_path DIRECTORY --tasks NAME ...` (docs/huggingface.md)."""
     texts = [d if isinstance(d, str) else d[1] for d in documents]
     if not texts or not all(isinstance(t, str) and t for t in texts):
         raise ValueError("documents must be a non-empty list of non-empty texts")

@@ -46,7 +46,7 @@ from .synthetic import IGNORE, held_out_accuracy
 TASKS = ("keys", "pairs")
 # Adam's betas: the trainer's. With torch's default beta2 = 0.999 recall is learnt later, likely
 # because the steps stay damped by the large gradients of the first steps while the loss sits
-# on its plateau (README, Results: "Adam's betas").
+# on its plateau (experiments/README.md, "Adam's betas").
 BETAS = TrainConfig.betas
 
 
