@@ -150,3 +150,25 @@ def test_brt_generate_state_in_out(capsys, model_dir, tmp_path):
     (tmp_path / "bad").write_bytes(b"not a session")
     code, _, err = run(capsys, "generate", model_dir, "--state-in", tmp_path / "bad")
     assert code == 2 and "not a readable session file" in err
+
+
+def test_separate_processes_continue_as_one_call(model, model_dir, tmp_path):
+    """Three `brt generate` processes, each continuing the last one's file, end where one
+    process generating it all ends: the same tokens read, the same next-token logits."""
+    import subprocess
+    import sys
+
+    def brt(*args) -> None:
+        done = subprocess.run([sys.executable, "-m", "blockrecurrent.cli", "generate",
+                               str(model_dir), "--threads", "1", *map(str, args)],
+                              capture_output=True, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr.decode()
+
+    brt("--prompt", "def f(x):", "--max-new-tokens", "30", "--seed", "7", "--state-out", "w")
+    brt("--prompt", "def f(x):", "--max-new-tokens", "12", "--seed", "7", "--state-out", "a")
+    brt("--max-new-tokens", "10", "--state-in", "a", "--state-out", "b")
+    brt("--max-new-tokens", "8", "--state-in", "b", "--state-out", "c")
+    whole, pieces = (load_session(tmp_path / n, model) for n in ("w", "c"))
+    assert read_header(tmp_path / "c")["tokens_seen"] == read_header(tmp_path / "w")[
+        "tokens_seen"] == [1 + len("def f(x):") + 30]
+    assert torch.equal(pieces.logits, whole.logits)
