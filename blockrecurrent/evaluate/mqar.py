@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig
-from .synthetic import IGNORE, held_out_accuracy
+from .synthetic import IGNORE, fit, held_out_accuracy
 
 MODELS = ("full", "slide", "recurrent")
 BETAS = TrainConfig.betas
@@ -208,23 +208,15 @@ def train_mqar(model: nn.Module, task: MQARTask, *, steps: int = 1000, batch_siz
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas),
                             weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_at(i, steps))
-    model.train()
-    tail = []
-    for i in range(steps):
-        seq, targets = task.batch(batch_size, g)
-        mask = targets != IGNORE
-        loss = F.cross_entropy(query_logits(model, seq, mask), targets[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite MQAR loss at step {i + 1}")
-        if i >= steps - max(1, steps // 10):
-            tail.append(loss.item())
-        if callback is not None:
-            callback(i + 1, loss.item())
+    losses = fit(model, lambda i: task.batch(batch_size, g), _query_loss, opt, steps, sched,
+                 callback)
+    tail = losses[-max(1, steps // 10):]
     return sum(tail) / len(tail)
+
+
+def _query_loss(model: nn.Module, seq: Tensor, targets: Tensor) -> Tensor:
+    mask = targets != IGNORE
+    return F.cross_entropy(query_logits(model, seq, mask), targets[mask])
 
 
 def mqar_accuracy(model: nn.Module, task: MQARTask, *, num_sequences: int = 1024,

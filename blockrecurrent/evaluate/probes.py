@@ -41,7 +41,7 @@ from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig, valid_betas
 from .reach import check_beyond, reach_table
-from .synthetic import IGNORE, held_out_accuracy
+from .synthetic import IGNORE, fit, held_out_accuracy
 
 TASKS = ("keys", "pairs")
 # Adam's betas: the trainer's. With torch's default beta2 = 0.999 recall is learnt later, likely
@@ -175,16 +175,15 @@ def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=_check_betas(betas))
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for i in range(steps):
-        seq, targets = tasks[i % len(tasks)].batch(batch_size, g)
-        logits = _logits(model, seq)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return loss.item()
+    if steps < 1:
+        return float("nan")
+    return fit(model, lambda i: tasks[i % len(tasks)].batch(batch_size, g), _recall_loss, opt,
+               steps)[-1]
+
+
+def _recall_loss(model: nn.Module, seq: Tensor, targets: Tensor) -> Tensor:
+    logits = _logits(model, seq)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def recall_accuracy(model: nn.Module, task: RecallTask, *, num_sequences: int = 1024,

@@ -1,12 +1,39 @@
 """What the synthetic tasks (the recall probe, MQAR) share: the target of positions where
-nothing is asked, and the held-out accuracy loop."""
+nothing is asked, the training loop on fresh batches and the held-out accuracy loop."""
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 IGNORE = -100  # the target of positions without a question
+
+
+def fit(model: nn.Module, next_batch: Callable[[int], tuple[Tensor, Tensor]], loss_of,
+        opt: torch.optim.Optimizer, steps: int, sched=None,
+        callback: Callable[[int, float], None] | None = None) -> list[float]:
+    """`steps` optimizer steps, each on the fresh batch next_batch(step) -> (seq, targets), with
+    the loss loss_of(model, seq, targets) -> every step's loss. FloatingPointError at the first
+    non-finite loss. `callback(step, loss)` after every step."""
+    model.train()
+    losses = []
+    for i in range(steps):
+        seq, targets = next_batch(i)
+        loss = loss_of(model, seq, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"non-finite training loss at step {i + 1}")
+        if callback is not None:
+            callback(i + 1, losses[-1])
+    return losses
 
 
 @torch.no_grad()
