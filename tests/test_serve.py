@@ -198,3 +198,29 @@ def test_store_bound_busy_and_disk(saved, tmp_path):
     fresh.delete("a")
     with pytest.raises(SessionNotFound):
         fresh.acquire("a")
+
+
+def test_a_state_tuned_model_is_served(saved, tmp_path):
+    """build_app(state_tune=FILE) (`brt serve --state-tune`): completions of the tuned model."""
+    from blockrecurrent import BlockRecurrentTransformer
+    from blockrecurrent.model.state_tune import apply_state_tune, save_state_tune
+
+    tuned = BlockRecurrentTransformer.from_pretrained(saved[0]).eval()
+    with torch.no_grad():
+        for layer in tuned.layers:
+            if layer.recurrent:
+                layer.attn.initial_state.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    save_state_tune(tmp_path / "t.safetensors", tuned)
+    check = BlockRecurrentTransformer.from_pretrained(saved[0]).eval()
+    apply_state_tune(check, tmp_path / "t.safetensors")
+    want = _expected(check, ["def f(x):"], 12)[0]
+    assert want != _expected(saved[1], ["def f(x):"], 12)[0]  # the state changes the text
+    srv = start_in_thread(build_app(saved[0], session_dir=tmp_path / "s", name="tiny",
+                                    state_tune=tmp_path / "t.safetensors"))
+    try:
+        client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=12,
+                                      temperature=0)
+        assert r.choices[0].text == TOK.decode(want)
+    finally:
+        srv.stop()

@@ -100,7 +100,8 @@ def cmd_serve(args) -> int:
     serve(args.checkpoint, host=args.host, port=args.port, session_dir=args.session_dir,
           device=args.device, name=args.name, max_tokens=args.max_tokens,
           max_prompt_tokens=args.max_prompt_tokens,
-          max_in_memory=args.max_sessions_in_memory, max_batch=args.max_batch)
+          max_in_memory=args.max_sessions_in_memory, max_batch=args.max_batch,
+          state_tune=args.state_tune)
     return 0
 
 

@@ -67,6 +67,11 @@ def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _state_tune_option(p) -> None:
+    p.add_argument("--state-tune", metavar="FILE", default=None,
+                   help="apply a state tuning file (brt train --tune-state) to the model first")
+
+
 def _train_options(p) -> None:
     from ..model.config import PRESETS
 
@@ -134,8 +139,7 @@ def _eval_command(add) -> None:
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
     p.add_argument("--cache-dir", default="data_cache",
                    help="directory for the tokenized held-out documents (default: %(default)s)")
-    p.add_argument("--state-tune", metavar="FILE", default=None,
-                   help="apply a state tuning file (brt train --tune-state) to the model first")
+    _state_tune_option(p)
     p.add_argument("--reset-state", choices=("carry", "every-segment", "other-document"),
                    default="carry",
                    help="carry the recurrent state across segments (default), reset it to the "
@@ -170,8 +174,7 @@ def _generate_command(add) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    p.add_argument("--state-tune", metavar="FILE", default=None,
-                   help="apply a state tuning file (brt train --tune-state) to the model first")
+    _state_tune_option(p)
     p.add_argument("--state-in", metavar="FILE", default=None,
                    help="continue the document saved in this session file (written by "
                         "--state-out of an earlier call with the same model): the prompt follows "
@@ -208,6 +211,7 @@ def _serve_command(add) -> None:
                    help="most requests decoded at once (default: %(default)s)")
     p.add_argument("--device", default="cpu",
                    help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    _state_tune_option(p)
 
 
 def _compare_command(add) -> None:

@@ -27,16 +27,20 @@ def _need_extras() -> None:
 
 def build_app(model_dir, *, session_dir, device: str = "cpu", name: str | None = None,
               max_tokens: int = 1024, max_prompt_tokens: int = 65536,
-              max_in_memory: int = 64, max_batch: int = 64):
-    """The application serving the model saved in model_dir (its tokenizer beside it)."""
+              max_in_memory: int = 64, max_batch: int = 64, state_tune=None):
+    """The application serving the model saved in model_dir (its tokenizer beside it), with a
+    state tuning file applied if one is given (its sessions then belong to the tuned model)."""
     _need_extras()
     from ..data.tokenizer import load_tokenizer
+    from ..model.state_tune import apply_state_tune
     from ..model.transformer import BlockRecurrentTransformer
     from .app import create_app
     from .completions import Limits
 
     model_dir = Path(model_dir)
     model = BlockRecurrentTransformer.from_pretrained(model_dir, map_location=device).eval()
+    if state_tune is not None:
+        apply_state_tune(model, state_tune)
     tokenizer = load_tokenizer(model_dir)
     return create_app(model, tokenizer, name=name or model_dir.resolve().name,
                       session_dir=session_dir, limits=Limits(max_tokens, max_prompt_tokens),
