@@ -1,7 +1,7 @@
 """serve/: rows decoded as one batch give the tokens each gives alone; `brt serve`'s application
 end to end with the official openai client on 127.0.0.1 (a port the OS picks): completions whole
 and streamed, sessions that continue a document exactly (also after a restart: saved on disk),
-concurrent requests, and the 4xx errors."""
+concurrent requests, the 4xx errors, and a `brt serve` process killed and started again."""
 
 import json
 import threading
@@ -222,5 +222,56 @@ def test_a_state_tuned_model_is_served(saved, tmp_path):
         r = client.completions.create(model="tiny", prompt="def f(x):", max_tokens=12,
                                       temperature=0)
         assert r.choices[0].text == TOK.decode(want)
+        client.close()
     finally:
         srv.stop()
+
+
+def test_a_killed_brt_serve_loses_no_answered_session(saved, tmp_path):
+    """`brt serve` in its own process, SIGKILLed after answering a session's request: a new
+    process continues the session where the answer left it."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def start(log):
+        with open(tmp_path / log, "w") as err:  # a file, not a pipe nobody drains
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "blockrecurrent.cli", "serve", str(saved[0]), "--port",
+                 "0", "--session-dir", str(tmp_path / "sessions"), "--name", "tiny",
+                 "--threads", "1"], stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", (tmp_path / log).read_text())
+            if found:
+                client = openai.OpenAI(base_url=found.group(1), api_key="unused", max_retries=0)
+                try:
+                    client.models.list()
+                    return proc, client
+                except openai.APIConnectionError:
+                    client.close()
+            time.sleep(0.1)
+        proc.kill()
+        raise AssertionError((tmp_path / log).read_text())
+
+    proc, client = start("first.log")
+    try:
+        first = client.completions.create(model="tiny", prompt="import os\n", max_tokens=8,
+                                          temperature=0,
+                                          extra_body={"session": "doc", "new_session": True})
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc, client = start("second.log")
+    try:
+        second = client.completions.create(model="tiny", prompt="x = 1", max_tokens=8,
+                                           temperature=0, extra_body={"session": "doc"})
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait()
+    want = _expected(saved[1], ["import os\n", "x = 1"], 8)
+    assert [first.choices[0].text, second.choices[0].text] == [TOK.decode(w) for w in want]

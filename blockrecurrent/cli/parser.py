@@ -195,7 +195,8 @@ def _serve_command(add) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="model directory (see brt eval)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on "
                    "(default: %(default)s; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0 takes a free one, named in the first line (default: %(default)s)")
     p.add_argument("--session-dir", default="sessions", metavar="DIR",
                    help="where session files are kept (default: %(default)s)")
     p.add_argument("--name", default=None,

@@ -49,13 +49,32 @@ def build_app(model_dir, *, session_dir, device: str = "cpu", name: str | None =
 
 def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           **kwargs) -> None:
-    """Serve the saved model over HTTP until interrupted (kwargs: build_app's)."""
+    """Serve the saved model over HTTP until interrupted (kwargs: build_app's); port 0 takes a
+    free port, named in the first line printed."""
     import uvicorn
 
     app = build_app(model_dir, **kwargs)
-    print(f"serving {model_dir} as {app.title!r} on http://{host}:{port}/v1 (sessions in "
-          f"{kwargs.get('session_dir')})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = _listen(host, port)
+    print(f"serving {model_dir} as {app.title!r} on http://{host}:{sock.getsockname()[1]}/v1 "
+          f"(sessions in {kwargs.get('session_dir')})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(
+            sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0: a port the OS picks, held from here on, so no other
+    process can take it before the server listens)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
 
 
 class BackgroundServer:
@@ -77,9 +96,7 @@ def start_in_thread(app, host: str = "127.0.0.1", log_level: str = "warning",
     """Serve `app` on a port the OS picks, on a daemon thread; returns once it accepts."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock = _listen(host, 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
