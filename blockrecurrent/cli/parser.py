@@ -102,7 +102,9 @@ def _train_command(add) -> None:
                         "lr, warmup_steps, eval_tokens, out_dir apply); writes "
                         "OUT_DIR/state_tune.safetensors for brt generate --state-tune")
     p.add_argument("--tune-state-ids", action="store_true",
-                   help="with --tune-state: train the state slots' ids too")
+                   help="with --tune-state: train the state slots' ids too (added at every "
+                        "block, they act on whole documents; the start state alone only on "
+                        "their first blocks: docs/serving.md)")
 
 
 def _eval_command(add) -> None:
