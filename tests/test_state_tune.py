@@ -94,8 +94,9 @@ def test_eval_with_state_tune(capsys, saved, corpus, tmp_path, tuned):
 
 def test_the_hugging_face_model_applies_it(saved, tuned):
     pytest.importorskip("transformers")
-    import blockrecurrent.hf  # noqa: F401  (registers the model type)
     from transformers import AutoModelForCausalLM
+
+    import blockrecurrent.hf  # registers the model type
 
     hf = AutoModelForCausalLM.from_pretrained(saved[0]).eval()
     ours = BlockRecurrentTransformer.from_pretrained(saved[0]).eval()
