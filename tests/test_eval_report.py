@@ -14,17 +14,13 @@ BUCKETS = (0, 16, 64, 128)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return eval_model()
+def result():
+    """An evaluation of the tiny model on documents of mixed lengths, in four buckets."""
+    return evaluate(eval_model(), mixed_length_corpus(), buckets=BUCKETS, progress=False)
 
 
-@pytest.fixture(scope="module")
-def corpus():
-    return mixed_length_corpus()
-
-
-def test_write_eval_report(model, corpus, tmp_path):
-    res = evaluate(model, corpus, buckets=BUCKETS, progress=False)
+def test_write_eval_report(result, tmp_path):
+    res = result
     paths = write_eval_report(res, tmp_path / "out", "eval-test")
     saved = json.loads((tmp_path / "out" / "eval-test.json").read_text())
     assert saved["bits_per_byte"] == res["bits_per_byte"] and len(saved["buckets"]) == 4
@@ -36,8 +32,8 @@ def test_write_eval_report(model, corpus, tmp_path):
         write_eval_report(res, tmp_path, "a/b")
 
 
-def test_write_eval_report_without_matplotlib(model, corpus, tmp_path, monkeypatch):
-    res = evaluate(model, corpus, max_docs=1, progress=False)
+def test_write_eval_report_without_matplotlib(result, tmp_path, monkeypatch):
+    res = result
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         paths = write_eval_report(res, tmp_path, "eval")
