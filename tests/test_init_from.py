@@ -61,3 +61,39 @@ def test_a_preset_is_refused_and_a_missing_directory_named(corpus, model_dir, tm
         load_train_config(None, "tiny", _given(corpus, model_dir))
     with pytest.raises(ValueError, match="not a saved model directory"):
         load_train_config(None, None, _given(corpus, tmp_path / "missing"))
+
+
+def test_a_vocabulary_larger_than_the_tokenizers_is_kept(corpus, tmp_path, quiet_training):
+    from blockrecurrent import BlockRecurrentTransformer, preset
+    from blockrecurrent.data.tokenizer import ByteTokenizer
+
+    big = tmp_path / "big"
+    BlockRecurrentTransformer(preset("tiny", num_tokens=300)).save_pretrained(big)
+    ByteTokenizer().save(big)
+    out = tmp_path / "out"
+    summary = train(*load_train_config(None, None, _given(corpus, big, f"out_dir={out}",
+                                                          "eval_tokens=0")))
+    assert summary["status"] == "completed"
+    assert json.loads((out / "model" / "config.json").read_text())["num_tokens"] == 300
+
+
+def test_broken_saved_models_are_named_before_any_data_is_read(corpus, model_dir, tmp_path):
+    import shutil
+
+    for name, change, message in [
+            ("noweights", lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
+            ("list", lambda d: (d / "config.json").write_text("[1, 2]"), "a JSON object"),
+            ("junk", lambda d: (d / "config.json").write_text("{"), "not a model config")]:
+        d = tmp_path / name
+        shutil.copytree(model_dir, d)
+        change(d)
+        with pytest.raises(ValueError, match=message):
+            load_train_config(None, None, _given(tmp_path / "no-corpus-needed", d))
+
+
+def test_tune_state_refuses_init_from(capsys, corpus, model_dir):
+    from helpers import run
+
+    code, _, err = run(capsys, "train", "--tune-state", model_dir, f"data={corpus}",
+                       f"init_from={model_dir}")
+    assert code == 2 and "drop init_from" in err

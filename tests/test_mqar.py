@@ -170,3 +170,13 @@ def test_brt_probe_task_mqar(capsys, tmp_path):
     assert (out / "mqar.md").is_file()
     code, _, err = run(capsys, "probe", "--task", "recall", "--models", "full")
     assert code == 2 and "--task mqar" in err
+
+
+def test_a_diverged_run_stops_with_the_trainers_error():
+    """NonFiniteLossError: the command line reports it in one line (exit 1)."""
+    from blockrecurrent.errors import NonFiniteLossError
+
+    task = MQARTask(seq_len=64, num_pairs=4, vocab=128)
+    model = BlockRecurrentTransformer(mqar_config(mqar_base(), task, "slide"))
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        train_mqar(model, task, steps=4, batch_size=4, lr=1e30)

@@ -1,6 +1,7 @@
 """evaluate/probes.py: the recall tasks' layout, the state recalling beyond the window where
 Slide cannot (with the report), one model per K, Adam's betas."""
 import json
+import math
 
 import pytest
 import torch
@@ -171,3 +172,9 @@ def test_betas_reach_adam_and_default_to_the_trainers():
     for bad in ((0.9,), (0.9, 1.0), "0.9 0.95", (0.9, True)):
         with pytest.raises(ValueError, match="betas"):
             run_probes(betas=bad)
+
+
+def test_a_diverged_run_returns_nan_and_the_sweep_goes_on():
+    model = BlockRecurrentTransformer(preset("probe", block_width=8, num_state_vectors=8))
+    task = RecallTask(block_width=8, distance=2, lead=1)
+    assert math.isnan(train_recall(model, task, steps=4, lr=1e30))

@@ -245,15 +245,13 @@ def test_a_killed_brt_serve_loses_no_answered_session(saved, tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             found = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", (tmp_path / log).read_text())
-            if found:
+            if found:  # the named port accepts at once (it listens before it is named)
                 client = openai.OpenAI(base_url=found.group(1), api_key="unused", max_retries=0)
-                try:
-                    client.models.list()
-                    return proc, client
-                except openai.APIConnectionError:
-                    client.close()
-            time.sleep(0.1)
+                assert [m.id for m in client.models.list().data] == ["tiny"]
+                return proc, client
+            time.sleep(0.05)
         proc.kill()
+        proc.wait(timeout=30)
         raise AssertionError((tmp_path / log).read_text())
 
     proc, client = start("first.log")
@@ -264,7 +262,7 @@ def test_a_killed_brt_serve_loses_no_answered_session(saved, tmp_path):
     finally:
         client.close()
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.wait(timeout=30)
     proc, client = start("second.log")
     try:
         second = client.completions.create(model="tiny", prompt="x = 1", max_tokens=8,
@@ -272,6 +270,6 @@ def test_a_killed_brt_serve_loses_no_answered_session(saved, tmp_path):
     finally:
         client.close()
         proc.terminate()
-        proc.wait()
+        proc.wait(timeout=30)
     want = _expected(saved[1], ["import os\n", "x = 1"], 8)
     assert [first.choices[0].text, second.choices[0].text] == [TOK.decode(w) for w in want]

@@ -161,7 +161,7 @@ def test_separate_processes_continue_as_one_call(model, model_dir, tmp_path):
     def brt(*args) -> None:
         done = subprocess.run([sys.executable, "-m", "blockrecurrent.cli", "generate",
                                str(model_dir), "--threads", "1", *map(str, args)],
-                              capture_output=True, cwd=tmp_path)
+                              capture_output=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 0, done.stderr.decode()
 
     brt("--prompt", "def f(x):", "--max-new-tokens", "30", "--seed", "7", "--state-out", "w")

@@ -112,3 +112,9 @@ def test_the_hugging_face_model_applies_it(saved, tuned):
         BlockRecurrentTransformer(preset("tiny")))
     with pytest.raises(ValueError, match="another base model"):
         other.apply_state_tune(tuned[0])
+
+
+def test_a_cast_model_is_told_to_apply_the_file_in_float32(saved, tuned):
+    model = BlockRecurrentTransformer.from_pretrained(saved[0]).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="in torch.bfloat16: apply the file to it in float32"):
+        apply_state_tune(model, tuned[0])

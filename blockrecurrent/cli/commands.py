@@ -51,6 +51,8 @@ def _tune_state(args, overrides: list[str]) -> int:
     from ..train.state_tuning import tune_state
 
     train_config = load_train_config(args.config, args.preset, overrides)[1]
+    if train_config.init_from:
+        raise ValueError("--tune-state MODEL_DIR names the base model; drop init_from")
     summary = tune_state(args.tune_state, train_config, with_ids=args.tune_state_ids)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import NonFiniteLossError
 from ..model.config import BlockRecurrentConfig, preset
 from ..model.transformer import BlockRecurrentTransformer
 from ..train.settings import TrainConfig, valid_betas
@@ -170,15 +171,19 @@ def _check_betas(betas) -> tuple[float, float]:
 def train_recall(model: nn.Module, task: RecallTask | list[RecallTask], *, steps: int = 300,
                  batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                  betas: tuple[float, float] = BETAS) -> float:
-    """Train on fresh batches with Adam; returns the last training loss. A list of tasks is
-    trained in turn, one batch of each (mixed distances)."""
+    """Train on fresh batches with Adam; returns the last training loss (NaN if it diverged,
+    training stopped there). A list of tasks is trained in turn, one batch of each (mixed
+    distances)."""
     tasks = task if isinstance(task, list) else [task]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=_check_betas(betas))
     if steps < 1:
         return float("nan")
-    return fit(model, lambda i: tasks[i % len(tasks)].batch(batch_size, g), _recall_loss, opt,
-               steps)[-1]
+    try:
+        return fit(model, lambda i: tasks[i % len(tasks)].batch(batch_size, g), _recall_loss,
+                   opt, steps)[-1]
+    except NonFiniteLossError:  # diverged: a sweep goes on, the row's loss says so
+        return float("nan")
 
 
 def _recall_loss(model: nn.Module, seq: Tensor, targets: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteLossError
+
 IGNORE = -100  # the target of positions without a question
 
 
@@ -16,7 +18,7 @@ def fit(model: nn.Module, next_batch: Callable[[int], tuple[Tensor, Tensor]], lo
         opt: torch.optim.Optimizer, steps: int, sched=None,
         callback: Callable[[int, float], None] | None = None) -> list[float]:
     """`steps` optimizer steps, each on the fresh batch next_batch(step) -> (seq, targets), with
-    the loss loss_of(model, seq, targets) -> every step's loss. FloatingPointError at the first
+    the loss loss_of(model, seq, targets) -> every step's loss. NonFiniteLossError at the first
     non-finite loss. `callback(step, loss)` after every step."""
     model.train()
     losses = []
@@ -30,7 +32,8 @@ def fit(model: nn.Module, next_batch: Callable[[int], tuple[Tensor, Tensor]], lo
             sched.step()
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"non-finite training loss at step {i + 1}")
+            raise NonFiniteLossError(f"non-finite training loss at step {i + 1}: lower the "
+                                     "learning rate")
         if callback is not None:
             callback(i + 1, losses[-1])
     return losses

@@ -99,8 +99,11 @@ def apply_state_tune(model: nn.Module, path: str | os.PathLike) -> dict:
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is not a state tuning file")
     if header.get("base_fingerprint") != base_fingerprint(model):
-        raise ValueError(f"{path} was tuned on another base model; apply it to the model it "
-                         f"was tuned on")
+        cast = sorted({str(p.dtype) for p in model.parameters()} - {str(torch.float32)})
+        hint = (f" (or the model is in {', '.join(cast)}: apply the file to it in float32, then "
+                f"cast it)" if cast else "")
+        raise ValueError(f"{path} was tuned on another base model{hint}; apply it to the model "
+                         f"it was tuned on")
     params = dict(model.named_parameters())
     bad = [n for n, t in tensors.items() if not _tuned_name(n) or n not in params
            or params[n].shape != t.shape]

@@ -65,8 +65,8 @@ def serve(model_dir, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (0: a port the OS picks, held from here on, so no other
-    process can take it before the server listens)."""
+    """A socket listening on host:port (0: a port the OS picks), so that a client may connect
+    as soon as the port is named; uvicorn serves it."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -74,6 +74,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.listen(2048)  # uvicorn's default backlog; connections queue until it accepts them
     return sock
 
 

@@ -35,12 +35,16 @@ def init_model_settings(preset: str | None, model_values: dict, train_values: di
         if train_values.get(key, own) != own:
             raise ValueError(f"init_from={directory!r} uses the saved model's {key}; drop "
                              f"{key}={train_values[key]!r}")
+    if not (Path(directory) / "model.safetensors").is_file():
+        raise ValueError(f"init_from={directory!r} holds no weights (model.safetensors)")
     train_values["tokenizer"] = directory
     try:
-        saved = BlockRecurrentConfig.from_dict(json.loads(config.read_text("utf-8")))
+        raw = json.loads(config.read_text("utf-8"))
     except (UnicodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{config} is not a model configuration: {err}") from None
-    return {**saved.to_dict(), **model_values}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config} is not a model configuration (a JSON object)")
+    return {**BlockRecurrentConfig.from_dict(raw).to_dict(), **model_values}
 
 
 def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:
@@ -51,7 +55,7 @@ def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:
 
     saved = BlockRecurrentTransformer.from_pretrained(directory)
     for key, value in model_config.to_dict().items():
-        if key not in FINE_TUNABLE and saved.config.to_dict()[key] != value:
+        if key not in FINE_TUNABLE + ("num_tokens",) and saved.config.to_dict()[key] != value:
             raise ValueError(f"init_from={directory!r}: the run's model.{key}={value!r} is not "
                              f"the saved model's ({saved.config.to_dict()[key]!r})")
     return saved.state_dict()

@@ -234,8 +234,9 @@ def baseline_of(name: str) -> str:
 def resolve_model_config(model_config: BlockRecurrentConfig, cfg: TrainConfig, vocab_size: int
                          ) -> BlockRecurrentConfig:
     """The model actually trained: the baseline applied, and num_tokens = the tokenizer's
-    vocabulary."""
-    return dataclasses.replace(apply_baseline(model_config, cfg.baseline), num_tokens=vocab_size)
+    vocabulary (a run from a saved model keeps the saved model's, which its tokenizer fits)."""
+    num_tokens = model_config.num_tokens if cfg.init_from else vocab_size
+    return dataclasses.replace(apply_baseline(model_config, cfg.baseline), num_tokens=num_tokens)
 
 
 # ----------------------------------------------------------------------------- config files

@@ -19,8 +19,7 @@ with parallel="fsdp"), the loss is normalised by the *global* count of real toke
 matches one process with the whole batch, and only rank 0 writes files (with FSDP every rank
 writes its own shards and lanes).
 
-Beside it (docs/design.md, Layout): settings.py, init_from.py, train_data.py, checkpoint.py,
-resume.py, rank_state.py, streaming.py, distributed.py, metrics.py, __main__.py.
+The modules beside it, each with one job: docs/design.md, Layout.
 """
 
 from __future__ import annotations
@@ -379,10 +378,11 @@ def train(model_config: BlockRecurrentConfig, train_config: TrainConfig, resume:
                                resolve_model_config(model_config, cfg, tokenizer.vocab_size))
         tokenizer, train_corpus, val_corpus = build_data(cfg, env, tokenizer)
         cfg = fit_to_corpus(cfg, train_corpus, val_corpus, env, resume)
-        if model_config.num_tokens != tokenizer.vocab_size and env.is_main and not resume:
+        resolved = resolve_model_config(model_config, cfg, tokenizer.vocab_size)
+        if resolved.num_tokens != model_config.num_tokens and env.is_main and not resume:
             print(f"note: model.num_tokens = {tokenizer.vocab_size}, the tokenizer's vocabulary "
                   f"(was {model_config.num_tokens})", file=sys.stderr)
-        model_config = resolve_model_config(model_config, cfg, tokenizer.vocab_size)
+        model_config = resolved
         if val_corpus is None and cfg.eval_tokens and env.is_main:  # one line, not a warning
             print("note: the corpus has too few documents for a validation split (3 or more "
                   "are needed): training without evaluation", file=sys.stderr)
