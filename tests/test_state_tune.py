@@ -1,6 +1,6 @@
-"""State tuning: train/state_tuning.py trains only the recurrent layers' initial state (and
-optionally the state ids) of a saved model, model/state_tune.py saves and applies the small
-file; `brt train --tune-state` and `brt generate --state-tune`."""
+"""State tuning: a training run (train/init_from.py, `tune=state`/`state+ids`, `brt train
+--tune-state`) trains only the recurrent layers' initial state (and optionally the state ids)
+of a saved model; model/state_tune.py saves and applies the small file (`--state-tune`)."""
 
 import io
 import json
@@ -18,27 +18,27 @@ from blockrecurrent.model.state_tune import (
     save_state_tune,
 )
 from blockrecurrent.train.settings import load_train_config
-from blockrecurrent.train.state_tuning import tune_state
+from blockrecurrent.train.trainer import train
 
 
-def _settings(corpus, out, *extra):
-    return load_train_config(None, "tiny", [
+def _settings(corpus, base, out, *extra):
+    return load_train_config(None, None, [
         f"data={corpus}", f"out_dir={out}", f"cache_dir={corpus.parent / 'cache'}",
-        "batch_size=4", "max_steps=12", "warmup_steps=1", "lr=3e-2", "eval_tokens=2000",
-        "log_interval=100", "device=cpu", *extra])[1]
+        f"init_from={base}", "tune=state+ids", "batch_size=4", "max_steps=12", "warmup_steps=1",
+        "lr=3e-2", "min_lr=3e-2", "eval_tokens=0", "log_interval=100", "device=cpu", *extra])
 
 
 @pytest.fixture(scope="module")
 def tuned(saved, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tuned")
-    summary = tune_state(saved[0], _settings(corpus, out), with_ids=True, log=lambda s: None)
+    summary = train(*_settings(corpus, saved[0], out))
     return out / STATE_TUNE_FILE, summary
 
 
 def test_only_the_state_changes_and_helps(saved, tuned):
     path, summary = tuned
     d, base = saved
-    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert summary["state_tune"] == str(path) and summary["tuned_values"] == 2 * 16 * 64
     assert summary["tuned"] == ["layers.0.attn.initial_state", "layers.0.attn.state_ids"]
     assert path.stat().st_size < 20_000  # 2 x 16 x 64 floats and a header
     model = BlockRecurrentTransformer.from_pretrained(d)
@@ -47,6 +47,21 @@ def test_only_the_state_changes_and_helps(saved, tuned):
                if not torch.equal(p, base.state_dict()[n])}
     assert changed == set(summary["tuned"])
     assert base_fingerprint(model) == base_fingerprint(base)
+    exported = BlockRecurrentTransformer.from_pretrained(path.parent / "model")  # the run's own
+    assert base_fingerprint(exported) == base_fingerprint(base)
+
+
+def test_a_resumed_tuning_run_still_trains_only_the_state(saved, corpus, tmp_path):
+    from blockrecurrent.train.resume import load_resume_config
+
+    out = tmp_path / "run"
+    train(*_settings(corpus, saved[0], out, "tune=state", "max_steps=2"))
+    mc, tc, _ = load_resume_config(None, None, [f"out_dir={out}", "max_steps=4"])
+    assert tc.tune == "state" and tc.init_from == str(saved[0])
+    summary = train(mc, tc, resume=True)
+    assert summary["step"] == 4 and summary["tuned"] == ["layers.0.attn.initial_state"]
+    exported = BlockRecurrentTransformer.from_pretrained(out / "model")
+    assert base_fingerprint(exported) == base_fingerprint(saved[1])
 
 
 def test_refuses_another_base_model_and_other_files(tuned, tmp_path):
@@ -78,7 +93,9 @@ def test_cli(capsys, saved, corpus, tmp_path, tuned):
                          err=io.StringIO(), state_tune=tuned[0])["text"]
     assert code == 0 and out.rstrip("\n") == want.rstrip("\n")
     code, _, err = run(capsys, "train", "--tune-state", d, "--resume")
-    assert code == 2 and "no --resume" in err
+    assert code == 2 and "continue one with brt train --resume" in err
+    code, _, err = run(capsys, "train", "--tune-state", d, f"init_from={d}")
+    assert code == 2 and "drop init_from" in err
 
 
 def test_eval_with_state_tune(capsys, saved, corpus, tmp_path, tuned):

@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     from ..train.trainer import train
 
     if args.tune_state is not None:
-        return _tune_state(args, overrides)
+        overrides = _tune_state_overrides(args, overrides)
     if args.resume:  # the run's own settings, from its checkpoint, and those given over them
         model_config, train_config, note = load_resume_config(args.config, args.preset, overrides)
         if note:
@@ -44,18 +44,17 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _tune_state(args, overrides: list[str]) -> int:
+def _tune_state_overrides(args, overrides: list[str]) -> list[str]:
+    """`--tune-state MODEL_DIR [--tune-state-ids]`: init_from=MODEL_DIR tune=state[+ids]."""
     if args.resume:
-        raise ValueError("--tune-state starts a new tuning run; it takes no --resume")
-    from ..train.settings import load_train_config
-    from ..train.state_tuning import tune_state
-
-    train_config = load_train_config(args.config, args.preset, overrides)[1]
-    if train_config.init_from:
-        raise ValueError("--tune-state MODEL_DIR names the base model; drop init_from")
-    summary = tune_state(args.tune_state, train_config, with_ids=args.tune_state_ids)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+        raise ValueError("--tune-state starts a new tuning run; continue one with "
+                         "brt train --resume out_dir=...")
+    given = {o.split("=", 1)[0].strip().removeprefix("train.") for o in overrides}
+    if given & {"init_from", "tune"}:
+        raise ValueError("--tune-state MODEL_DIR names the base model and what trains; drop "
+                         + " and ".join(sorted(given & {"init_from", "tune"})))
+    tune = "state+ids" if args.tune_state_ids else "state"
+    return [*overrides, f"init_from={args.tune_state}", f"tune={tune}"]
 
 
 def cmd_eval(args) -> int:

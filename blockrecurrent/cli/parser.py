@@ -97,12 +97,11 @@ def _train_command(add) -> None:
                    help="continue from the latest checkpoint in out_dir, with the settings saved "
                         "there; those given (key=value, --config, --preset) apply over them")
     p.add_argument("--tune-state", metavar="MODEL_DIR", default=None,
-                   help="state tuning: freeze every weight of this saved model and train only "
-                        "each recurrent layer's initial state on the data (batch_size, max_steps, "
-                        "lr, warmup_steps, eval_tokens, out_dir apply); writes "
-                        "OUT_DIR/state_tune.safetensors for brt generate --state-tune")
+                   help="state tuning: init_from=MODEL_DIR tune=state, a run that trains only "
+                        "each recurrent layer's document-start state of this saved model; also "
+                        "writes OUT_DIR/state_tune.safetensors for --state-tune")
     p.add_argument("--tune-state-ids", action="store_true",
-                   help="with --tune-state: train the state slots' ids too (added at every "
+                   help="with --tune-state: tune=state+ids, the slots' ids too (added at every "
                         "block, they act on whole documents; the start state alone only on "
                         "their first blocks: docs/serving.md)")
 

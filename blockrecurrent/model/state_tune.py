@@ -1,6 +1,6 @@
 """State tuning's file: every recurrent layer's learned document-start state (`initial_state`,
 and optionally the slots' `state_ids`), trained with every other weight frozen
-(train/state_tuning.py, `brt train --tune-state`), saved apart from the model (a few KB to a few
+(train/init_from.py, `brt train --tune-state`), saved apart from the model (a few KB to a few
 MB) and applied to the base model it was tuned on (`brt generate --state-tune FILE`).
 
     apply_state_tune(model, "runs/tuned/state_tune.safetensors")

@@ -1,7 +1,10 @@
 """Runs that start from a saved model (the `init_from` setting: fine-tuning): which of its model
-settings a run may change, the settings it takes from the saved directory, and its weights.
+settings a run may change, the settings it takes from the saved directory, its weights, and
+state tuning (`tune="state"` or `"state+ids"`: every other weight frozen, the tuned state
+exported to a small file of its own).
 
-    brt train init_from=runs/brt/model data=my_texts/ max_steps=300 lr=3e-4 out_dir=runs/tuned
+    brt train init_from=runs/brt/model data=my_texts/ max_steps=300 lr=1e-3 out_dir=runs/tuned
+    brt train init_from=runs/brt/model tune=state+ids data=my_texts/ lr=3 out_dir=runs/st
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from pathlib import Path
 
 from ..model.config import BlockRecurrentConfig
 
-__all__ = ["FINE_TUNABLE", "init_model_settings", "initial_weights"]
+__all__ = ["FINE_TUNABLE", "export_state_tune", "freeze_but_state", "init_model_settings",
+           "initial_weights"]
 
 # What a run started from a saved model (init_from) may change of it: no weight depends on them.
 FINE_TUNABLE = ("max_seq_len", "dropout", "use_flash_attn")
@@ -59,3 +63,27 @@ def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:
             raise ValueError(f"init_from={directory!r}: the run's model.{key}={value!r} is not "
                              f"the saved model's ({saved.config.to_dict()[key]!r})")
     return saved.state_dict()
+
+
+def freeze_but_state(model, tune: str) -> None:
+    """Every parameter frozen but those `tune` ("state" or "state+ids") names."""
+    from ..model.state_tune import tuned_parameters
+
+    keep = {id(p) for p in tuned_parameters(model, with_ids=tune == "state+ids").values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def export_state_tune(out_dir: Path, model_dir: Path, tune: str, base_model: str) -> dict:
+    """out_dir/state_tune.safetensors from the exported model's tuned tensors (the base model's
+    fingerprint is the same: nothing else changed) -> summary entries."""
+    from ..model.state_tune import STATE_TUNE_FILE, save_state_tune
+    from ..model.transformer import BlockRecurrentTransformer
+
+    model = BlockRecurrentTransformer.from_pretrained(model_dir)
+    with_ids = tune == "state+ids"
+    header = save_state_tune(out_dir / STATE_TUNE_FILE, model, with_ids,
+                             extra={"base_model": base_model})
+    sizes = {n: model.get_parameter(n).numel() for n in header["tensors"]}
+    return {"state_tune": str(out_dir / STATE_TUNE_FILE), "tuned": sorted(sizes),
+            "tuned_values": sum(sizes.values())}

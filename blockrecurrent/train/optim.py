@@ -41,11 +41,12 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0):
-    """AdamW that decays only the weight matrices of linear maps and embeddings; not norms,
-    biases, gate biases, attention scales, nor the learned initial state and state ids."""
+    """AdamW over the parameters that train (requires_grad) that decays only the weight matrices
+    of linear maps and embeddings; not norms, biases, gate biases, attention scales, nor the
+    learned initial state and state ids."""
     matrices = {id(m.weight) for m in model.modules()
                 if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d))}
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
     try:  # the fused kernel: ~5x faster steps than the per-tensor loop (CPU too since torch 2.4)

@@ -33,6 +33,7 @@ FITTED = ("warmup_steps", "batch_size", "eval_tokens")
 # a gradient scaler, which the trainer does not run).
 DTYPES = ("auto", *(d for d in dtypes.DTYPES if d != "float16"))
 PARALLEL = ("ddp", "fsdp")
+TUNE = ("all", "state", "state+ids")  # which parameters a run trains
 
 
 # ------------------------------------------------------------------------------- settings
@@ -69,6 +70,10 @@ class TrainConfig:
     init_from: str = _setting("",
                               "a saved model directory to start from (fine-tuning): its weights, "
                               "model settings and tokenizer; \"\": new weights")
+    tune: str = _setting("all",
+                         '"all" weights; "state": only each recurrent layer\'s document-start '
+                         'state, "state+ids": and its state ids (state tuning: needs init_from; '
+                         'also writes out_dir/state_tune.safetensors)')
     # optimisation
     batch_size: int = _setting(8,
                                "lanes per process (x world size), fewer when unset and documents "
@@ -145,6 +150,9 @@ class TrainConfig:
              "use 'byte', 'bpe' or an existing directory holding a tokenizer")
         need(self.bpe_vocab_size >= 257, "bpe_vocab_size", "must be >= 257 (256 bytes + <|doc|>)")
         need(self.baseline in BASELINES, "baseline", f"choose one of {BASELINES}")
+        need(self.tune in TUNE, "tune", f"choose one of {TUNE}")
+        need(self.tune == "all" or self.init_from != "", "tune",
+             "tuning the state needs a trained model: set init_from=MODEL_DIR")
         for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "max_nonfinite"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         for name in ("seed", "eval_interval", "eval_tokens", "state_eval_tokens", "save_interval",

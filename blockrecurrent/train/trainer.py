@@ -5,20 +5,16 @@
     summary = train(model_config, train_config)          # = brt train --config configs/small.toml
     torchrun --nproc_per_node=4 -m blockrecurrent.train --config configs/paper-150m.toml
 
-How data meets the model. Each batch row is a *lane* (data.DocumentLanes) reading one document
-segment after segment (segment = the model's max_seq_len); `reset` marks rows that start a new
-document. Memories and states are carried from one segment to the next, detached, so every
-segment is one forward and one backward: truncated backprop through time (paper section 3), and
-memory does not grow with document length. Gradient accumulation cannot draw extra micro-batches
-from elsewhere without breaking the lanes' order, so it takes the next `grad_accum` consecutive
-segments of every lane (state carried between them, backward after each) before one optimizer step.
+Each batch row is a *lane* (data.DocumentLanes) reading one document segment after segment
+(segment = max_seq_len); `reset` marks rows starting a new document. Memories and states are
+carried from one segment to the next, detached: one forward and one backward per segment,
+truncated backprop through time (paper section 3), memory flat in document length. Gradient
+accumulation takes the next `grad_accum` segments of every lane (the lanes' order kept).
 
-Under torchrun, each of the world_size processes owns `batch_size` of the batch_size * world_size
-global lanes; the model is wrapped by distributed.wrap_model (DistributedDataParallel, or FSDP2
-with parallel="fsdp"), the loss is normalised by the *global* count of real tokens so that a run
-matches one process with the whole batch, and only rank 0 writes files (with FSDP every rank
-writes its own shards and lanes).
-
+Under torchrun each of the world_size processes owns `batch_size` of the global lanes; the
+model is wrapped by distributed.wrap_model (DDP, or FSDP2 with parallel="fsdp"), the loss is
+normalised by the *global* count of real tokens (a run matches one process with the whole
+batch), and only rank 0 writes files (with FSDP every rank writes its own shards and lanes).
 The modules beside it, each with one job: docs/design.md, Layout.
 """
 
@@ -49,7 +45,7 @@ from . import rank_state as S
 from . import resume as R
 from .checkpoint import Checkpoints
 from .distributed import DistEnv, setup_distributed, stop_signals, wrap_model
-from .init_from import initial_weights
+from .init_from import export_state_tune, freeze_but_state, initial_weights
 from .metrics import MetricsLog
 from .optim import autocast_dtype, lm_loss_sum, lr_at, make_optimizer
 from .settings import TrainConfig, check_run_settings, resolve_model_config
@@ -86,6 +82,8 @@ class Trainer:
             self.model.load_state_dict(initial_weights(init_from, model_config))
             if env.is_main:
                 print(f"note: starting from the weights of {init_from}", file=sys.stderr)
+        if cfg.tune != "all":  # state tuning, also when resumed: before the optimizer is made
+            freeze_but_state(self.model, cfg.tune)
         torch.manual_seed(cfg.seed + 1 + env.rank)
         np.random.seed(cfg.seed + env.rank)
         random.seed(cfg.seed + env.rank)
@@ -165,9 +163,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_skips += 1
             self.nonfinite_in_a_row += 1
-            carried = ([] if self.states is None else [self.states]) + \
-                ([] if self.mems is None else list(self.mems.keys + self.mems.values))
-            if not all(bool(torch.isfinite(t).all()) for t in carried):
+            if not all(bool(torch.isfinite(t).all())
+                       for t in S.carried_tensors(self.mems, self.states).values()):
                 self.mems = self.states = None
             return float("nan"), stop
         for group in self.optimizer.param_groups:
@@ -277,10 +274,13 @@ class Trainer:
                 if stop and not done:
                     status = "interrupted"
                     break
+        summary = {}
         if status == "completed":  # (also when resumed at max_steps: re-export)
             model_dir = self.checkpoints.export(self)
             self.metrics.plot()
-        return self._summary(status, model_dir)
+            if cfg.tune != "all" and self.env.is_main:
+                summary = export_state_tune(self.out_dir, model_dir, cfg.tune, cfg.init_from)
+        return {**self._summary(status, model_dir), **summary}
 
     def _prepare_out_dir(self) -> None:
         if self.env.is_main:
