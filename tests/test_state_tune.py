@@ -135,3 +135,26 @@ def test_a_cast_model_is_told_to_apply_the_file_in_float32(saved, tuned):
     model = BlockRecurrentTransformer.from_pretrained(saved[0]).to(torch.bfloat16)
     with pytest.raises(ValueError, match="in torch.bfloat16: apply the file to it in float32"):
         apply_state_tune(model, tuned[0])
+
+
+def test_a_sharded_tuning_run_resumes(saved, corpus, tmp_path):
+    """parallel=fsdp writes sharded checkpoints (DCP) also with one process; with only the
+    state training, the optimizer has one group, which DCP restores."""
+    from blockrecurrent.train.resume import load_resume_config
+
+    out = tmp_path / "run"
+    train(*_settings(corpus, saved[0], out, "parallel=fsdp", "max_steps=2"))
+    mc, tc, _ = load_resume_config(None, None, [f"out_dir={out}", "max_steps=3"])
+    assert train(mc, tc, resume=True)["step"] == 3
+    with pytest.raises(ValueError, match="tune"):  # what trains is the run's own
+        train(*load_resume_config(None, None, [f"out_dir={out}", "max_steps=4", "tune=all"])[:2],
+              resume=True)
+
+
+def test_a_tuning_run_keeps_the_base_models_settings(saved, corpus, tmp_path):
+    with pytest.raises(ValueError, match="drop model.dropout"):
+        _settings(corpus, saved[0], tmp_path, "model.dropout=0.1")
+    slide = tmp_path / "slide"
+    BlockRecurrentTransformer(preset("tiny", recurrent_layers=())).save_pretrained(slide)
+    with pytest.raises(ValueError, match="no state to tune"):
+        _settings(corpus, slide, tmp_path)

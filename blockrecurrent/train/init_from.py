@@ -35,6 +35,10 @@ def init_model_settings(preset: str | None, model_values: dict, train_values: di
         raise ValueError(f"init_from={directory!r} trains the saved model as it is: drop "
                          f"{', '.join(given)} (a run from a saved model may only change "
                          f"{', '.join('model.' + k for k in FINE_TUNABLE)})")
+    if train_values.get("tune", "all") != "all" and model_values:
+        raise ValueError(f"tune={train_values['tune']} tunes the state of the saved model as it "
+                         f"is (its file is keyed to that model's settings): drop "
+                         f"{', '.join('model.' + k for k in sorted(model_values))}")
     for key, own in (("tokenizer", directory), ("baseline", "recurrent")):
         if train_values.get(key, own) != own:
             raise ValueError(f"init_from={directory!r} uses the saved model's {key}; drop "
@@ -48,7 +52,11 @@ def init_model_settings(preset: str | None, model_values: dict, train_values: di
         raise ValueError(f"{config} is not a model configuration: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config} is not a model configuration (a JSON object)")
-    return {**BlockRecurrentConfig.from_dict(raw).to_dict(), **model_values}
+    saved = BlockRecurrentConfig.from_dict(raw)
+    if train_values.get("tune", "all") != "all" and not saved.recurrent_layers:
+        raise ValueError(f"init_from={directory!r} has no recurrent layer: there is no state to "
+                         "tune")
+    return {**saved.to_dict(), **model_values}
 
 
 def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:

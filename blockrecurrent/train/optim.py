@@ -49,6 +49,8 @@ def make_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
+    # State tuning trains no matrix; FSDP's sharded optimizer load cannot restore an empty group.
+    groups = [g for g in groups if g["params"]]
     try:  # the fused kernel: ~5x faster steps than the per-tensor loop (CPU too since torch 2.4)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except RuntimeError:  # older torch, or a device without the fused kernel

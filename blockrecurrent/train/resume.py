@@ -19,7 +19,7 @@ from .settings import TrainConfig, _given_settings, _model_config, load_train_co
 CHECKPOINT_FORMAT = 1
 # Settings that fix the data stream or the vocabulary: a resumed run must keep them.
 _RESUME_FIXED = ("data", "text_field", "tokenizer", "bpe_vocab_size", "batch_size", "seed",
-                 "baseline")
+                 "baseline", "tune")
 
 
 # --- finding checkpoints -----------------------------------------------------------------
