@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from blockrecurrent import BlockRecurrentTransformer, preset
+from blockrecurrent.bench.machine import cpu_name
 from blockrecurrent.generate.generation import prefill
 from blockrecurrent.generate.session import Session, save_session
 
@@ -168,19 +168,10 @@ def main() -> None:
     steps = batched_steps(args.preset, args.concurrency, args.prompt_tokens + 1,
                           args.new_tokens) if args.concurrency else []
     load = serve_load(args) if args.concurrency else []
-    result = dict(preset=args.preset, threads=args.threads, cpu=_cpu(), sizes=sizes,
+    result = dict(preset=args.preset, threads=args.threads, cpu=cpu_name(), sizes=sizes,
                   steps=steps, load=load)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 if __name__ == "__main__":

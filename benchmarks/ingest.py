@@ -111,15 +111,6 @@ def du_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
 def bench(size: int, root: Path, keep: bool, cache_root: Path | None = None) -> dict:
     source, cache = root / f"pg19-shaped-{size}mb", (cache_root or root) / f"cache-{size}mb"
     for p in (source, cache, root / f"out-{size}mb"):
@@ -160,6 +151,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.child_ingest:
         return child_ingest(*args.child_ingest)
+    from blockrecurrent.bench.machine import cpu_name  # here: the ingest child imports no torch
+
     args.root.mkdir(parents=True, exist_ok=True)
     results = {"cpu": cpu_name(), "python": sys.version.split()[0], "results": [],
                "cache_root": str(args.cache_root or args.root)}
