@@ -66,10 +66,11 @@ def initial_weights(directory: str, model_config: BlockRecurrentConfig) -> dict:
     from ..model.transformer import BlockRecurrentTransformer
 
     saved = BlockRecurrentTransformer.from_pretrained(directory)
+    own = saved.config.to_dict()
     for key, value in model_config.to_dict().items():
-        if key not in FINE_TUNABLE + ("num_tokens",) and saved.config.to_dict()[key] != value:
+        if key not in FINE_TUNABLE + ("num_tokens",) and own[key] != value:
             raise ValueError(f"init_from={directory!r}: the run's model.{key}={value!r} is not "
-                             f"the saved model's ({saved.config.to_dict()[key]!r})")
+                             f"the saved model's ({own[key]!r})")
     return saved.state_dict()
 
 
